@@ -1,0 +1,104 @@
+"""Converted checkpoints on disk: a folder with `config.json` + `params/`.
+
+`params/` is an orbax checkpoint of the nested dict of parameter arrays
+(our layout). Writes are atomic: everything goes into a hidden sibling
+folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from astraea_jax.configs import WanConfig
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointExistsError(FileExistsError):
+  pass
+
+
+@contextlib.contextmanager
+def atomic_folder(dst, *, overwrite=False):
+  """Yields a temporary folder that becomes `dst` if the block succeeds."""
+  dst = pathlib.Path(dst).absolute()
+  if dst.exists() and not overwrite:
+    raise CheckpointExistsError(
+        f"{dst} already exists; pass --overwrite (overwrite=True) to replace")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  try:
+    yield tmp
+    if dst.exists():
+      old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+      os.rename(dst, old)
+      os.rename(tmp, dst)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, dst)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+
+
+def save(dst, config: WanConfig, params: dict, *, overwrite=False,
+         metadata: dict | None = None):
+  """Writes `config.json` and the orbax `params/` atomically."""
+  with atomic_folder(dst, overwrite=overwrite) as tmp:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+    doc = config.to_dict()
+    if metadata:
+      doc["metadata"] = metadata
+    (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def load_config(path) -> WanConfig:
+  path = pathlib.Path(path)
+  cfg_file = path / CONFIG_FILE
+  if not cfg_file.exists():
+    raise FileNotFoundError(
+        f"{path} is not a converted astraea-jax checkpoint (no {CONFIG_FILE}); "
+        "create one with `astraea convert SRC DST`")
+  doc = json.loads(cfg_file.read_text())
+  doc.pop("metadata", None)
+  return WanConfig.from_dict(doc)
+
+
+def load_model(path, *, dtype: str | None = None):
+  """The ready model from a converted checkpoint folder.
+
+  dtype: optional compute dtype override ("float32" / "bfloat16"); the
+  parameters stay in the dtype they were converted to.
+  """
+  from astraea_jax.models.wan import abstract_model  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path).absolute()
+  config = load_config(path)
+  if dtype is not None:
+    config = config.replace(dtype=dtype)
+  graphdef, state = nnx.split(abstract_model(config))
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+      nnx.to_pure_dict(state))
+  params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def params_of(model) -> dict:
+  """The nested dict of parameter arrays of a model (what `save` writes)."""
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model,
+                                                              nnx.Param)))

@@ -1,0 +1,135 @@
+"""Model presets as frozen dataclasses, one named constructor per preset.
+
+Wan2.1 sizes: Reference: the `config.json` files of the published
+Wan-AI/Wan2.1-T2V-1.3B and -14B checkpoints and Table 1 of the Wan report
+(arXiv 2503.20314): 1.3B = dim 1536, ffn 8960, 12 heads, 30 layers;
+14B = dim 5120, ffn 13824, 40 heads, 40 layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}
+
+
+def dtype_from_name(name: str):
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class WanConfig:
+  """Wan2.1 text-to-video DiT (`WanModel` in the original code)."""
+
+  dim: int
+  ffn_dim: int
+  num_heads: int
+  num_layers: int
+  in_dim: int = 16
+  out_dim: int = 16
+  text_dim: int = 4096
+  text_len: int = 512
+  freq_dim: int = 256
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  eps: float = 1e-6
+  cross_attn_norm: bool = True
+  rope_theta: float = 10000.0
+  # Matmul inputs are cast to `dtype`; parameters are stored in
+  # `param_dtype`. The fp32 islands (time MLP, modulation, norm statistics,
+  # residual stream, head) ignore both, as the original does.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  # `jax.lax.scan` unroll factor over the blocks (True = fully unrolled).
+  scan_unroll: int | bool = 1
+
+  def __post_init__(self):
+    object.__setattr__(self, "patch_size", tuple(self.patch_size))
+    if len(self.patch_size) != 3:
+      raise ValueError(f"{self.patch_size=} must have 3 entries (t, h, w)")
+    if self.dim % self.num_heads:
+      raise ValueError(f"{self.dim=} must be divisible by {self.num_heads=}")
+    if self.head_dim % 2 or self.head_dim < 6:
+      raise ValueError(f"{self.head_dim=} must be even and >= 6 for 3-D RoPE")
+    if self.freq_dim % 2:
+      raise ValueError(f"{self.freq_dim=} must be even")
+    dtype_from_name(self.dtype)
+    dtype_from_name(self.param_dtype)
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return dtype_from_name(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return dtype_from_name(self.param_dtype)
+
+  def replace(self, **changes) -> "WanConfig":
+    return dataclasses.replace(self, **changes)
+
+  # Presets ---------------------------------------------------------------
+
+  @classmethod
+  def wan21_t2v_1_3b(cls, **overrides) -> "WanConfig":
+    """`astraea convert Wan2.1-T2V-1.3B out/` produces this config."""
+    return cls(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+               **overrides)
+
+  @classmethod
+  def wan21_t2v_14b(cls, **overrides) -> "WanConfig":
+    return cls(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
+               **overrides)
+
+  @classmethod
+  def tiny(cls, **overrides) -> "WanConfig":
+    """The parity fixture's config (../shared/fixtures/wan21_t2v)."""
+    kw = dict(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=48,
+              text_len=16, freq_dim=32)
+    kw.update(overrides)
+    return cls(**kw)
+
+  # Serialisation (the small JSON written next to converted weights) -------
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["patch_size"] = list(self.patch_size)
+    return {"model": "wan", **d}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "WanConfig":
+    d = dict(d)
+    if d.pop("model", "wan") != "wan":
+      raise ValueError(f"not a Wan config: model={d.get('model')!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown WanConfig fields: {unknown}")
+    return cls(**d)
+
+
+PRESETS = {
+    "wan2.1-t2v-1.3b": WanConfig.wan21_t2v_1_3b,
+    "wan2.1-t2v-14b": WanConfig.wan21_t2v_14b,
+    "wan-tiny": WanConfig.tiny,
+}
+
+
+def get_config(name: str, **overrides):
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+  return PRESETS[name](**overrides)
+
+
+def config_from_json(path) -> WanConfig:
+  with open(path) as f:
+    return WanConfig.from_dict(json.load(f))

@@ -1,0 +1,274 @@
+"""Wan2.1 text-to-video diffusion transformer (WanDiT) in Flax NNX.
+
+Follows `wan/modules/model.py` of Wan-Video/Wan2.1 (class `WanModel`, t2v).
+Parameter names keep the original checkpoint's names so the converter's key
+map stays short (converters/wan.py). Reading order: embeddings -> attention
+-> block -> WanDiT -> pure functions over parameters at the bottom.
+
+Precision (the original's fp32 islands, `amp.autocast(dtype=float32)`): the
+time MLP, the modulation tables, LayerNorm/RMSNorm statistics, the residual
+stream and the output head run in float32; every other matmul takes its
+inputs in `config.dtype` (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from astraea_jax.configs import WanConfig
+from astraea_jax.models import layers
+
+F32 = jnp.float32
+
+
+class MLP(nnx.Module):
+  """fc1 -> activation -> fc2 (the original's nn.Sequential(0, 1, 2))."""
+
+  def __init__(self, d_in, d_hidden, d_out, *, activation, dtype, param_dtype,
+               rngs):
+    self.activation = activation
+    self.fc1 = layers.linear(d_in, d_hidden, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = layers.linear(d_hidden, d_out, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(self.activation(self.fc1(x)))
+
+
+def gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with RMSNorm on q and k over the full dim.
+
+  Self-attention applies 3-D RoPE; cross-attention (`rope=None`) does not.
+  """
+
+  def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.num_heads = c.num_heads
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
+    self.q = layers.linear(c.dim, c.dim, **kw)
+    self.k = layers.linear(c.dim, c.dim, **kw)
+    self.v = layers.linear(c.dim, c.dim, **kw)
+    self.o = layers.linear(c.dim, c.dim, **kw)
+    self.norm_q = layers.RMSNorm(c.dim, eps=c.eps, param_dtype=c.weight_dtype,
+                                 rngs=rngs)
+    self.norm_k = layers.RMSNorm(c.dim, eps=c.eps, param_dtype=c.weight_dtype,
+                                 rngs=rngs)
+
+  def _heads(self, x):  # (B, L, dim) -> (B, L, H, D)
+    return x.reshape(*x.shape[:-1], self.num_heads, -1)
+
+  def query(self, x, rope=None):
+    q = self._heads(self.norm_q(self.q(x)))
+    return q if rope is None else layers.apply_rope(q, rope)
+
+  def key_value(self, x, rope=None):
+    k = self._heads(self.norm_k(self.k(x)))
+    v = self._heads(self.v(x))
+    return (k if rope is None else layers.apply_rope(k, rope)), v
+
+  def output(self, attn_out):  # (B, L, H, D) -> (B, L, dim)
+    return self.o(attn_out.reshape(*attn_out.shape[:-2], -1))
+
+  def __call__(self, x, context=None, rope=None):
+    """Returns (out (B, L, dim), lse (B, H, L))."""
+    kv_src = x if context is None else context
+    q = self.query(x, rope)
+    k, v = self.key_value(kv_src, rope)
+    out, lse = layers.attention(q, k, v)
+    return self.output(out), lse
+
+
+class WanBlock(nnx.Module):
+  """One transformer block (`WanAttentionBlock`).
+
+    m = modulation + e0      # shift1, scale1, gate1, shift2, scale2, gate2
+    x += gate1 * SelfAttn(LN(x) * (1 + scale1) + shift1)
+    x += CrossAttn(norm3(x), context)
+    x += gate2 * FFN(LN(x) * (1 + scale2) + shift2)
+  """
+
+  def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.eps = c.eps
+    self.modulation = nnx.Param(
+        jax.random.normal(rngs.params(), (1, 6, c.dim), c.weight_dtype)
+        * c.dim ** -0.5)
+    self.self_attn = Attention(c, rngs=rngs)
+    self.norm3 = layers.LayerNorm(c.dim, eps=c.eps,
+                                  param_dtype=c.weight_dtype, rngs=rngs)
+    self.cross_attn = Attention(c, rngs=rngs)
+    self.ffn = MLP(c.dim, c.ffn_dim, c.dim, activation=gelu_tanh,
+                   dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                   rngs=rngs)
+
+  def modulate(self, e0):
+    """(B, 6, dim) float32 -> six (B, 1, dim) float32 tables."""
+    m = self.modulation[...].astype(F32) + e0
+    return tuple(m[:, i:i + 1] for i in range(6))
+
+  def __call__(self, x, e0, context, rope):
+    """x (B, L, dim) f32; e0 (B, 6, dim) f32; context (B, text_len, dim).
+
+    Returns (x_out (B, L, dim) f32, aux) with aux["lse"] (B, H, L), the
+    self-attention log-sum-exp that Astraea's selection reads.
+    """
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.modulate(e0)
+    h = layers.layer_norm(x, self.eps) * (1 + scale1) + shift1
+    y, lse = self.self_attn(h, rope=rope)
+    x = x + y.astype(F32) * gate1
+    y, _ = self.cross_attn(self.norm3(x), context=context)
+    x = x + y.astype(F32)
+    h = layers.layer_norm(x, self.eps) * (1 + scale2) + shift2
+    x = x + self.ffn(h).astype(F32) * gate2
+    return x, {"lse": lse}
+
+
+class Head(nnx.Module):
+  """Output head, all in float32: head(LN(x) * (1 + scale) + shift)."""
+
+  def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.eps = c.eps
+    out = c.out_dim * c.patch_size[0] * c.patch_size[1] * c.patch_size[2]
+    self.modulation = nnx.Param(
+        jax.random.normal(rngs.params(), (1, 2, c.dim), c.weight_dtype)
+        * c.dim ** -0.5)
+    self.head = layers.linear(c.dim, out, dtype=F32,
+                              param_dtype=c.weight_dtype, rngs=rngs)
+
+  def __call__(self, x, e):
+    m = self.modulation[...].astype(F32) + e[:, None]  # (B, 2, dim)
+    shift, scale = m[:, 0:1], m[:, 1:2]
+    return self.head(layers.layer_norm(x, self.eps) * (1 + scale) + shift)
+
+
+class WanDiT(nnx.Module):
+  """Wan2.1 T2V DiT: `model(latents, timestep, context) -> velocity`.
+
+  latents (B, in_dim, F, H, W); timestep (B,) in [0, 1000]; context
+  (B, L, text_dim) with L <= text_len, zero-padded to text_len as the
+  original does. Returns (B, out_dim, F, H, W) float32.
+  """
+
+  def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    pt, ph, pw = c.patch_size
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
+    # Conv3d with kernel == stride == patch, as a matmul over flattened
+    # patches in (pt, ph, pw, C) order.
+    self.patch_embedding = layers.linear(pt * ph * pw * c.in_dim, c.dim, **kw)
+    self.text_embedding = MLP(c.text_dim, c.dim, c.dim, activation=gelu_tanh,
+                              **kw)
+    f32 = dict(dtype=F32, param_dtype=c.weight_dtype, rngs=rngs)
+    self.time_embedding = MLP(c.freq_dim, c.dim, c.dim, activation=jax.nn.silu,
+                              **f32)
+    self.time_projection = layers.linear(c.dim, 6 * c.dim, **f32)
+    self.blocks = _stacked_blocks(c, rngs)
+    self.head = Head(c, rngs=rngs)
+
+  # Pieces, public so that token-wise samplers can reuse them. -------------
+
+  def check_inputs(self, latents, timestep, context):
+    c = self.config
+    if latents.ndim != 5 or latents.shape[1] != c.in_dim:
+      raise ValueError(
+          f"latents must be (B, {c.in_dim}, F, H, W); got {latents.shape}")
+    for name, size, p in zip("FHW", latents.shape[2:], c.patch_size):
+      if size % p:
+        raise ValueError(
+            f"latent {name}={size} is not divisible by patch size {p} "
+            f"({c.patch_size=})")
+    b = latents.shape[0]
+    if timestep.shape != (b,):
+      raise ValueError(f"timestep must be ({b},); got {timestep.shape}")
+    if context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.text_dim:
+      raise ValueError(
+          f"context must be ({b}, L, {c.text_dim}); got {context.shape}")
+    if context.shape[1] > c.text_len:
+      raise ValueError(
+          f"context length {context.shape[1]} exceeds {c.text_len=}")
+
+  def grid(self, latents_shape):
+    """Token grid (f, h, w) for a latent shape (B, C, F, H, W)."""
+    return tuple(s // p for s, p in zip(latents_shape[2:],
+                                        self.config.patch_size))
+
+  def embed(self, latents, timestep, context):
+    """Inputs -> (x (B, L, dim) f32, e (B, dim), e0 (B, 6, dim), ctx, rope)."""
+    c = self.config
+    self.check_inputs(latents, timestep, context)
+    x = self.patch_embedding(patchify(latents, c.patch_size)).astype(F32)
+    e = self.time_embedding(layers.timestep_embedding(timestep, c.freq_dim))
+    e0 = self.time_projection(jax.nn.silu(e)).reshape(-1, 6, c.dim)
+    pad = c.text_len - context.shape[1]
+    ctx = jnp.pad(context, ((0, 0), (0, pad), (0, 0)))
+    ctx = self.text_embedding(ctx)
+    rope = layers.rope_table(self.grid(latents.shape), c.head_dim,
+                             c.rope_theta)
+    return x, e, e0, ctx, rope
+
+  def run_blocks(self, x, e0, ctx, rope):
+    """All blocks under `jax.lax.scan`; returns (x, aux stacked by layer)."""
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, e0, ctx, rope)
+
+    return jax.lax.scan(body, x, state, unroll=self.config.scan_unroll)
+
+  def unembed(self, x, e, latents_shape):
+    c = self.config
+    out = self.head(x, e)
+    return unpatchify(out, self.grid(latents_shape), c.patch_size, c.out_dim)
+
+  def __call__(self, latents, timestep, context, *, return_aux=False):
+    x, e, e0, ctx, rope = self.embed(latents, timestep, context)
+    x, aux = self.run_blocks(x, e0, ctx, rope)
+    out = self.unembed(x, e, latents.shape)
+    return (out, aux) if return_aux else out
+
+
+def _stacked_blocks(config, rngs):
+  """num_layers blocks with parameters stacked on a leading axis."""
+
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return WanBlock(config, rngs=rngs)
+
+  return make(rngs)
+
+
+# Pure functions over arrays --------------------------------------------------
+
+
+def patchify(latents, patch_size):
+  """(B, C, F, H, W) -> (B, f*h*w, pt*ph*pw*C), tokens in (f, h, w) order."""
+  b, c, f, h, w = latents.shape
+  pt, ph, pw = patch_size
+  x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+  x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)  # b f h w pt ph pw c
+  return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
+
+
+def unpatchify(x, grid, patch_size, out_dim):
+  """(B, f*h*w, pt*ph*pw*C) -> (B, C, f*pt, h*ph, w*pw)."""
+  b = x.shape[0]
+  f, h, w = grid
+  pt, ph, pw = patch_size
+  x = x.reshape(b, f, h, w, pt, ph, pw, out_dim)
+  x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)  # b c f pt h ph w pw
+  return x.reshape(b, out_dim, f * pt, h * ph, w * pw)
+
+
+def abstract_model(config: WanConfig) -> WanDiT:
+  """The model with ShapeDtypeStruct leaves: shapes without memory."""
+  return nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0)))

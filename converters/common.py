@@ -1,0 +1,115 @@
+"""What every converter shares: errors, checkpoint folders, flat dicts."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from converters.safetensors_io import SafetensorsError, SafetensorsFile
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be converted; the message says why."""
+
+
+class KeyMismatch(CheckpointError):
+  """Checkpoint keys do not match the model; lists every offending key."""
+
+  def __init__(self, *, missing, unexpected, misshapen, layout, limit=50):
+    self.missing, self.unexpected, self.misshapen = (missing, unexpected,
+                                                     misshapen)
+    parts = [f"checkpoint does not match the model ({layout} layout):"]
+    for title, names in (("missing keys", missing),
+                         ("unexpected keys", unexpected),
+                         ("wrong shapes", misshapen)):
+      if names:
+        shown = "\n    ".join(names[:limit])
+        more = (f"\n    ... and {len(names) - limit} more"
+                if len(names) > limit else "")
+        parts.append(f"  {len(names)} {title}:\n    {shown}{more}")
+    super().__init__("\n".join(parts))
+
+
+class Source:
+  """Tensors of one checkpoint spread over one or more safetensors files."""
+
+  def __init__(self, files: list[SafetensorsFile]):
+    self._where = {}
+    self._arrays = None
+    for f in files:
+      for k in f.keys():
+        if k in self._where:
+          raise CheckpointError(
+              f"tensor {k!r} appears in both {self._where[k].path} and "
+              f"{f.path}")
+        self._where[k] = f
+
+  @classmethod
+  def from_arrays(cls, arrays: dict):
+    """A Source over in-memory arrays (tests, other frameworks' weights)."""
+    source = cls([])
+    source._arrays = dict(arrays)
+    return source
+
+  def keys(self):
+    return list(self._arrays if self._arrays is not None else self._where)
+
+  def shape(self, key):
+    if self._arrays is not None:
+      return tuple(self._arrays[key].shape)
+    return self._where[key].shape(key)
+
+  def get(self, key):
+    if self._arrays is not None:
+      return self._arrays[key]
+    return self._where[key].get(key)
+
+
+def open_safetensors_folder(folder, stem: str) -> Source:
+  """`{stem}.safetensors`, or the shards listed by `{stem}.safetensors.index.json`."""
+  folder = pathlib.Path(folder)
+  single = folder / f"{stem}.safetensors"
+  index = folder / f"{stem}.safetensors.index.json"
+  try:
+    if index.exists():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({e})") from e
+      shard_names = sorted(set(weight_map.values()))
+      absent = [n for n in shard_names if not (folder / n).exists()]
+      if absent:
+        raise CheckpointError(f"{index} lists shards that are absent: {absent}")
+      source = Source([SafetensorsFile(folder / n) for n in shard_names])
+      stray = sorted(set(source.keys()) ^ set(weight_map))
+      if stray:
+        raise CheckpointError(
+            f"{index}: the index and the shards disagree on keys: {stray[:20]}")
+      return source
+    if single.exists():
+      return Source([SafetensorsFile(single)])
+  except SafetensorsError as e:
+    raise CheckpointError(str(e)) from e
+  found = sorted(p.name for p in folder.iterdir())
+  raise CheckpointError(
+      f"{folder}: no {single.name} nor {index.name}; found {found}")
+
+
+def flatten_dict(d, prefix=()):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten_dict(v, prefix + (str(k),)))
+    else:
+      out[prefix + (str(k),)] = v
+  return out
+
+
+def unflatten_dict(flat):
+  out = {}
+  for path, value in flat.items():
+    d = out
+    for p in path[:-1]:
+      d = d.setdefault(p, {})
+    d[path[-1]] = value
+  return out

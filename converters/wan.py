@@ -1,0 +1,337 @@
+"""Wan2.1 T2V transformer checkpoints -> astraea-jax parameters.
+
+Two published layouts are read:
+  * original (Wan-AI/Wan2.1-T2V-*): `config.json` with `dim`, `num_heads`,
+    `text_len`, ... and `diffusion_pytorch_model.safetensors` (or sharded
+    `diffusion_pytorch_model-0000k-of-0000n.safetensors` + `.index.json`);
+  * diffusers (Wan-AI/Wan2.1-T2V-*-Diffusers): the `transformer/` folder,
+    `config.json` with `num_attention_heads`, `attention_head_dim`, ...
+
+Tensors are streamed one at a time from memory-mapped safetensors into
+preallocated numpy buffers (blocks stacked on a leading layer axis), so the
+checkpoint is in memory once. No torch needed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import numpy as np
+import tqdm
+from flax import nnx
+
+from astraea_jax.configs import WanConfig
+from astraea_jax.models import wan
+from converters.common import (CheckpointError, KeyMismatch, Source,
+                               flatten_dict, open_safetensors_folder,
+                               unflatten_dict)
+
+# Our parameter path <- original key. Transform names: "linear" = torch
+# (out, in) weight transposed to our (in, out) kernel; "patch" = Conv3d
+# weight (dim, C, pt, ph, pw) -> (pt*ph*pw*C, dim) matching `wan.patchify`;
+# "same" = copied as is.
+TOP_LEVEL_KEYS = {
+    "patch_embedding.weight": (("patch_embedding", "kernel"), "patch"),
+    "patch_embedding.bias": (("patch_embedding", "bias"), "same"),
+    "text_embedding.0.weight": (("text_embedding", "fc1", "kernel"), "linear"),
+    "text_embedding.0.bias": (("text_embedding", "fc1", "bias"), "same"),
+    "text_embedding.2.weight": (("text_embedding", "fc2", "kernel"), "linear"),
+    "text_embedding.2.bias": (("text_embedding", "fc2", "bias"), "same"),
+    "time_embedding.0.weight": (("time_embedding", "fc1", "kernel"), "linear"),
+    "time_embedding.0.bias": (("time_embedding", "fc1", "bias"), "same"),
+    "time_embedding.2.weight": (("time_embedding", "fc2", "kernel"), "linear"),
+    "time_embedding.2.bias": (("time_embedding", "fc2", "bias"), "same"),
+    "time_projection.1.weight": (("time_projection", "kernel"), "linear"),
+    "time_projection.1.bias": (("time_projection", "bias"), "same"),
+    "head.head.weight": (("head", "head", "kernel"), "linear"),
+    "head.head.bias": (("head", "head", "bias"), "same"),
+    "head.modulation": (("head", "modulation"), "same"),
+}
+
+# blocks.{i}.<suffix>: stacked at index i of the ("blocks", ...) leaf.
+BLOCK_KEYS = {"modulation": (("modulation",), "same"),
+              "norm3.weight": (("norm3", "weight"), "same"),
+              "norm3.bias": (("norm3", "bias"), "same"),
+              "ffn.0.weight": (("ffn", "fc1", "kernel"), "linear"),
+              "ffn.0.bias": (("ffn", "fc1", "bias"), "same"),
+              "ffn.2.weight": (("ffn", "fc2", "kernel"), "linear"),
+              "ffn.2.bias": (("ffn", "fc2", "bias"), "same")}
+for _attn in ("self_attn", "cross_attn"):
+  for _p in "qkvo":
+    BLOCK_KEYS[f"{_attn}.{_p}.weight"] = ((_attn, _p, "kernel"), "linear")
+    BLOCK_KEYS[f"{_attn}.{_p}.bias"] = ((_attn, _p, "bias"), "same")
+  for _n in ("norm_q", "norm_k"):
+    BLOCK_KEYS[f"{_attn}.{_n}.weight"] = ((_attn, _n, "weight"), "same")
+
+# diffusers name -> original name. Surprises: diffusers' `norm2` is the
+# original `norm3` (the affine LayerNorm before cross-attention); the head
+# and the blocks both call their modulation `scale_shift_table`.
+DIFFUSERS_TOP_LEVEL = {
+    "patch_embedding.weight": "patch_embedding.weight",
+    "patch_embedding.bias": "patch_embedding.bias",
+    "condition_embedder.text_embedder.linear_1.weight": "text_embedding.0.weight",
+    "condition_embedder.text_embedder.linear_1.bias": "text_embedding.0.bias",
+    "condition_embedder.text_embedder.linear_2.weight": "text_embedding.2.weight",
+    "condition_embedder.text_embedder.linear_2.bias": "text_embedding.2.bias",
+    "condition_embedder.time_embedder.linear_1.weight": "time_embedding.0.weight",
+    "condition_embedder.time_embedder.linear_1.bias": "time_embedding.0.bias",
+    "condition_embedder.time_embedder.linear_2.weight": "time_embedding.2.weight",
+    "condition_embedder.time_embedder.linear_2.bias": "time_embedding.2.bias",
+    "condition_embedder.time_proj.weight": "time_projection.1.weight",
+    "condition_embedder.time_proj.bias": "time_projection.1.bias",
+    "proj_out.weight": "head.head.weight",
+    "proj_out.bias": "head.head.bias",
+    "scale_shift_table": "head.modulation",
+}
+DIFFUSERS_BLOCK = {"scale_shift_table": "modulation",
+                   "norm2.weight": "norm3.weight",
+                   "norm2.bias": "norm3.bias",
+                   "ffn.net.0.proj.weight": "ffn.0.weight",
+                   "ffn.net.0.proj.bias": "ffn.0.bias",
+                   "ffn.net.2.weight": "ffn.2.weight",
+                   "ffn.net.2.bias": "ffn.2.bias"}
+for _d, _o in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+  for _dp, _op in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+                   ("to_out.0", "o")):
+    for _w in ("weight", "bias"):
+      DIFFUSERS_BLOCK[f"{_d}.{_dp}.{_w}"] = f"{_o}.{_op}.{_w}"
+  for _n in ("norm_q", "norm_k"):
+    DIFFUSERS_BLOCK[f"{_d}.{_n}.weight"] = f"{_o}.{_n}.weight"
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+# Layout detection and configs -----------------------------------------------
+
+
+def detect_layout(src) -> tuple[str, pathlib.Path]:
+  """Returns ("wan" | "diffusers", folder holding config.json + weights)."""
+  src = pathlib.Path(src)
+  if not src.is_dir():
+    raise CheckpointError(f"{src} is not a checkpoint folder")
+  folder = src / "transformer" if (src / "transformer" / "config.json").exists() else src
+  cfg_path = folder / "config.json"
+  if not cfg_path.exists():
+    raise CheckpointError(
+        f"{src}: no config.json (nor transformer/config.json); expected a "
+        "Wan2.1 checkpoint folder in the original or diffusers layout")
+  cfg = _read_json(cfg_path)
+  if "num_attention_heads" in cfg and "attention_head_dim" in cfg:
+    return "diffusers", folder
+  if "dim" in cfg and "num_heads" in cfg:
+    return "wan", folder
+  raise CheckpointError(
+      f"{cfg_path}: unknown layout (neither the original Wan keys `dim`/"
+      f"`num_heads` nor the diffusers keys `num_attention_heads`/"
+      f"`attention_head_dim`); found keys {sorted(cfg)}")
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
+def config_from_checkpoint(layout, cfg, *, text_len=None, **overrides):
+  """WanConfig from a checkpoint's config.json dict."""
+  if layout == "wan":
+    if cfg.get("model_type", "t2v") != "t2v":
+      raise CheckpointError(
+          f"model_type={cfg['model_type']!r}: only Wan2.1 t2v is supported")
+    if tuple(cfg.get("window_size", (-1, -1))) != (-1, -1):
+      raise CheckpointError(f"window_size={cfg['window_size']}: local "
+                            "attention windows are not supported")
+    if not cfg.get("qk_norm", True):
+      raise CheckpointError("qk_norm=False is not supported")
+    kw = dict(dim=cfg["dim"], ffn_dim=cfg["ffn_dim"],
+              num_heads=cfg["num_heads"], num_layers=cfg["num_layers"],
+              in_dim=cfg.get("in_dim", 16), out_dim=cfg.get("out_dim", 16),
+              text_dim=cfg.get("text_dim", 4096),
+              text_len=cfg.get("text_len", 512),
+              freq_dim=cfg.get("freq_dim", 256),
+              patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+              eps=cfg.get("eps", 1e-6),
+              cross_attn_norm=cfg.get("cross_attn_norm", True))
+  else:
+    for key in ("image_dim", "added_kv_proj_dim"):
+      if cfg.get(key) is not None:
+        raise CheckpointError(
+            f"{key}={cfg[key]}: image-to-video checkpoints are not supported")
+    if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+      raise CheckpointError(f"qk_norm={cfg['qk_norm']!r} is not supported")
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    # diffusers leaves the text length to the pipeline (512 for Wan2.1).
+    kw = dict(dim=heads * head_dim, ffn_dim=cfg["ffn_dim"], num_heads=heads,
+              num_layers=cfg["num_layers"],
+              in_dim=cfg.get("in_channels", 16),
+              out_dim=cfg.get("out_channels", 16),
+              text_dim=cfg.get("text_dim", 4096), text_len=512,
+              freq_dim=cfg.get("freq_dim", 256),
+              patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+              eps=cfg.get("eps", 1e-6),
+              cross_attn_norm=cfg.get("cross_attn_norm", True))
+  if not kw["cross_attn_norm"]:
+    raise CheckpointError("cross_attn_norm=False is not supported")
+  if text_len is not None:
+    kw["text_len"] = text_len
+  kw.update(overrides)
+  return WanConfig(**kw)
+
+
+# Key mapping -----------------------------------------------------------------
+
+
+def to_original_key(key: str, layout: str) -> str | None:
+  """A checkpoint key in original naming, or None if the layout lacks it."""
+  if layout == "wan":
+    return key
+  if key in DIFFUSERS_TOP_LEVEL:
+    return DIFFUSERS_TOP_LEVEL[key]
+  m = _BLOCK_RE.match(key)
+  if m and m.group(2) in DIFFUSERS_BLOCK:
+    return f"blocks.{m.group(1)}.{DIFFUSERS_BLOCK[m.group(2)]}"
+  return None
+
+
+def from_original_key(key: str, layout: str) -> str:
+  if layout == "wan":
+    return key
+  inv_top = {v: k for k, v in DIFFUSERS_TOP_LEVEL.items()}
+  if key in inv_top:
+    return inv_top[key]
+  m = _BLOCK_RE.match(key)
+  inv_block = {v: k for k, v in DIFFUSERS_BLOCK.items()}
+  return f"blocks.{m.group(1)}.{inv_block[m.group(2)]}"
+
+
+def locate(original_key: str, num_layers: int):
+  """original key -> (our path, layer index or None, transform), or None."""
+  if original_key in TOP_LEVEL_KEYS:
+    path, transform = TOP_LEVEL_KEYS[original_key]
+    return path, None, transform
+  m = _BLOCK_RE.match(original_key)
+  if m and m.group(2) in BLOCK_KEYS and int(m.group(1)) < num_layers:
+    path, transform = BLOCK_KEYS[m.group(2)]
+    return ("blocks",) + path, int(m.group(1)), transform
+  return None
+
+
+def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
+  if transform == "linear":
+    return array.T
+  if transform == "patch":  # (dim, C, pt, ph, pw) -> (pt*ph*pw*C, dim)
+    return array.transpose(2, 3, 4, 1, 0).reshape(-1, array.shape[0])
+  return array
+
+
+def checkpoint_shape(our_shape, transform, config: WanConfig):
+  """The checkpoint tensor shape that maps to a leaf of `our_shape`."""
+  if transform == "linear":
+    return tuple(reversed(our_shape))
+  if transform == "patch":
+    return (config.dim, config.in_dim, *config.patch_size)
+  return tuple(our_shape)
+
+
+def expected_checkpoint_shapes(config: WanConfig, layout: str = "wan"):
+  """{checkpoint key: shape} that a model of `config` needs (no weights)."""
+  params = param_shapes(config)
+  shapes = {}
+  for key, (path, transform) in TOP_LEVEL_KEYS.items():
+    shapes[key] = checkpoint_shape(params[path], transform, config)
+  for i in range(config.num_layers):
+    for suffix, (path, transform) in BLOCK_KEYS.items():
+      shape = params[("blocks",) + path][1:]
+      shapes[f"blocks.{i}.{suffix}"] = checkpoint_shape(shape, transform,
+                                                        config)
+  return {from_original_key(k, layout): v for k, v in shapes.items()}
+
+
+def param_shapes(config: WanConfig) -> dict[tuple, tuple]:
+  """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
+  state = nnx.state(wan.abstract_model(config), nnx.Param)
+  return {path: tuple(v.shape)
+          for path, v in flatten_dict(nnx.to_pure_dict(state)).items()}
+
+
+# Loading -----------------------------------------------------------------------
+
+
+def load_params(source: Source, layout: str, config: WanConfig, *,
+                progress=False):
+  """Stream a checkpoint into a nested dict of numpy arrays (our layout).
+
+  Raises KeyMismatch listing missing, unexpected and misshapen keys by name.
+  """
+  dtype = np.dtype(config.weight_dtype)
+  shapes = param_shapes(config)
+  expected = expected_checkpoint_shapes(config, layout)
+  present = set(source.keys())
+  missing = sorted(set(expected) - present)
+  unexpected = sorted(present - set(expected))
+  misshapen = sorted(
+      f"{k}: checkpoint {tuple(source.shape(k))}, expected {expected[k]}"
+      for k in present & set(expected)
+      if tuple(source.shape(k)) != tuple(expected[k]))
+  if missing or unexpected or misshapen:
+    raise KeyMismatch(missing=missing, unexpected=unexpected,
+                      misshapen=misshapen, layout=layout)
+  buffers = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
+  keys = source.keys()
+  if progress:
+    keys = tqdm.tqdm(keys, desc="converting", unit="tensor")
+  for key in keys:  # one tensor at a time
+    path, layer, transform = locate(to_original_key(key, layout),
+                                    config.num_layers)
+    value = to_ours(source.get(key), transform).astype(dtype)
+    if layer is None:
+      buffers[path][...] = value
+    else:
+      buffers[path][layer] = value
+  return unflatten_dict(buffers)
+
+
+
+
+def read_checkpoint(src, *, format="auto", dtype="float32", text_len=None,
+                    progress=False):
+  """(config, params) from a Wan2.1 checkpoint folder, streaming."""
+  layout, folder = detect_layout(src)
+  if format not in ("auto", layout):
+    raise CheckpointError(
+        f"{src}: --format {format} requested, but the folder is in the "
+        f"{layout!r} layout")
+  cfg = _read_json(folder / "config.json")
+  try:
+    config = config_from_checkpoint(layout, cfg, text_len=text_len,
+                                    param_dtype=dtype, dtype=dtype)
+  except KeyError as e:
+    raise CheckpointError(
+        f"{folder / 'config.json'}: missing field {e.args[0]!r}") from e
+  source = open_safetensors_folder(folder, "diffusion_pytorch_model")
+  return config, load_params(source, layout, config, progress=progress)
+
+
+def to_checkpoint(params: dict, config: WanConfig, layout: str = "wan"):
+  """Our nested params -> {checkpoint key: array} in `layout` (the inverse).
+
+  Used to hand the same weights to the PyTorch references in tests and
+  benchmarks.
+  """
+  flat = flatten_dict(params)
+  out = {}
+  for key, shape in expected_checkpoint_shapes(config, "wan").items():
+    path, layer, transform = locate(key, config.num_layers)
+    value = np.asarray(flat[path] if layer is None else flat[path][layer])
+    if transform == "linear":
+      value = value.T
+    elif transform == "patch":
+      value = value.reshape(*config.patch_size, config.in_dim, config.dim)
+      value = value.transpose(4, 3, 0, 1, 2)
+    assert value.shape == shape, (key, value.shape, shape)
+    out[from_original_key(key, layout)] = np.ascontiguousarray(value)
+  return out
