@@ -94,3 +94,48 @@ def write_wan_checkpoint(folder, config, tensors=None, *, layout="wan",
   (target / f"{stem}.safetensors.index.json").write_text(
       json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
   return folder
+
+
+def random_params(abstract_state, key):
+  """Random values for every leaf of an abstract nnx.State, in one jit.
+
+  The same rules as `random_wan_tensors`, by leaf name: kernels
+  ~ N(0, 1/fan_in), norm gains ~ 1 + N(0, 0.1^2), modulation tables
+  ~ N(0, 0.5^2), everything else (biases) ~ N(0, 0.1^2).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def draw(key):
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        abstract_state)
+    keys = jax.random.split(key, len(paths_leaves))
+    leaves = []
+    for k, (path, leaf) in zip(keys, paths_leaves):
+      name = jax.tree_util.keystr(path)
+      x = jax.random.normal(k, leaf.shape, "float32")
+      if "kernel" in name:
+        x = x * leaf.shape[-2] ** -0.5
+      elif "modulation" in name:
+        x = x * 0.5
+      elif "norm" in name and "weight" in name:
+        x = 1 + 0.1 * x
+      else:
+        x = 0.1 * x
+      leaves.append(x.astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  return draw(key)
+
+
+def random_wan(config, seed=0):
+  """(graphdef, params) of a WanDiT with every parameter random.
+
+  Built from the abstract model (no eager initialisation, which is slow):
+  use `nnx.merge(graphdef, params)` for the module.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from astraea_jax.models import wan  # pylint: disable=g-import-not-at-top
+  graphdef, abstract = nnx.split(wan.abstract_model(config))
+  return graphdef, random_params(abstract, jax.random.key(seed))

@@ -1,0 +1,59 @@
+"""What every benchmark records: device, versions, commit, date; JSON out."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
+import time
+
+import jax
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def environment() -> dict:
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=True,
+                            cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = os.environ.get("ASTRAEA_COMMIT", "unknown")
+  import flax
+  return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "flax": flax.__version__, "commit": commit,
+          "date": datetime.date.today().isoformat()}
+
+
+def write_results(path, benchmark: str, settings: dict, rows: list,
+                  targets: list):
+  """Writes the DESIGN.md results format atomically."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  doc = {"benchmark": benchmark, **environment(), "settings": settings,
+         "rows": rows, "targets": targets}
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w") as f:
+    json.dump(doc, f, indent=2)
+  os.replace(tmp, path)
+  print(f"wrote {path}")
+
+
+def time_call(fn, *args, repeats=3, warmup=1):
+  """Median wall seconds of fn(*args) with its outputs ready."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return sorted(times)[len(times) // 2]
+
+
+def peak_memory_bytes():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
