@@ -113,21 +113,38 @@ class WanBlock(nnx.Module):
     m = self.modulation[...].astype(F32) + e0
     return tuple(m[:, i:i + 1] for i in range(6))
 
-  def __call__(self, x, e0, context, rope):
-    """x (B, L, dim) f32; e0 (B, 6, dim) f32; context (B, text_len, dim).
+  def __call__(self, x, e0, context, rope, token_index=None):
+    """x (B, N, dim) f32; e0 (B, 6, dim) f32; context (B, text_len, dim).
 
-    Returns (x_out (B, L, dim) f32, aux) with aux["lse"] (B, H, L), the
-    self-attention log-sum-exp that Astraea's selection reads.
+    token_index: optional (B, K) sorted rows of x to compute (Astraea's
+    token selection). Keys/values always come from ALL N tokens, so every
+    computed attention row is exact; queries, cross-attention and the FFN
+    run on the K selected tokens only.
+
+    Returns (x_out, aux): x_out (B, K or N, dim) f32 for the computed tokens;
+    aux["lse"] (B, H, K or N) is the self-attention log-sum-exp that
+    Astraea's token scores read.
     """
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulate(e0)
     h = layers.layer_norm(x, self.eps) * (1 + scale1) + shift1
-    y, lse = self.self_attn(h, rope=rope)
-    x = x + y.astype(F32) * gate1
+    k, v = self.self_attn.key_value(h, rope)
+    rope_q = rope
+    if token_index is not None:
+      x, h = take_tokens(x, token_index), take_tokens(h, token_index)
+      rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
+    out, lse = layers.attention(self.self_attn.query(h, rope_q), k, v)
+    x = x + self.self_attn.output(out).astype(F32) * gate1
     y, _ = self.cross_attn(self.norm3(x), context=context)
     x = x + y.astype(F32)
     h = layers.layer_norm(x, self.eps) * (1 + scale2) + shift2
     x = x + self.ffn(h).astype(F32) * gate2
     return x, {"lse": lse}
+
+
+def take_tokens(x, token_index):
+  """x (B, N, ...) rows token_index (B, K) -> (B, K, ...)."""
+  idx = token_index.reshape(*token_index.shape, *([1] * (x.ndim - 2)))
+  return jnp.take_along_axis(x, idx, axis=1)
 
 
 class Head(nnx.Module):

@@ -1,0 +1,144 @@
+"""Astraea token selection: scores, top-K, and the per-block cache.
+
+Before block l at denoising step t, token i gets the score (Astraea, sec. 3.1)
+
+    S_i = w_alpha * S_LSE_i(t-1) * Delta_i(t) + w_beta * exp(n_i)
+
+S_LSE: the token's self-attention log-sum-exp from the last step that
+computed it (free from the softmax; aggregated over heads by mean),
+Delta: how much the token's block input changed since it was last computed,
+n: consecutive steps the token was not selected (no token starves).
+The K = round(theta_t * N) best tokens run the block; every other token
+reuses its cached residual update: x_out = x + cached_update (ours: the
+skip path stays current).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+  """Options of the token score; defaults follow ../shared/DESIGN.md."""
+
+  w_alpha: float = 1.0
+  w_beta: float = 0.5
+  # "input_relative": ||x - x_last|| / ||x_last|| at the block input;
+  # "input_absolute": ||x - x_last||.
+  delta: str = "input_relative"
+  # How per-head LSE is reduced to one number per token: "mean" | "max".
+  head_reduce: str = "mean"
+  use_lse: bool = True
+  use_delta: bool = True
+  use_penalty: bool = True
+  # dtype of the cached update and last input ("float32" | "bfloat16").
+  cache_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.delta not in ("input_relative", "input_absolute"):
+      raise ValueError(f"unknown {self.delta=}")
+    if self.head_reduce not in ("mean", "max"):
+      raise ValueError(f"unknown {self.head_reduce=}")
+    if self.cache_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"unknown {self.cache_dtype=}")
+
+
+def init_cache(num_layers, batch, num_tokens, dim, config: SelectionConfig):
+  """Empty per-block cache, stacked on a leading layer axis.
+
+  update: (L, B, N, dim) block output - block input, last computed.
+  input:  (L, B, N, dim) block input when last computed (for Delta).
+  lse:    (L, B, N) head-reduced self-attention LSE, last computed.
+  stale:  (L, B, N) int32, consecutive steps not selected.
+  """
+  dtype = jnp.dtype(config.cache_dtype)
+  shape = (num_layers, batch, num_tokens)
+  return {"update": jnp.zeros(shape + (dim,), dtype),
+          "input": jnp.zeros(shape + (dim,), dtype),
+          "lse": jnp.zeros(shape, F32),
+          "stale": jnp.zeros(shape, jnp.int32)}
+
+
+def reduce_heads(lse, config: SelectionConfig):
+  """(B, H, K) -> (B, K)."""
+  return jnp.mean(lse, axis=1) if config.head_reduce == "mean" else jnp.max(
+      lse, axis=1)
+
+
+def token_delta(x, last_input, config: SelectionConfig):
+  """Delta_token (B, N): change of the block input since last computed."""
+  diff = jnp.linalg.norm(x - last_input.astype(F32), axis=-1)
+  if config.delta == "input_absolute":
+    return diff
+  return diff / (jnp.linalg.norm(last_input.astype(F32), axis=-1) + 1e-6)
+
+
+def token_scores(x, layer_cache, config: SelectionConfig):
+  """Astraea's score S (B, N) for every token before one block."""
+  significance = jnp.ones(x.shape[:2], F32)
+  if config.use_lse:
+    significance = significance * layer_cache["lse"]
+  if config.use_delta:
+    significance = significance * token_delta(x, layer_cache["input"], config)
+  score = config.w_alpha * significance
+  if config.use_penalty:
+    score = score + config.w_beta * jnp.exp(
+        layer_cache["stale"].astype(F32))
+  return score
+
+
+def select_tokens(scores, k: int):
+  """Indices (B, k) of the k highest scores, sorted ascending (kernel order)."""
+  _, idx = jax.lax.top_k(scores, k)
+  return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def scatter_tokens(x, token_index, values):
+  """x (B, N, ...) with rows token_index (B, K) replaced by values."""
+  return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb))(x, token_index, values)
+
+
+def update_layer_cache(layer_cache, x, x_out_sel, lse_sel, token_index,
+                       config: SelectionConfig):
+  """Cache after a block computed the tokens `token_index`.
+
+  x: (B, N, dim) block input; x_out_sel: (B, K, dim) block output of the
+  computed tokens; lse_sel: (B, H, K). Returns (x_next (B, N, dim), cache):
+  computed tokens take their new output, the others x + cached update.
+  """
+  dtype = layer_cache["update"].dtype
+  x_sel = jnp.take_along_axis(x, token_index[..., None], axis=1)
+  update = scatter_tokens(layer_cache["update"], token_index,
+                          (x_out_sel - x_sel).astype(dtype))
+  x_next = scatter_tokens(x + update.astype(F32), token_index, x_out_sel)
+  stale = scatter_tokens(layer_cache["stale"] + 1, token_index,
+                         jnp.zeros(token_index.shape, jnp.int32))
+  return x_next, {
+      "update": update,
+      "input": scatter_tokens(layer_cache["input"], token_index,
+                              x_sel.astype(dtype)),
+      "lse": scatter_tokens(layer_cache["lse"], token_index,
+                            reduce_heads(lse_sel, config)),
+      "stale": stale,
+  }
+
+
+def refresh_layer_cache(layer_cache, x, x_out, lse, config: SelectionConfig):
+  """Cache after a block computed ALL tokens (budget 1.0); x_next = x_out."""
+  dtype = layer_cache["update"].dtype
+  return x_out, {"update": (x_out - x).astype(dtype),
+                 "input": x.astype(dtype),
+                 "lse": reduce_heads(lse, config),
+                 "stale": jnp.zeros_like(layer_cache["stale"])}
+
+
+def reuse_layer_cache(layer_cache, x):
+  """Budget 0: every token reuses its cached update."""
+  return x + layer_cache["update"].astype(F32), {
+      **layer_cache, "stale": layer_cache["stale"] + 1}
