@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+from skimage import metrics as skimage_metrics  # the `test` extra
 
 from astraea_jax import metrics
-
-skimage_metrics = pytest.importorskip("skimage.metrics")
 
 
 @pytest.fixture(scope="module")
