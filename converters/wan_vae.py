@@ -1,0 +1,427 @@
+"""Wan2.1 VAE checkpoints -> a ready `astraea_jax.vae.wan_vae.WanVAE`.
+
+Layouts read:
+  * original (`Wan2.1_VAE.pth` of Wan-AI/Wan2.1-*, or the same keys in a
+    safetensors file such as the parity fixture): `encoder.downsamples.{k}.
+    residual.{0,2,3,6}`, `decoder.upsamples.{k}`, `conv1` / `conv2`, ...;
+  * diffusers (`vae/` of Wan-AI/Wan2.1-*-Diffusers, `AutoencoderKLWan`):
+    `config.json` + `diffusion_pytorch_model.safetensors`.
+
+The published `.pth` is a PyTorch pickle, and unpickling can run arbitrary
+code: it is read only with `allow_pth=True` (CLI: --allow-pth), only when
+torch is installed, and then with `torch.load(weights_only=True)`. Every
+other path is safetensors on numpy, no torch needed.
+
+Both layouts name the same tensors; we derive each key from our parameter
+path (`original_key`, `diffusers_key`). The renames follow diffusers'
+`convert_wan_vae_to_diffusers` (loaders/single_file_utils.py), generalised
+from its hard-coded block indices to any `num_res_blocks` / `dim_mult`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from astraea_jax.vae import wan_vae
+from astraea_jax.vae.wan_vae import WanVAE, WanVAEConfig
+from converters.common import CheckpointError, KeyMismatch
+from converters.safetensors_io import SafetensorsError, SafetensorsFile
+
+# Our attribute inside a block -> original name. The original blocks are
+# nn.Sequential, so names are indices: residual = [RMS_norm, SiLU, conv,
+# RMS_norm, SiLU, Dropout, conv]; Resample.resample = [Upsample or
+# ZeroPad2d, Conv2d]. Attention members keep their names.
+ORIGINAL_MEMBER = {
+    "norm1": "residual.0", "conv1": "residual.2",
+    "norm2": "residual.3", "conv2": "residual.6", "shortcut": "shortcut",
+    "conv": "resample.1", "time_conv": "time_conv",
+    "norm": "norm", "to_qkv": "to_qkv", "proj": "proj",
+}
+# diffusers keeps `resample.1` and `time_conv` inside its WanResample.
+DIFFUSERS_MEMBER = {
+    "norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+    "shortcut": "conv_shortcut", "conv": "resample.1",
+    "time_conv": "time_conv", "norm": "norm", "to_qkv": "to_qkv",
+    "proj": "proj",
+}
+# Top-level and encoder/decoder-level modules.
+ORIGINAL_MODULE = {"conv1": "conv1", "conv2": "conv2",
+                   "head_norm": "head.0", "head_conv": "head.2"}
+# Surprise: the top-level `conv1`/`conv2` are diffusers' quant convs, while
+# encoder/decoder `conv1` is `conv_in`.
+DIFFUSERS_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
+DIFFUSERS_CODER = {"conv1": "conv_in", "head_norm": "norm_out",
+                   "head_conv": "conv_out"}
+# The middle list [res, attn, res] is split by type in diffusers.
+DIFFUSERS_MIDDLE = {0: "mid_block.resnets.0", 1: "mid_block.attentions.0",
+                    2: "mid_block.resnets.1"}
+LEAF = {"kernel": "weight", "bias": "bias", "gamma": "gamma"}
+
+LAYOUTS = ("original", "diffusers")
+
+
+# Key naming ------------------------------------------------------------------
+
+
+def _check_path(path, ok):
+  if not ok:
+    raise ValueError(f"no checkpoint name for parameter path {path}")
+
+
+def original_key(path: tuple, config: WanVAEConfig) -> str:
+  """Our parameter path -> its key in the original `WanVAE_` state dict."""
+  del config
+  *mods, leaf = path
+  _check_path(path, leaf in LEAF)
+  if len(mods) == 1:  # conv1, conv2
+    return f"{ORIGINAL_MODULE[mods[0]]}.{LEAF[leaf]}"
+  coder = mods[0]
+  if len(mods) == 2:  # encoder.conv1, decoder.head.0, ...
+    return f"{coder}.{ORIGINAL_MODULE[mods[1]]}.{LEAF[leaf]}"
+  _check_path(path, len(mods) == 4)
+  group, index, member = mods[1:]
+  return f"{coder}.{group}.{index}.{ORIGINAL_MEMBER[member]}.{LEAF[leaf]}"
+
+
+def _decoder_block_name(index: int, config: WanVAEConfig) -> str:
+  """decoder.upsamples.{index} -> diffusers up_blocks.{s}.(resnets|upsamplers).
+
+  Each decoder stage holds num_res_blocks + 1 residual blocks, then one
+  Resample except the last stage; diffusers groups them per stage.
+  """
+  per_stage = config.num_res_blocks + 2
+  stage, j = divmod(index, per_stage)
+  if j <= config.num_res_blocks:
+    return f"up_blocks.{stage}.resnets.{j}"
+  return f"up_blocks.{stage}.upsamplers.0"
+
+
+def diffusers_key(path: tuple, config: WanVAEConfig) -> str:
+  """Our parameter path -> its key in diffusers' `AutoencoderKLWan`."""
+  *mods, leaf = path
+  _check_path(path, leaf in LEAF)
+  if len(mods) == 1:
+    return f"{DIFFUSERS_TOP[mods[0]]}.{LEAF[leaf]}"
+  coder = mods[0]
+  if len(mods) == 2:
+    return f"{coder}.{DIFFUSERS_CODER[mods[1]]}.{LEAF[leaf]}"
+  _check_path(path, len(mods) == 4)
+  group, index, member = mods[1:]
+  if group == "middle":
+    block = DIFFUSERS_MIDDLE[index]
+  elif group == "downsamples":  # same flat index, renamed list
+    block = f"down_blocks.{index}"
+  else:
+    block = _decoder_block_name(index, config)
+  return f"{coder}.{block}.{DIFFUSERS_MEMBER[member]}.{LEAF[leaf]}"
+
+
+KEY_FUNCTIONS = {"original": original_key, "diffusers": diffusers_key}
+
+
+# Tensor layouts --------------------------------------------------------------
+
+
+def checkpoint_shape(path: tuple, shape: tuple) -> tuple:
+  """PyTorch shape of the tensor that becomes our leaf of `shape`."""
+  leaf = path[-1]
+  if leaf == "kernel":  # (*window, in, out) -> (out, in, *window)
+    return (shape[-1], shape[-2], *shape[:-2])
+  if leaf == "gamma":  # RMS_norm gamma: (C,1,1) on images, (C,1,1,1) video
+    ones = (1, 1) if path[-2] == "norm" else (1, 1, 1)
+    return (shape[0], *ones)
+  return tuple(shape)
+
+
+def to_ours(path: tuple, array: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":  # (out, in, *window) -> (*window, in, out)
+    n = array.ndim
+    return array.transpose(*range(2, n), 1, 0)
+  if path[-1] == "gamma":
+    return array.reshape(array.shape[0])
+  return array
+
+
+def param_shapes(config: WanVAEConfig) -> dict[tuple, tuple]:
+  """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
+  state = nnx.state(wan_vae.abstract_model(config), nnx.Param)
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  return {path: tuple(v.shape) for path, v in flat.items()}
+
+
+def key_map(config: WanVAEConfig, layout: str) -> dict[str, tuple]:
+  """{checkpoint key: our parameter path} for `layout`."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"{layout=} must be one of {LAYOUTS}")
+  name = KEY_FUNCTIONS[layout]
+  return {name(path, config): path for path in param_shapes(config)}
+
+
+def expected_shapes(config: WanVAEConfig, layout: str) -> dict[str, tuple]:
+  """{checkpoint key: PyTorch shape} a model of `config` needs."""
+  shapes = param_shapes(config)
+  return {key: checkpoint_shape(path, shapes[path])
+          for key, path in key_map(config, layout).items()}
+
+
+# Sources: anything with keys() / shape(key) / get(key) -----------------------
+
+
+class ArraySource:
+  """A state dict of numpy arrays (or anything np.asarray accepts)."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    self._arrays = arrays
+
+  def keys(self):
+    return list(self._arrays)
+
+  def shape(self, key):
+    return tuple(np.shape(self._arrays[key]))
+
+  def get(self, key):
+    return np.asarray(self._arrays[key])
+
+
+def _as_source(state_dict):
+  if isinstance(state_dict, Mapping):
+    return ArraySource(state_dict)
+  if all(hasattr(state_dict, a) for a in ("keys", "shape", "get")):
+    return state_dict  # SafetensorsFile, converters.common.Source, ...
+  raise TypeError(f"expected a mapping of arrays or a tensor source, got "
+                  f"{type(state_dict).__name__}")
+
+
+def detect_layout(keys) -> str:
+  """'original' or 'diffusers' from the key names."""
+  keys = set(keys)
+  if {"quant_conv.weight", "post_quant_conv.weight"} & keys or any(
+      k.startswith(("decoder.up_blocks.", "encoder.down_blocks.",
+                    "decoder.conv_in.")) for k in keys):
+    return "diffusers"
+  if {"conv1.weight", "conv2.weight"} & keys or any(
+      k.startswith(("decoder.upsamples.", "encoder.downsamples.",
+                    "decoder.conv1.")) for k in keys):
+    return "original"
+  raise CheckpointError(
+      "cannot tell the Wan VAE layout: expected original keys (conv1.weight, "
+      "decoder.upsamples.*) or diffusers keys (quant_conv.weight, "
+      f"decoder.up_blocks.*); found {sorted(keys)[:10]} ...")
+
+
+def infer_config(source, layout: str, **overrides) -> WanVAEConfig:
+  """Wan2.1 config with base_dim and z_dim read from the tensor shapes.
+
+  The original checkpoint carries no config; its other hyper-parameters are
+  the Wan2.1 ones, and `load_state` then checks every key and shape.
+  """
+  first = {"original": "encoder.conv1.weight",
+           "diffusers": "encoder.conv_in.weight"}[layout]
+  post = {"original": "conv2.weight",
+          "diffusers": "post_quant_conv.weight"}[layout]
+  kw = {}
+  keys = set(source.keys())
+  if first in keys:
+    kw["base_dim"] = int(source.shape(first)[0])
+  if post in keys:
+    kw["z_dim"] = int(source.shape(post)[0])
+  if kw.get("z_dim", 16) != 16 and "latents_mean" not in overrides:
+    raise CheckpointError(
+        f"z_dim={kw['z_dim']} from {post}: only the 16-channel Wan2.1 latent "
+        "statistics are known; pass latents_mean/latents_std")
+  kw.update(overrides)
+  return WanVAEConfig(**kw)
+
+
+def config_from_diffusers(cfg: dict, **overrides) -> WanVAEConfig:
+  """WanVAEConfig from an `AutoencoderKLWan` config.json dict."""
+  if cfg.get("is_residual", False):
+    raise CheckpointError("is_residual=True is the Wan2.2 VAE; only the "
+                          "Wan2.1 VAE is supported")
+  if cfg.get("patch_size") not in (None, 1):
+    raise CheckpointError(f"patch_size={cfg['patch_size']}: patchified VAEs "
+                          "(Wan2.2) are not supported")
+  if cfg.get("attn_scales"):
+    raise CheckpointError(f"attn_scales={cfg['attn_scales']}: Wan2.1 has "
+                          "attention only in the middle blocks")
+  base = cfg.get("base_dim", 96)
+  if cfg.get("decoder_base_dim") not in (None, base):
+    raise CheckpointError(f"decoder_base_dim={cfg['decoder_base_dim']} "
+                          f"differs from base_dim={base}: not supported")
+  for key, want in (("in_channels", 3), ("out_channels", 3)):
+    if cfg.get(key, want) != want:
+      raise CheckpointError(f"{key}={cfg[key]} is not supported (needs "
+                            f"{want})")
+  kw = dict(base_dim=base, z_dim=cfg.get("z_dim", 16),
+            dim_mult=tuple(cfg.get("dim_mult", (1, 2, 4, 4))),
+            num_res_blocks=cfg.get("num_res_blocks", 2),
+            temporal_downsample=tuple(
+                cfg.get("temperal_downsample", (False, True, True))))
+  if cfg.get("latents_mean") is not None:
+    kw["latents_mean"] = tuple(cfg["latents_mean"])
+  if cfg.get("latents_std") is not None:
+    kw["latents_std"] = tuple(cfg["latents_std"])
+  kw.update(overrides)
+  return WanVAEConfig(**kw)
+
+
+# Loading ---------------------------------------------------------------------
+
+
+def check_keys(source, config: WanVAEConfig, layout: str):
+  """Raise KeyMismatch naming every missing, unexpected, misshapen key."""
+  expected = expected_shapes(config, layout)
+  present = set(source.keys())
+  missing = sorted(set(expected) - present)
+  unexpected = sorted(present - set(expected))
+  misshapen = sorted(
+      f"{k}: checkpoint {tuple(source.shape(k))}, expected {expected[k]}"
+      for k in present & set(expected)
+      if tuple(source.shape(k)) != tuple(expected[k]))
+  if missing or unexpected or misshapen:
+    raise KeyMismatch(missing=missing, unexpected=unexpected,
+                      misshapen=misshapen, layout=f"Wan VAE, {layout}")
+
+
+def load_params(source, config: WanVAEConfig, layout: str) -> dict:
+  """Nested dict {path part: numpy array} in our layout, one tensor at a time.
+
+  Tensors are cast to `config.param_dtype` (bfloat16 through ml_dtypes).
+  """
+  check_keys(source, config, layout)
+  dtype = np.dtype(config.weight_dtype)
+  flat = {path: np.ascontiguousarray(to_ours(path, source.get(key))
+                                     .astype(dtype))
+          for key, path in key_map(config, layout).items()}
+  return traverse_util.unflatten_dict(flat)
+
+
+def vae_from_params(params: dict, config: WanVAEConfig) -> WanVAE:
+  """A WanVAE whose parameters are the nested dict `params` (our layout)."""
+  graphdef, state = nnx.split(wan_vae.abstract_model(config))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
+
+
+def vae_from_state_dict(state_dict, config: WanVAEConfig | None = None, *,
+                        layout: str = "auto", **overrides) -> WanVAE:
+  """A ready WanVAE from a state dict of numpy arrays (or a tensor source).
+
+  layout: "original", "diffusers" or "auto" (from the key names). Without
+  `config`, base_dim and z_dim come from the tensor shapes and the rest is
+  Wan2.1's; `overrides` (e.g. dtype="bfloat16") go into the config.
+  """
+  source = _as_source(state_dict)
+  if layout == "auto":
+    layout = detect_layout(source.keys())
+  elif layout not in LAYOUTS:
+    raise ValueError(f"{layout=} must be 'auto' or one of {LAYOUTS}")
+  if config is None:
+    config = infer_config(source, layout, **overrides)
+  elif overrides:
+    config = config.replace(**overrides)
+  return vae_from_params(load_params(source, config, layout), config)
+
+
+# Files -----------------------------------------------------------------------
+
+
+def read_pth(path, *, allow_pth: bool = False) -> dict[str, np.ndarray]:
+  """The state dict of a PyTorch `.pth` as numpy arrays, only if allowed.
+
+  Refuses unless `allow_pth=True`, before opening the file: a pickle can run
+  code when loaded. Then needs torch and loads with weights_only=True
+  (tensors and containers only).
+  """
+  path = pathlib.Path(path)
+  if not allow_pth:
+    raise CheckpointError(
+        f"{path} is a PyTorch pickle; loading a pickle can execute code, so "
+        "it is refused by default. Pass --allow-pth (Python: allow_pth=True) "
+        "to read it with torch.load(weights_only=True), or convert it to "
+        "safetensors first.")
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointError(
+        f"{path}: reading a .pth needs PyTorch (pip install torch), or "
+        "convert the file to safetensors on a machine that has it") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch.load raises many kinds
+    raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: "
+                          f"{type(e).__name__}: {e}") from e
+  if isinstance(obj, Mapping) and "state_dict" in obj and \
+      isinstance(obj["state_dict"], Mapping):
+    obj = obj["state_dict"]
+  if not isinstance(obj, Mapping) or not all(
+      isinstance(k, str) and isinstance(v, torch.Tensor)
+      for k, v in obj.items()):
+    raise CheckpointError(f"{path}: not a state dict of tensors "
+                          f"(got {type(obj).__name__})")
+  return {k: _torch_to_numpy(v) for k, v in obj.items()}
+
+
+def _torch_to_numpy(tensor):
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  tensor = tensor.detach().cpu().contiguous()
+  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: bit view
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
+
+
+def open_checkpoint(path, *, allow_pth: bool = False):
+  """(source, layout, diffusers config.json dict or None) for a path.
+
+  path: a `.pth` (original layout, needs allow_pth), a `.safetensors` file
+  (either layout, detected from the keys) or a diffusers `vae/` folder
+  (config.json + diffusion_pytorch_model.safetensors).
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise CheckpointError(f"{path}: no such file or folder")
+  cfg = None
+  if path.is_dir():
+    folder = path / "vae" if (path / "vae" / "config.json").exists() else path
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.exists():
+      found = sorted(p.name for p in folder.iterdir())
+      raise CheckpointError(
+          f"{folder}: no diffusion_pytorch_model.safetensors (a diffusers "
+          f"AutoencoderKLWan folder); found {found}")
+    if (folder / "config.json").exists():
+      try:
+        cfg = json.loads((folder / "config.json").read_text())
+      except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: invalid JSON "
+                              f"({e})") from e
+    path = weights
+  if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
+    source = ArraySource(read_pth(path, allow_pth=allow_pth))
+  else:
+    try:
+      source = SafetensorsFile(path)
+    except SafetensorsError as e:
+      raise CheckpointError(str(e)) from e
+  return source, detect_layout(source.keys()), cfg
+
+
+def load_vae(path, *, allow_pth: bool = False,
+             config: WanVAEConfig | None = None, **overrides) -> WanVAE:
+  """A ready WanVAE from a `.pth`, a `.safetensors` or a diffusers folder.
+
+  overrides go into the config (e.g. dtype="bfloat16", param_dtype=...).
+  """
+  source, layout, cfg = open_checkpoint(path, allow_pth=allow_pth)
+  if config is None and cfg is not None:
+    config = config_from_diffusers(cfg, **overrides)
+    overrides = {}
+  return vae_from_state_dict(source, config, layout=layout, **overrides)
