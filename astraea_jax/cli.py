@@ -37,7 +37,8 @@ def _convert(args) -> int:
 
 def _demo(args) -> int:
   from astraea_jax import demo
-  return demo.main(steps=args.steps, seed=args.seed)
+  return demo.main(steps=args.steps, budget=args.budget, seed=args.seed,
+                   out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(run=_convert)
 
   p = sub.add_parser("demo", help="run the default model end to end")
-  p.add_argument("--steps", type=int, default=4)
+  p.add_argument("--steps", type=int, default=8)
+  p.add_argument("--budget", type=float, default=0.5,
+                 help="Astraea mean token budget in (0, 1]")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="astraea-demo",
+                 help="output folder (replaced if it exists)")
   p.set_defaults(run=_demo)
 
   for name, what in _NOT_YET.items():
