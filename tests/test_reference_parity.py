@@ -123,7 +123,7 @@ def exact_attention(q, k, v, q_lens=None, k_lens=None, softmax_scale=None,
                     **unused):
   """flash_attention's contract in float32: keys past k_lens are masked."""
   del q_lens, unused
-  b, lk = k.shape[0], k.shape[1]
+  lk = k.shape[1]
   mask = None
   if k_lens is not None:
     mask = (torch.arange(lk)[None, :] < k_lens[:, None])[:, None, None, :]
