@@ -42,3 +42,57 @@ def test_console_script_entry_point():
                        capture_output=True, text=True, check=True).stdout
   for command in ("demo", "generate", "convert", "search", "bench"):
     assert command in out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  from astraea_jax import testing
+  from astraea_jax.configs import WanConfig
+  config = WanConfig.tiny(num_layers=2, dim=64, ffn_dim=96, num_heads=2,
+                          text_dim=24, text_len=8, freq_dim=16)
+  root = tmp_path_factory.mktemp("gen")
+  src = testing.write_wan_checkpoint(root / "src", config, seed=1)
+  assert cli.main(["convert", str(src), str(root / "ckpt"), "--quiet"]) == 0
+  from converters.safetensors_io import save_file
+  rng = np.random.default_rng(0)
+  save_file({"context": rng.standard_normal((5, 24)).astype(np.float32)},
+            root / "emb.safetensors")
+  return root
+
+
+GEN = ["--height", "32", "--width", "48", "--frames", "5", "--steps", "3"]
+
+
+def test_generate_compare(converted, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert cli.main(["generate", str(converted / "ckpt"), "--text-embeddings",
+                   str(converted / "emb.safetensors"), "--out", str(out),
+                   "--budget", "0.5", "--compare", *GEN]) == 0
+  assert "speedup" in capsys.readouterr().out
+  report = json.loads((out / "report.json").read_text())
+  assert report["astraea"]["schedule"] == [1.0, 0.3, 0.2]
+  assert report["compared_on"] == "latents" and np.isfinite(report["psnr_db"])
+  f = SafetensorsFile(out / "outputs.safetensors")
+  assert f.shape("latents_full") == f.shape("latents_astraea") == (
+      1, 16, 2, 4, 6)
+  assert not np.array_equal(f.get("latents_full"), f.get("latents_astraea"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--schedule", "SCHED"], "has (2,) entries but sampling runs 3"),
+    (["--budget", "1.5"], "must lie in (0, 1]"),
+    (["--height", "36"], "multiples of 16"),
+    (["--text-embeddings", "BADEMB"], "no tensor named 'context'"),
+])
+def test_generate_bad_input(converted, tmp_path, capsys, extra, message):
+  (tmp_path / "s.json").write_text(json.dumps({"schedule": [1.0, 0.5]}))
+  from converters.safetensors_io import save_file
+  save_file({"ctx": np.zeros((2, 24), np.float32)}, tmp_path / "bad.st")
+  extra = [e.replace("SCHED", str(tmp_path / "s.json"))
+           .replace("BADEMB", str(tmp_path / "bad.st")) for e in extra]
+  out = tmp_path / "out"
+  args = ["generate", str(converted / "ckpt"), "--text-embeddings",
+          str(converted / "emb.safetensors"), "--out", str(out), *GEN, *extra]
+  assert cli.main(args) == 1
+  assert message in capsys.readouterr().err
+  assert not out.exists()

@@ -26,6 +26,7 @@ on the H200: benchmarks/sampling_loop.py.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import jax
@@ -142,7 +143,7 @@ def _scanned_loop(model_fn, scheduler, guidance_scale, latents, sched_state,
 
 def denoise(model_fn, latents, *, scheduler, guidance_scale, carry=(),
             loop: str = "python", return_trajectory: bool = False,
-            progress: bool = True):
+            progress: bool = True, step_seconds: list | None = None):
   """Runs all `scheduler.num_steps` CFG steps from `latents`.
 
   Args:
@@ -156,6 +157,8 @@ def denoise(model_fn, latents, *, scheduler, guidance_scale, carry=(),
     loop: "python" (jitted step in a Python loop, progress bar) or "scan".
     return_trajectory: also return the latents after every step.
     progress: tqdm progress bar (python loop; waits for each step).
+    step_seconds: if a list, the python loop waits for every step and
+      appends its wall time (the first includes compilation).
 
   Returns:
     (latents, carry, trajectory): trajectory (num_steps, B, C, F, H, W) or
@@ -174,10 +177,13 @@ def denoise(model_fn, latents, *, scheduler, guidance_scale, carry=(),
   steps = tqdm.trange(scheduler.num_steps, disable=not progress,
                       desc="sampling", unit="step")
   for _ in steps:
+    start = time.perf_counter()
     latents, sched_state, carry = _jitted_step(
         model_fn, scheduler, guidance_scale, latents, sched_state, carry)
-    if progress:  # an honest bar: wait for the step to finish
+    if progress or step_seconds is not None:  # wait for the step to finish
       latents.block_until_ready()
+    if step_seconds is not None:
+      step_seconds.append(time.perf_counter() - start)
     if return_trajectory:
       trajectory.append(latents)
   trajectory = jnp.stack(trajectory) if return_trajectory else None
@@ -213,7 +219,7 @@ def sample(model, params, noise, context, negative_context, *,
            scheduler: str | Any = "unipc", steps: int | None = 50,
            guidance_scale: float = 5.0, shift: float | None = None,
            return_trajectory: bool = False, loop: str = "python",
-           progress: bool = True):
+           progress: bool = True, step_seconds: list | None = None):
   """Dense CFG sampling with a WanDiT: noise -> latents.
 
   Args:
@@ -249,6 +255,7 @@ def sample(model, params, noise, context, negative_context, *,
   latents, _, trajectory = denoise(
       model_fn, jnp.asarray(noise, jnp.float32), scheduler=scheduler,
       guidance_scale=guidance_scale, loop=loop,
-      return_trajectory=return_trajectory, progress=progress)
+      return_trajectory=return_trajectory, progress=progress,
+      step_seconds=step_seconds)
   return (latents, trajectory) if return_trajectory else latents
 
