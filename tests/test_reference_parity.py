@@ -17,13 +17,11 @@ import types
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from astraea_jax import checkpoint, cli, testing  # noqa: E402
-from astraea_jax.configs import WanConfig  # noqa: E402
-from converters import wan as wan_converter  # noqa: E402
+from astraea_jax import checkpoint, cli, testing
+from astraea_jax.configs import WanConfig
+from converters import wan as wan_converter
 
 CONFIG = WanConfig.tiny(dim=96, ffn_dim=160, num_heads=4, num_layers=2,
                         text_dim=40, text_len=12, freq_dim=32)
@@ -98,7 +96,7 @@ def load_wan22_model_module():
   """wan.modules.model without running wan/__init__ (which touches CUDA)."""
   spec = importlib.util.find_spec("wan")
   if spec is None:
-    pytest.skip("wan22 is not installed (pip install --no-deps wan22)")
+    raise ImportError("wan22 is not installed (pip install --no-deps wan22)")
   root = spec.submodule_search_locations[0]
   saved = {k: sys.modules.get(k) for k in ("wan", "wan.modules")}
   for name, path in (("wan", root), ("wan.modules", root + "/modules")):

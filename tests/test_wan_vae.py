@@ -7,6 +7,7 @@ Parity tolerance (float32, same math in a different order): max abs error
     read through the diffusers-layout converter.
 """
 
+import importlib
 import inspect
 
 import jax
@@ -71,7 +72,7 @@ def test_latent_statistics_match_fixture_and_diffusers(io):
   mean, inv_std = vae._scale()  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.asarray(mean), io["scale_mean"])
   np.testing.assert_array_equal(np.asarray(inv_std), io["scale_inv_std"])
-  diffusers = pytest.importorskip("diffusers")
+  diffusers = importlib.import_module("diffusers")
   params = inspect.signature(diffusers.AutoencoderKLWan.__init__).parameters
   assert tuple(params["latents_mean"].default) == wan_vae.WAN21_LATENTS_MEAN
   assert tuple(params["latents_std"].default) == wan_vae.WAN21_LATENTS_STD
@@ -143,7 +144,7 @@ def test_input_validation(vae):
 
 
 def _random_diffusers_vae(torch, seed=0):
-  diffusers = pytest.importorskip("diffusers")
+  diffusers = importlib.import_module("diffusers")
   torch.manual_seed(seed)
   model = diffusers.AutoencoderKLWan(
       base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
@@ -164,7 +165,7 @@ def _random_diffusers_vae(torch, seed=0):
 def test_diffusers_parity(tmp_path):
   """Decode (3 latent frames: the scan runs 2 chunks) and encode (9 frames),
   batch 2, through a diffusers-layout folder (config.json + safetensors)."""
-  torch = pytest.importorskip("torch")
+  torch = importlib.import_module("torch")
   model = _random_diffusers_vae(torch)
   folder = tmp_path / "vae"
   folder.mkdir()
@@ -197,14 +198,14 @@ def test_key_map_equals_diffusers_conversion(weights):
   """Our derived diffusers names = diffusers' own convert_wan_vae_to_diffusers
   applied to the original-layout fixture, tensor for tensor; and the full
   Wan2.1 size matches AutoencoderKLWan's default state dict, key and shape."""
-  torch = pytest.importorskip("torch")
-  diffusers = pytest.importorskip("diffusers")
+  torch = importlib.import_module("torch")
+  diffusers = importlib.import_module("diffusers")
   with torch.device("meta"):  # shapes only, no memory
     full = diffusers.AutoencoderKLWan()
   assert {k: tuple(v.shape) for k, v in full.state_dict().items()} == (
       converter.expected_shapes(WanVAEConfig.wan21(), "diffusers"))
 
-  single_file_utils = pytest.importorskip(
+  single_file_utils = importlib.import_module(
       "diffusers.loaders.single_file_utils")
   converted = single_file_utils.convert_wan_vae_to_diffusers(dict(weights))
   config = WanVAEConfig.tiny()
@@ -273,7 +274,7 @@ def test_unknown_layout_rejected():
 
 def test_pth_refused_without_allow_pth(tmp_path, weights, monkeypatch, io,
                                        decoded):
-  torch = pytest.importorskip("torch")
+  torch = importlib.import_module("torch")
   path = tmp_path / "Wan2.1_VAE.pth"
   torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, path)
 
