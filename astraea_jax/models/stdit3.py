@@ -1,0 +1,560 @@
+"""OpenSora v1.2 spatial-temporal DiT (STDiT3) in Flax NNX.
+
+Follows `opensora/models/stdit/stdit3.py` (class `STDiT3`) and
+`opensora/models/layers/blocks.py` of hpcaitech/Open-Sora at commit
+3552145f847b5171cd2c85982d116b04eb98c5bf. Parameter names keep the
+original checkpoint's names (`scale_shift_table`, `attn.qkv`, `cross_attn.
+kv_linear`, `mlp.fc1`, ...) so the converter's key map stays short
+(converters/opensora.py). Reading order: embeddings -> attention -> block ->
+final layer -> STDiT3 -> pure functions at the bottom.
+
+Layout: tokens are in (T, H_p, W_p) row-major order, N = T * S with
+S = H_p * W_p. Each depth step runs spatial block i (attention within each
+frame: frames folded into the batch) and then temporal block i (attention
+across frames at each position: positions folded into the batch).
+
+Precision. The original runs everything in the model dtype except the
+softmax and the norm statistics. Here, as in our Wan port, the timestep and
+fps embedders, t_block, the modulation tables, norm statistics, softmax,
+residual stream and final layer are float32 islands (ours: identical in
+float32, more accurate than the original in bfloat16); every other matmul
+takes its inputs in `config.dtype`. The timestep sinusoid is formed in
+float32 exactly as the original forms it (see `timestep_sinusoid`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from astraea_jax.configs_stdit3 import STDiT3Config
+from astraea_jax.models import layers
+from astraea_jax.models.wan import MLP, gelu_tanh, patchify, unpatchify
+
+F32 = jnp.float32
+
+
+# Embeddings -------------------------------------------------------------------
+
+
+def timestep_sinusoid(t, dim: int, max_period: float = 10000.0):
+  """[cos(t*w), sin(t*w)] (B, dim) float32, w_i = max_period^(-i/half).
+
+  Formed in float32 as the original `TimestepEmbedder.timestep_embedding`
+  does, because its rounding is what the model was trained with: w_i is
+  float32 exp(float32(-ln max_period) * i / half) (correctly rounded here;
+  torch's float32 exp agrees to 1 ulp) and the angle t * w_i is rounded to
+  float32 before cos/sin (an error of up to ~3e-5 rad at t = 1000, which an
+  exact angle would not reproduce).
+  """
+  half = dim // 2
+  exponent = (np.float32(-math.log(max_period))
+              * np.arange(half, dtype=np.float32)) / np.float32(half)
+  freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+  angles = jnp.asarray(t, F32)[:, None] * jnp.asarray(freqs)[None]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def position_scale(height, width, input_sq_size: int):
+  """scale = sqrt(height[0] * width[0]) / input_sq_size (float32 scalar).
+
+  Only the first sample's pixel resolution is used, as in the original.
+  """
+  h = jnp.asarray(height, F32).reshape(-1)[0]
+  w = jnp.asarray(width, F32).reshape(-1)[0]
+  return jnp.sqrt(h * w) / input_sq_size
+
+
+def position_embedding_2d(grid_hw, hidden: int, scale):
+  """2-D sin-cos position embedding (S, hidden) float32, S = h * w.
+
+  For the token at row r, column c (row-major), with base_size =
+  round(sqrt(h * w)), c' = c / scale * base_size / w and r' = r / scale *
+  base_size / h: channels [0, hidden/2) are [sin(c' w), cos(c' w)] and
+  [hidden/2, hidden) are [sin(r' w), cos(r' w)], w_i = 10000^(-2i /
+  (hidden/2)). The column comes first (`PositionEmbedding2D`: its meshgrid
+  puts w first). Positions are formed in float32 like the original.
+  """
+  h, w = grid_hw
+  base_size = round(math.sqrt(h * w))
+  half = hidden // 2
+  inv_freq = jnp.asarray(
+      (1.0 / 10000.0 ** (np.arange(0, half, 2) / half)).astype(np.float32))
+
+  def sincos(n):  # (n, half)
+    pos = jnp.arange(n, dtype=F32) / scale * np.float32(base_size / n)
+    angles = pos[:, None] * inv_freq[None]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+  emb_col = jnp.broadcast_to(sincos(w)[None, :, :], (h, w, half))
+  emb_row = jnp.broadcast_to(sincos(h)[:, None, :], (h, w, half))
+  return jnp.concatenate([emb_col, emb_row], axis=-1).reshape(h * w, hidden)
+
+
+def temporal_rope(num_frames: int, head_dim: int, theta: float = 10000.0):
+  """(cos, sin), each (T, head_dim // 2) float32, for `layers.apply_rope`.
+
+  Pair (2i, 2i+1) of frame f rotates by f * theta^(-2i / head_dim)
+  (rotary_embedding_torch 0.5.3, `freqs_for="lang"`, as the original's
+  `rope.freqs`). Computed in float64 on the host: the grid is static.
+  """
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64)
+                             / head_dim)
+  angles = np.outer(np.arange(num_frames, dtype=np.float64), inv_freq)
+  return (jnp.asarray(np.cos(angles), F32), jnp.asarray(np.sin(angles), F32))
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> np.ndarray:
+  """The original's `rope.freqs` buffer (head_dim // 2,) float32.
+
+  Correctly rounded; the original's float32 pow is up to 1 ulp off.
+  """
+  return (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(
+      np.float32)
+
+
+class CaptionEmbedder(nnx.Module):
+  """y_proj: Linear - GELU(tanh) - Linear; y_embedding: the null caption.
+
+  `y_embedding` (model_max_length, caption_channels) is a buffer in the
+  original, kept here as a parameter: classifier-free guidance feeds it as
+  the unconditional caption (`STDiT3.null_caption`).
+  """
+
+  def __init__(self, config: STDiT3Config, *, rngs: nnx.Rngs):
+    c = config
+    self.y_proj = MLP(c.caption_channels, c.hidden_size, c.hidden_size,
+                      activation=gelu_tanh, dtype=c.compute_dtype,
+                      param_dtype=c.weight_dtype, rngs=rngs)
+    self.y_embedding = nnx.Param(
+        jax.random.normal(rngs.params(),
+                          (c.model_max_length, c.caption_channels),
+                          c.weight_dtype) * c.caption_channels ** -0.5)
+
+  def __call__(self, y):  # (B, L, caption_channels) -> (B, L, hidden)
+    return self.y_proj(y)
+
+
+# Attention --------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+  """Self-attention: fused qkv, per-head RMSNorm on q and k, optional RoPE.
+
+  The qkv output is [q | k | v], heads contiguous within each.
+  """
+
+  def __init__(self, config: STDiT3Config, *, rngs: nnx.Rngs):
+    c = config
+    self.num_heads = c.num_heads
+    kw = {"dtype": c.compute_dtype, "param_dtype": c.weight_dtype, "rngs": rngs}
+    self.qkv = layers.linear(c.hidden_size, 3 * c.hidden_size, **kw)
+    if c.qk_norm:
+      self.q_norm = layers.RMSNorm(c.head_dim, eps=c.eps,
+                                   param_dtype=c.weight_dtype, rngs=rngs)
+      self.k_norm = layers.RMSNorm(c.head_dim, eps=c.eps,
+                                   param_dtype=c.weight_dtype, rngs=rngs)
+    else:
+      self.q_norm = self.k_norm = None
+    self.proj = layers.linear(c.hidden_size, c.hidden_size, **kw)
+
+  def __call__(self, x, rope=None):
+    """x (B', L, C) -> (out (B', L, C), lse (B', H, L) float32)."""
+    b, length, _ = x.shape
+    qkv = self.qkv(x).reshape(b, length, 3, self.num_heads, -1)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B', L, H, D)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:  # after the norm, as the original (not legacy)
+      q, k = layers.apply_rope(q, rope), layers.apply_rope(k, rope)
+    out, lse = layers.attention(q, k, v)
+    return self.proj(out.reshape(b, length, -1)), lse
+
+
+class CrossAttention(nnx.Module):
+  """Each sample's tokens attend to its own valid caption tokens.
+
+  The original packs the valid tokens of all samples into one sequence and
+  uses a block-diagonal mask (xformers `BlockDiagonalMask`); per-sample
+  attention with the invalid keys masked out is the same computation.
+  """
+
+  def __init__(self, config: STDiT3Config, *, rngs: nnx.Rngs):
+    c = config
+    self.num_heads = c.num_heads
+    kw = {"dtype": c.compute_dtype, "param_dtype": c.weight_dtype, "rngs": rngs}
+    self.q_linear = layers.linear(c.hidden_size, c.hidden_size, **kw)
+    self.kv_linear = layers.linear(c.hidden_size, 2 * c.hidden_size, **kw)
+    self.proj = layers.linear(c.hidden_size, c.hidden_size, **kw)
+
+  def __call__(self, x, y, y_mask=None):
+    """x (B, N, C); y (B, L, C) embedded caption; y_mask (B, L) bool or None.
+
+    Returns (B, N, C) in the compute dtype.
+    """
+    b, n, _ = x.shape
+    q = self.q_linear(x).reshape(b, n, self.num_heads, -1)
+    kv = self.kv_linear(y).reshape(b, y.shape[1], 2, self.num_heads, -1)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    if y_mask is None:
+      out, _ = layers.attention(q, k, v)
+    else:
+      out, _ = masked_attention(q, k, v, y_mask)
+    return self.proj(out.reshape(b, n, -1))
+
+
+def masked_attention(q, k, v, kv_mask):
+  """TEMPORARY: softmax attention with a key mask, outside the call site.
+
+  TODO(lead): route through `layers.attention` once it takes a key mask
+  (e.g. `attention(q, k, v, *, kv_mask=None)`, kv_mask (B, Lk) bool), then
+  delete this function.
+
+  Same math as `pallas_kernels.sparse_attention_reference` (float32 logits
+  and softmax) with the logits of keys where `kv_mask` is False set to -inf,
+  so masked keys get exactly zero weight. A row with no valid key returns 0
+  (the limit of an empty softmax) and lse -inf.
+
+  q (B, Lq, H, D); k, v (B, Lk, H, D); kv_mask (B, Lk) bool.
+  Returns out (B, Lq, H, D) in q.dtype, lse (B, H, Lq) float32.
+  """
+  precision = (jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
+               else jax.lax.Precision.DEFAULT)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
+                      preferred_element_type=F32) * q.shape[-1] ** -0.5
+  logits = jnp.where(kv_mask[:, None, None, :], logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # (B, H, Lq)
+  probs = jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                   precision=precision, preferred_element_type=F32)
+  return out.astype(q.dtype), lse
+
+
+# Conditioning shared by all blocks --------------------------------------------
+
+
+class Conditioning(NamedTuple):
+  """What every block reads besides the tokens (built by `STDiT3.embed`).
+
+  t: (B, C) timestep + fps embedding; t_mlp: (B, 6C) = t_block(t);
+  t0, t0_mlp: the same at timestep 0 (only with x_mask, else None);
+  x_mask: (B, T) bool, False frames use the t0 modulation, or None;
+  y: (B, L, C) embedded caption; y_mask: (B, L) bool valid tokens or None
+  (all valid); rope: temporal (cos, sin), each (T, head_dim // 2).
+  """
+
+  t: jax.Array
+  t_mlp: jax.Array
+  t0: jax.Array | None
+  t0_mlp: jax.Array | None
+  x_mask: jax.Array | None
+  y: jax.Array
+  y_mask: jax.Array | None
+  rope: tuple[jax.Array, jax.Array]
+
+
+def modulation_tables(table, emb, emb0, x_mask):
+  """Per-frame modulation: n tables, each (B, T or 1, 1, C) float32.
+
+  table (n, C); emb, emb0 (B, n or 1, C) from the timestep and from
+  timestep 0. With x_mask (B, T), frame f of sample b takes table + emb0
+  where x_mask[b, f] is False (the original's `t_mask_select`, which selects
+  between the two modulated results; selecting the tables first gives the
+  same values).
+  """
+  m = table[...].astype(F32)[None] + emb  # (B, n, C)
+  m = m[:, None, :, None, :]  # (B, 1, n, 1, C)
+  if x_mask is not None:
+    m0 = (table[...].astype(F32)[None] + emb0)[:, None, :, None, :]
+    m = jnp.where(x_mask[:, :, None, None, None], m, m0)  # (B, T, n, 1, C)
+  return tuple(m[:, :, i] for i in range(table.shape[0]))
+
+
+# Block ------------------------------------------------------------------------
+
+
+class STDiT3Block(nnx.Module):
+  """One spatial or temporal block (`STDiT3Block`).
+
+    shift1, scale1, gate1, shift2, scale2, gate2 = scale_shift_table + t_mlp
+    x += gate1 * Attn(LN(x) * (1 + scale1) + shift1)   # spatial or temporal
+    x += CrossAttn(x, y)                              # no norm, no gate
+    x += gate2 * MLP(LN(x) * (1 + scale2) + shift2)
+  """
+
+  def __init__(self, config: STDiT3Config, *, temporal: bool,
+               rngs: nnx.Rngs):
+    c = config
+    self.temporal = temporal
+    self.num_heads = c.num_heads
+    self.eps = c.eps
+    self.scale_shift_table = nnx.Param(
+        jax.random.normal(rngs.params(), (6, c.hidden_size), c.weight_dtype)
+        * c.hidden_size ** -0.5)
+    self.attn = Attention(c, rngs=rngs)
+    self.cross_attn = CrossAttention(c, rngs=rngs)
+    self.mlp = MLP(c.hidden_size, c.mlp_hidden, c.hidden_size,
+                   activation=gelu_tanh, dtype=c.compute_dtype,
+                   param_dtype=c.weight_dtype, rngs=rngs)
+
+  def self_attention(self, h, rope):
+    """h (B, T, S, C) -> (out (B, T, S, C), lse (B, H, T*S) float32).
+
+    Spatial: frames folded into the batch, (B*T, S, C). Temporal: positions
+    folded into the batch, (B*S, T, C), with RoPE over the frame index.
+    """
+    b, t, s, c = h.shape
+    if self.temporal:
+      out, lse = self.attn(h.transpose(0, 2, 1, 3).reshape(b * s, t, c), rope)
+      out = out.reshape(b, s, t, c).transpose(0, 2, 1, 3)
+      lse = lse.reshape(b, s, self.num_heads, t).transpose(0, 2, 3, 1)
+    else:
+      out, lse = self.attn(h.reshape(b * t, s, c))
+      out = out.reshape(b, t, s, c)
+      lse = lse.reshape(b, t, self.num_heads, s).transpose(0, 2, 1, 3)
+    return out, lse.reshape(b, self.num_heads, t * s)
+
+  def __call__(self, x, cond: Conditioning, grid):
+    """x (B, N, C) float32; grid (T, S) with N = T * S (static).
+
+    Returns (x_out (B, N, C) float32, aux) with aux["lse"] (B, H, N), the
+    self-attention log-sum-exp of each token (in token order).
+    """
+    b, n, c = x.shape
+    t, s = grid
+    emb = cond.t_mlp.reshape(b, 6, c)
+    emb0 = None if cond.t0_mlp is None else cond.t0_mlp.reshape(b, 6, c)
+    shift1, scale1, gate1, shift2, scale2, gate2 = modulation_tables(
+        self.scale_shift_table, emb, emb0, cond.x_mask)
+    x = x.reshape(b, t, s, c)
+    h = layers.layer_norm(x, self.eps) * (1 + scale1) + shift1
+    out, lse = self.self_attention(h, cond.rope)
+    x = x + out.astype(F32) * gate1
+    y = self.cross_attn(x.reshape(b, n, c), cond.y, cond.y_mask)
+    x = x + y.astype(F32).reshape(b, t, s, c)
+    h = layers.layer_norm(x, self.eps) * (1 + scale2) + shift2
+    x = x + self.mlp(h).astype(F32) * gate2
+    return x.reshape(b, n, c), {"lse": lse}
+
+
+class FinalLayer(nnx.Module):
+  """`T2IFinalLayer`, all in float32: linear(LN(x) * (1 + scale) + shift).
+
+  shift, scale = scale_shift_table + t (the embedding, not t_mlp). With
+  x_mask, the frames where it is False take LN(h) * (1 + scale0) + shift0
+  of the ALREADY modulated h = LN(x) * (1 + scale) + shift, with scale0,
+  shift0 from t0: the original normalises its modulated x a second time
+  there (`T2IFinalLayer.forward`); kept for parity.
+  """
+
+  def __init__(self, config: STDiT3Config, *, rngs: nnx.Rngs):
+    c = config
+    self.eps = c.eps
+    out = int(np.prod(c.patch_size)) * c.out_channels
+    self.scale_shift_table = nnx.Param(
+        jax.random.normal(rngs.params(), (2, c.hidden_size), c.weight_dtype)
+        * c.hidden_size ** -0.5)
+    self.linear = layers.linear(c.hidden_size, out, dtype=F32,
+                                param_dtype=c.weight_dtype, rngs=rngs)
+
+  def __call__(self, x, cond: Conditioning, grid):
+    """x (B, N, C) float32 -> (B, N, prod(patch) * out_channels) float32."""
+    b, n, c = x.shape
+    shift, scale = modulation_tables(self.scale_shift_table, cond.t[:, None],
+                                     None, None)
+    h = layers.layer_norm(x, self.eps).reshape(b, *grid, c)
+    h = h * (1 + scale) + shift
+    if cond.x_mask is not None:
+      shift0, scale0 = modulation_tables(self.scale_shift_table,
+                                         cond.t0[:, None], None, None)
+      h0 = layers.layer_norm(h, self.eps) * (1 + scale0) + shift0
+      h = jnp.where(cond.x_mask[:, :, None, None], h, h0)
+    return self.linear(h.reshape(b, n, c))
+
+
+# Model ------------------------------------------------------------------------
+
+
+class STDiT3(nnx.Module):
+  """OpenSora v1.2 STDiT3.
+
+  `model(x, timestep, y, mask, x_mask, fps=, height=, width=) -> out`:
+  x (B, in_channels, T, H, W) latents (T/H/W need not be patch multiples:
+  they are zero-padded at the end and the output cropped back);
+  timestep (B,) in [0, 1000]; y (B, 1, L, caption_channels) caption
+  embeddings; mask (b, L) int/bool, nonzero = valid token, b dividing B
+  (tiled to B as the original does), or None = all valid; x_mask (B, T)
+  bool or None, False frames are modulated with timestep 0; fps (B,) or
+  (1,); height, width (B,) pixel resolution (element 0 sets the position
+  embedding scale). Returns (B, out_channels, T, H, W) float32: channels
+  [:in_channels] are the velocity, the rest the sigma prediction.
+  """
+
+  def __init__(self, config: STDiT3Config, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    kw = {"dtype": c.compute_dtype, "param_dtype": c.weight_dtype, "rngs": rngs}
+    f32 = {"dtype": F32, "param_dtype": c.weight_dtype, "rngs": rngs}
+    # Conv3d with kernel == stride == patch, as a matmul over flattened
+    # patches in (pt, ph, pw, C) order (`wan.patchify`).
+    self.x_embedder = layers.linear(
+        int(np.prod(c.patch_size)) * c.in_channels, c.hidden_size, **kw)
+    self.t_embedder = MLP(c.freq_dim, c.hidden_size, c.hidden_size,
+                          activation=jax.nn.silu, **f32)
+    self.fps_embedder = MLP(c.freq_dim, c.hidden_size, c.hidden_size,
+                            activation=jax.nn.silu, **f32)
+    self.t_block = layers.linear(c.hidden_size, 6 * c.hidden_size, **f32)
+    self.y_embedder = CaptionEmbedder(c, rngs=rngs)
+    self.spatial_blocks = _stacked_blocks(c, temporal=False, rngs=rngs)
+    self.temporal_blocks = _stacked_blocks(c, temporal=True, rngs=rngs)
+    self.final_layer = FinalLayer(c, rngs=rngs)
+
+  # Pieces, public so that token-wise samplers can reuse them. -------------
+
+  def check_inputs(self, x, timestep, y, mask, x_mask, fps, height, width):
+    c = self.config
+    if x.ndim != 5 or x.shape[1] != c.in_channels:
+      raise ValueError(
+          f"x must be (B, {c.in_channels}, T, H, W); got {x.shape}")
+    b = x.shape[0]
+    if timestep.shape != (b,):
+      raise ValueError(f"timestep must be ({b},); got {timestep.shape}")
+    if (y.ndim != 4 or y.shape[0] != b or y.shape[1] != 1
+        or y.shape[3] != c.caption_channels):
+      raise ValueError(
+          f"y must be ({b}, 1, L, {c.caption_channels}); got {y.shape}")
+    if mask is not None and (mask.ndim != 2 or mask.shape[1] != y.shape[2]
+                             or b % mask.shape[0]):
+      raise ValueError(f"mask must be (b, {y.shape[2]}) with b dividing "
+                       f"{b}; got {mask.shape}")
+    if x_mask is not None:
+      t = self.grid(x.shape)[0]
+      if x_mask.shape != (b, t) or x_mask.dtype != jnp.bool_:
+        raise ValueError(f"x_mask must be bool ({b}, {t}); got "
+                         f"{x_mask.shape} {x_mask.dtype}")
+    for name, v in (("fps", fps), ("height", height), ("width", width)):
+      if v is None:
+        raise ValueError(f"{name} is required (a (B,) array)")
+    if fps.ndim != 1 or b % fps.shape[0]:
+      raise ValueError(f"fps must be (b,) with b dividing {b}; got "
+                       f"{fps.shape}")
+
+  def grid(self, x_shape):
+    """Token grid (T, H_p, W_p) for x (B, C, T, H, W), after padding."""
+    return tuple(-(-s // p) for s, p in zip(x_shape[2:],
+                                            self.config.patch_size))
+
+  def null_caption(self, batch: int):
+    """The unconditional caption (batch, 1, model_max_length, channels)."""
+    y = self.y_embedder.y_embedding[...]
+    return jnp.broadcast_to(y[None, None], (batch, 1, *y.shape))
+
+  def embed(self, x, timestep, y, mask=None, x_mask=None, fps=None,
+            height=None, width=None):
+    """Inputs -> (tokens (B, N, C) float32, Conditioning)."""
+    c = self.config
+    x, timestep, y = jnp.asarray(x), jnp.asarray(timestep), jnp.asarray(y)
+    fps = None if fps is None else jnp.asarray(fps)
+    self.check_inputs(x, timestep, y, mask, x_mask, fps, height, width)
+    b = x.shape[0]
+    t, hp, wp = grid = self.grid(x.shape)
+    pad = [(0, 0), (0, 0)] + [(0, g * p - s) for g, p, s in
+                              zip(grid, c.patch_size, x.shape[2:])]
+    tokens = self.x_embedder(patchify(jnp.pad(x, pad), c.patch_size))
+    pos = position_embedding_2d(
+        (hp, wp), c.hidden_size,
+        position_scale(height, width, c.input_sq_size))
+    tokens = (tokens.astype(F32).reshape(b, t, hp * wp, -1) + pos).reshape(
+        b, t * hp * wp, -1)
+
+    fps_emb = self.fps_embedder(
+        timestep_sinusoid(jnp.tile(fps, b // fps.shape[0]), c.freq_dim))
+    t_emb = self.t_embedder(timestep_sinusoid(timestep, c.freq_dim)) + fps_emb
+    t_mlp = self.t_block(jax.nn.silu(t_emb))
+    t0_emb = t0_mlp = None
+    if x_mask is not None:
+      t0_emb = self.t_embedder(
+          timestep_sinusoid(jnp.zeros_like(timestep), c.freq_dim)) + fps_emb
+      t0_mlp = self.t_block(jax.nn.silu(t0_emb))
+    y_mask = None
+    if mask is not None:
+      y_mask = jnp.tile(jnp.asarray(mask) != 0, (b // mask.shape[0], 1))
+    cond = Conditioning(
+        t=t_emb, t_mlp=t_mlp, t0=t0_emb, t0_mlp=t0_mlp, x_mask=x_mask,
+        y=self.y_embedder(y[:, 0]), y_mask=y_mask,
+        rope=temporal_rope(t, c.head_dim, c.rope_theta))
+    return tokens, cond
+
+  def run_blocks(self, x, cond: Conditioning, grid):
+    """Spatial block i then temporal block i, i = 0..depth-1, under scan.
+
+    grid: (T, H_p, W_p). Returns (x, aux) with aux {"spatial": {"lse"},
+    "temporal": {"lse"}}, each lse (depth, B, H, N).
+    """
+    frames_positions = (grid[0], grid[1] * grid[2])  # (T, S)
+    spatial_def, spatial_state = nnx.split(self.spatial_blocks)
+    temporal_def, temporal_state = nnx.split(self.temporal_blocks)
+
+    def body(x, states):
+      spatial = nnx.merge(spatial_def, states[0])
+      temporal = nnx.merge(temporal_def, states[1])
+      x, spatial_aux = spatial(x, cond, frames_positions)
+      x, temporal_aux = temporal(x, cond, frames_positions)
+      return x, {"spatial": spatial_aux, "temporal": temporal_aux}
+
+    return jax.lax.scan(body, x, (spatial_state, temporal_state),
+                        unroll=self.config.scan_unroll)
+
+  def unembed(self, x, cond: Conditioning, x_shape):
+    """Tokens -> (B, out_channels, T, H, W) float32, cropped to x_shape."""
+    c = self.config
+    grid = self.grid(x_shape)
+    out = self.final_layer(x, cond, (grid[0], grid[1] * grid[2]))
+    out = unpatchify(out, grid, c.patch_size, c.out_channels)
+    t, h, w = x_shape[2:]
+    return out[:, :, :t, :h, :w]
+
+  def __call__(self, x, timestep, y, mask=None, x_mask=None, fps=None,
+               height=None, width=None, *, return_aux=False):
+    tokens, cond = self.embed(x, timestep, y, mask, x_mask, fps, height,
+                              width)
+    tokens, aux = self.run_blocks(tokens, cond, self.grid(x.shape))
+    out = self.unembed(tokens, cond, x.shape)
+    return (out, aux) if return_aux else out
+
+
+def _stacked_blocks(config, *, temporal, rngs):
+  """depth blocks with parameters stacked on a leading axis."""
+
+  @nnx.split_rngs(splits=config.depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return STDiT3Block(config, temporal=temporal, rngs=rngs)
+
+  return make(rngs)
+
+
+# Pure functions ---------------------------------------------------------------
+
+
+def layer(stacked_blocks, index: int):
+  """Block `index` of a stacked block module, as a plain module."""
+  graphdef, state = nnx.split(stacked_blocks)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+
+def abstract_model(config: STDiT3Config) -> STDiT3:
+  """The model with ShapeDtypeStruct leaves: shapes without memory."""
+  return nnx.eval_shape(lambda: STDiT3(config, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(config: STDiT3Config, params: dict) -> STDiT3:
+  """The model with `params` (nested dict of arrays, our layout) as weights."""
+  graphdef, state = nnx.split(abstract_model(config))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
