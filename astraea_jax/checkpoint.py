@@ -8,6 +8,7 @@ folder that is renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -19,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from astraea_jax.configs import WanConfig
+from astraea_jax import configs
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -53,7 +54,7 @@ def atomic_folder(dst, *, overwrite=False):
       shutil.rmtree(tmp)
 
 
-def save(dst, config: WanConfig, params: dict, *, overwrite=False,
+def save(dst, config, params: dict, *, overwrite=False,
          metadata: dict | None = None):
   """Writes `config.json` and the orbax `params/` atomically."""
   with atomic_folder(dst, overwrite=overwrite) as tmp:
@@ -66,7 +67,7 @@ def save(dst, config: WanConfig, params: dict, *, overwrite=False,
     (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def load_config(path) -> WanConfig:
+def load_config(path):
   path = pathlib.Path(path)
   cfg_file = path / CONFIG_FILE
   if not cfg_file.exists():
@@ -75,21 +76,34 @@ def load_config(path) -> WanConfig:
         "create one with `astraea convert SRC DST`")
   doc = json.loads(cfg_file.read_text())
   doc.pop("metadata", None)
-  return WanConfig.from_dict(doc)
+  return configs.config_from_dict(doc)
+
+
+def _abstract_model(config):
+  """The model of a config, with ShapeDtypeStruct leaves."""
+  # pylint: disable=g-import-not-at-top
+  if isinstance(config, configs.WanConfig):
+    from astraea_jax.models import wan
+    return wan.abstract_model(config)
+  if isinstance(config, configs.STDiT3Config):
+    from astraea_jax.models import stdit3
+    return stdit3.abstract_model(config)
+  from astraea_jax.models.text import umt5
+  return umt5.abstract_model(config)
 
 
 def load_model(path, *, dtype: str | None = None):
-  """The ready model from a converted checkpoint folder.
+  """The ready model (WanDiT, STDiT3 or UMT5Encoder) from a converted
+  checkpoint folder.
 
   dtype: optional compute dtype override ("float32" / "bfloat16"); the
   parameters stay in the dtype they were converted to.
   """
-  from astraea_jax.models.wan import abstract_model  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path).absolute()
   config = load_config(path)
   if dtype is not None:
-    config = config.replace(dtype=dtype)
-  graphdef, state = nnx.split(abstract_model(config))
+    config = dataclasses.replace(config, dtype=dtype)
+  graphdef, state = nnx.split(_abstract_model(config))
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
       nnx.to_pure_dict(state))

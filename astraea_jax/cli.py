@@ -1,6 +1,6 @@
 """The `astraea` command: demo, generate, convert, search, bench.
 
-  astraea convert SRC DST [--format auto|wan|diffusers] [--dtype float32|bfloat16]
+  astraea convert SRC DST [--format auto|wan|diffusers|opensora|umt5]
   astraea demo
 """
 
@@ -18,17 +18,16 @@ _NOT_YET = {
 
 
 def _convert(args) -> int:
+  import converters
   from astraea_jax import checkpoint
-  from converters import wan as wan_converter
   t0 = time.perf_counter()
-  config, params = wan_converter.read_checkpoint(
+  config, params, layout = converters.read_checkpoint(
       args.src, format=args.format, dtype=args.dtype, text_len=args.text_len,
       progress=not args.quiet)
   checkpoint.save(args.dst, config, params, overwrite=args.overwrite,
-                  metadata={"source": str(args.src),
-                            "layout": wan_converter.detect_layout(args.src)[0]})
-  print(f"converted {args.src} -> {args.dst} ({config.num_layers} layers, "
-        f"dim {config.dim}, {config.param_dtype}) in "
+                  metadata={"source": str(args.src), "layout": layout})
+  print(f"converted {args.src} ({layout} layout) -> {args.dst} "
+        f"({type(config).__name__}, {config.param_dtype}) in "
         f"{time.perf_counter() - t0:.1f} s")
   return 0
 
@@ -70,11 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
       prog="astraea", description="Token-wise accelerated video DiTs in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("convert", help="convert a Wan2.1 checkpoint folder")
-  p.add_argument("src", help="checkpoint folder (original or diffusers layout)")
+  p = sub.add_parser("convert", help="convert a checkpoint folder (Wan2.1 "
+                     "original/diffusers, OpenSora v1.2 STDiT3, umT5)")
+  p.add_argument("src", help="checkpoint folder as published")
   p.add_argument("dst", help="output folder (config.json + orbax params)")
-  p.add_argument("--format", choices=["auto", "wan", "diffusers"],
-                 default="auto")
+  p.add_argument("--format", choices=["auto", "wan", "diffusers", "opensora",
+                                      "umt5"], default="auto")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                  help="parameter dtype of the converted weights")
   p.add_argument("--text-len", type=int, default=None,

@@ -9,7 +9,6 @@ Wan-AI/Wan2.1-T2V-1.3B and -14B checkpoints and Table 1 of the Wan report
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax.numpy as jnp
@@ -117,10 +116,127 @@ class WanConfig:
     return cls(**d)
 
 
+# OpenSora v1.2 STDiT3-XL/2. Reference: `STDiT3_XL_2` in
+# `opensora/models/stdit/stdit3.py` of hpcaitech/Open-Sora (commit 3552145f)
+# and the `config.json` of the published hpcai-tech/OpenSora-STDiT-v3
+# checkpoint: hidden 1152, depth 28 (28 spatial + 28 temporal blocks), 16
+# heads, patch (1, 2, 2), 4 latent channels, caption 4096 x 300 tokens
+# (T5-v1.1-XXL), mlp ratio 4, q/k RMSNorm, input_sq_size 512.
+
+
+@dataclasses.dataclass(frozen=True)
+class STDiT3Config:
+  """OpenSora v1.2 spatial-temporal DiT (`STDiT3` in the original code)."""
+
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  in_channels: int = 4
+  # pred_sigma: the output has 2 * in_channels channels (velocity, sigma).
+  pred_sigma: bool = True
+  caption_channels: int = 4096
+  model_max_length: int = 300
+  mlp_ratio: float = 4.0
+  qk_norm: bool = True
+  # Resolution whose position embedding scale is 1: scale = sqrt(H*W) / it.
+  input_sq_size: int = 512
+  # Sinusoid size of the timestep and fps embedders (fixed in the original).
+  freq_dim: int = 256
+  eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # Matmul inputs are cast to `dtype`; parameters are stored in
+  # `param_dtype`. The float32 islands (timestep/fps embedders, t_block,
+  # modulation, norm statistics, softmax, residual stream, final layer)
+  # ignore both.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  # `jax.lax.scan` unroll factor over the (spatial, temporal) block pairs.
+  scan_unroll: int | bool = 1
+
+  def __post_init__(self):
+    object.__setattr__(self, "patch_size", tuple(self.patch_size))
+    if len(self.patch_size) != 3:
+      raise ValueError(f"{self.patch_size=} must have 3 entries (t, h, w)")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"{self.hidden_size=} must be divisible by {self.num_heads=}")
+    if self.hidden_size % 4:
+      raise ValueError(f"{self.hidden_size=} must be divisible by 4 (2-D "
+                       "sin-cos position embedding)")
+    if self.head_dim % 2:
+      raise ValueError(f"{self.head_dim=} must be even (temporal RoPE)")
+    if self.freq_dim % 2:
+      raise ValueError(f"{self.freq_dim=} must be even")
+    if self.depth < 1:
+      raise ValueError(f"{self.depth=} must be >= 1")
+    dtype_from_name(self.dtype)
+    dtype_from_name(self.param_dtype)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.pred_sigma else self.in_channels
+
+  @property
+  def mlp_hidden(self) -> int:
+    return int(self.hidden_size * self.mlp_ratio)  # as timm's Mlp rounds
+
+  @property
+  def compute_dtype(self):
+    return dtype_from_name(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return dtype_from_name(self.param_dtype)
+
+  def replace(self, **changes) -> STDiT3Config:
+    return dataclasses.replace(self, **changes)
+
+  # Presets ---------------------------------------------------------------
+
+  @classmethod
+  def opensora_v1_2(cls, **overrides) -> STDiT3Config:
+    """STDiT3-XL/2 of OpenSora v1.2 (1.1B parameters)."""
+    return cls(**overrides)
+
+  @classmethod
+  def tiny(cls, **overrides) -> STDiT3Config:
+    """The parity fixture's config (../shared/fixtures/opensora_stdit3)."""
+    kw = {"hidden_size": 64, "depth": 2, "num_heads": 4,
+          "caption_channels": 32, "model_max_length": 8}
+    kw.update(overrides)
+    return cls(**kw)
+
+  # Serialisation (the small JSON written next to converted weights) -------
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["patch_size"] = list(self.patch_size)
+    return {"model": "stdit3", **d}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> STDiT3Config:
+    d = dict(d)
+    model = d.pop("model", "stdit3")
+    if model != "stdit3":
+      raise ValueError(f"not an STDiT3 config: {model=}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown STDiT3Config fields: {unknown}")
+    return cls(**d)
+
+
 PRESETS = {
     "wan2.1-t2v-1.3b": WanConfig.wan21_t2v_1_3b,
     "wan2.1-t2v-14b": WanConfig.wan21_t2v_14b,
     "wan-tiny": WanConfig.tiny,
+    "opensora-v1.2": STDiT3Config.opensora_v1_2,
+    "stdit3-tiny": STDiT3Config.tiny,
 }
 
 
@@ -130,6 +246,15 @@ def get_config(name: str, **overrides):
   return PRESETS[name](**overrides)
 
 
-def config_from_json(path) -> WanConfig:
-  with open(path) as f:
-    return WanConfig.from_dict(json.load(f))
+def config_from_dict(d: dict[str, Any]):
+  """Any model config from its `to_dict()` form, by its "model" tag."""
+  model = d.get("model", "wan")
+  if model == "wan":
+    return WanConfig.from_dict(d)
+  if model == "stdit3":
+    return STDiT3Config.from_dict(d)
+  if model == "umt5":
+    from astraea_jax.models.text.umt5 import UMT5Config  # pylint: disable=g-import-not-at-top
+    return UMT5Config.from_dict(d)
+  raise ValueError(f"unknown model {model!r} in config; expected wan, "
+                   "stdit3 or umt5")

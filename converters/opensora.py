@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from astraea_jax.configs_stdit3 import STDiT3Config
+from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
 from converters.common import (
   CheckpointError,

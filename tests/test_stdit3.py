@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from astraea_jax.configs_stdit3 import STDiT3Config
+from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3, wan
 from converters import opensora
 from converters.common import CheckpointError, KeyMismatch, Source
@@ -377,3 +377,22 @@ def test_qk_norm_off_drops_the_norm_keys():
       published_config_json({"hidden_size": 64, "depth": 2, "num_heads": 4,
                              "caption_channels": 32, "model_max_length": 8,
                              "qk_norm": False})) == config
+
+
+def test_cli_convert_and_load_model(fixture_dir, meta, io, tmp_path):
+  """`astraea convert` detects the OpenSora folder; load_model returns an
+  STDiT3 that reproduces case c."""
+  from astraea_jax import checkpoint, cli
+  folder = write_folder(tmp_path / "ckpt",
+                        published_config_json(meta["config"]),
+                        weights_file=fixture_dir / "weights.safetensors")
+  assert cli.main(["convert", str(folder), str(tmp_path / "out"),
+                   "--quiet"]) == 0
+  model = checkpoint.load_model(tmp_path / "out")
+  assert isinstance(model, stdit3.STDiT3)
+  out = model(jnp.asarray(io.get("c.x")), jnp.asarray(io.get("c.timestep")),
+              jnp.asarray(io.get("c.y")), fps=jnp.asarray(io.get("c.fps")),
+              height=jnp.asarray(io.get("c.height")),
+              width=jnp.asarray(io.get("c.width")))
+  ref = io.get("c.out")
+  assert np.abs(np.asarray(out) - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6

@@ -501,3 +501,18 @@ def test_wan_prompt_embeds_pads_and_checks_lengths():
   np.testing.assert_array_equal(out, expected)
   with pytest.raises(ValueError, match="exceeds text_len=4"):
     umt5.wan_prompt_embeds(emb, mask, text_len=4)
+
+
+def test_cli_convert_and_load_model(tmp_path):
+  """`astraea convert` detects a text encoder folder; load_model returns
+  the encoder with the same parameters."""
+  from astraea_jax import checkpoint, cli
+  reference = random_hf_encoder(CONFIG, seed=2)
+  save_hf(reference, tmp_path / "root" / "text_encoder")
+  assert cli.main(["convert", str(tmp_path / "root"), str(tmp_path / "out"),
+                   "--quiet"]) == 0
+  model = checkpoint.load_model(tmp_path / "out")
+  assert isinstance(model, umt5.UMT5Encoder) and model.config == CONFIG
+  _, params = converter.read_checkpoint(tmp_path / "root")
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.params_of(model),
+               params)

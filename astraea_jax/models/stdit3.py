@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax.configs_stdit3 import STDiT3Config
+from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import layers
 from astraea_jax.models.wan import MLP, gelu_tanh, patchify, unpatchify
 
