@@ -19,14 +19,41 @@ F32 = jnp.float32
 # Attention ------------------------------------------------------------------
 
 
-def attention(q, k, v, *, q_index=None, scale=None):
+def attention(q, k, v, *, q_index=None, scale=None, kv_mask=None):
   """Softmax attention, the single call site of all model attention.
 
-  q: (B, Lq, H, D); k, v: (B, Lk, H, D); q_index: optional (B, K) rows of q.
+  q: (B, Lq, H, D); k, v: (B, Lk, H, D); q_index: optional (B, K) rows of q;
+  kv_mask: optional (B, Lk) bool, False keys get zero weight (OpenSora's
+  caption mask; short key sequences, so the masked path is plain XLA).
   Returns (out, lse): out (B, Lq or K, H, D) in q.dtype, lse (B, H, Lq or K)
   float32 (Astraea's token score S_LSE).
   """
-  return pallas_kernels.sparse_attention(q, k, v, q_index, scale=scale)
+  if kv_mask is None:
+    return pallas_kernels.sparse_attention(q, k, v, q_index, scale=scale)
+  if q_index is not None:
+    q = jnp.take_along_axis(q, q_index[:, :, None, None], axis=1)
+  return _masked_attention(q, k, v, kv_mask, scale)
+
+
+def _masked_attention(q, k, v, kv_mask, scale):
+  """float32 logits and softmax with the logits of masked keys at -inf.
+
+  A row with no valid key returns 0 (the limit of an empty softmax) and an
+  lse of -inf.
+  """
+  if kv_mask.shape != k.shape[:2]:
+    raise ValueError(f"{kv_mask.shape=} must be (B, Lk) = {k.shape[:2]}")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  precision = (jax.lax.Precision.HIGHEST if q.dtype == F32
+               else jax.lax.Precision.DEFAULT)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
+                      preferred_element_type=F32) * scale
+  logits = jnp.where(kv_mask[:, None, None, :], logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # (B, H, Lq)
+  probs = jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                   precision=precision, preferred_element_type=F32)
+  return out.astype(q.dtype), lse
 
 
 # Norms (statistics in float32, as the original keeps them) ------------------

@@ -201,38 +201,8 @@ class CrossAttention(nnx.Module):
     q = self.q_linear(x).reshape(b, n, self.num_heads, -1)
     kv = self.kv_linear(y).reshape(b, y.shape[1], 2, self.num_heads, -1)
     k, v = kv[:, :, 0], kv[:, :, 1]
-    if y_mask is None:
-      out, _ = layers.attention(q, k, v)
-    else:
-      out, _ = masked_attention(q, k, v, y_mask)
+    out, _ = layers.attention(q, k, v, kv_mask=y_mask)
     return self.proj(out.reshape(b, n, -1))
-
-
-def masked_attention(q, k, v, kv_mask):
-  """TEMPORARY: softmax attention with a key mask, outside the call site.
-
-  TODO(lead): route through `layers.attention` once it takes a key mask
-  (e.g. `attention(q, k, v, *, kv_mask=None)`, kv_mask (B, Lk) bool), then
-  delete this function.
-
-  Same math as `pallas_kernels.sparse_attention_reference` (float32 logits
-  and softmax) with the logits of keys where `kv_mask` is False set to -inf,
-  so masked keys get exactly zero weight. A row with no valid key returns 0
-  (the limit of an empty softmax) and lse -inf.
-
-  q (B, Lq, H, D); k, v (B, Lk, H, D); kv_mask (B, Lk) bool.
-  Returns out (B, Lq, H, D) in q.dtype, lse (B, H, Lq) float32.
-  """
-  precision = (jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
-               else jax.lax.Precision.DEFAULT)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
-                      preferred_element_type=F32) * q.shape[-1] ** -0.5
-  logits = jnp.where(kv_mask[:, None, None, :], logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)  # (B, H, Lq)
-  probs = jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
-                   precision=precision, preferred_element_type=F32)
-  return out.astype(q.dtype), lse
 
 
 # Conditioning shared by all blocks --------------------------------------------
