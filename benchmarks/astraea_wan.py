@@ -37,14 +37,12 @@ def bookkeeping_fn(num_layers, k, cfg):
   @jax.jit
   def run(x, cache):
     def body(cache, i):
-      c = jax.tree.map(lambda a: a[i], cache)
-      idx = selection.select_tokens(selection.token_scores(x, c, cfg), k)
+      scores = selection.token_scores(x, selection.layer_cache(cache, i), cfg)
+      idx = selection.select_tokens(scores, k)
       x_sel = jnp.take_along_axis(x, idx[..., None], axis=1)
       lse = jnp.zeros((x.shape[0], 1, k), jnp.float32)
-      _, new = selection.update_layer_cache(c, x, x_sel + 1, lse, idx, cfg)
-      cache = jax.tree.map(
-          lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0),
-          cache, new)
+      _, cache = selection.write_selected(cache, i, x, idx, x_sel + 1, lse,
+                                          cfg)
       return cache, None
     return jax.lax.scan(body, cache, jnp.arange(num_layers))[0]
 
@@ -57,6 +55,8 @@ def main():
   parser.add_argument("--out", default=str(common.RESULTS /
                                            "astraea_wan_h200.json"))
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--cache-dtype", default="float32",
+                      choices=["float32", "bfloat16"])
   args = parser.parse_args()
   steps = 50
   if args.small:
@@ -94,7 +94,7 @@ def main():
   print(f"dense: {1e3 * t_dense:.1f} ms/step (compile {compile_dense:.1f} s)")
 
   # Astraea: every K the schedules use.
-  cfg = selection.SelectionConfig()
+  cfg = selection.SelectionConfig(cache_dtype=args.cache_dtype)
   schedules = {b: schedule_lib.default_schedule(b, steps)
                for b in MEAN_BUDGETS}
   budgets = sorted({float(x) for s in schedules.values() for x in s},

@@ -39,16 +39,6 @@ from astraea_jax.sampling import schedulers as sched_lib
 F32 = jnp.float32
 
 
-def _layer(tree, i):
-  return jax.tree.map(lambda c: c[i], tree)
-
-
-def _set_layer(tree, i, new):
-  return jax.tree.map(
-      lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u.astype(c.dtype),
-                                                       i, 0), tree, new)
-
-
 def forward(model, latents, timestep, context, cache, *, num_selected: int,
             config: selection.SelectionConfig):
   """One model evaluation with token selection; returns (velocity, cache).
@@ -64,22 +54,21 @@ def forward(model, latents, timestep, context, cache, *, num_selected: int,
 
   def body(carry, block_state):
     x, cache, i = carry
-    layer_cache = _layer(cache, i)
     if num_selected == 0:
-      x_next, new = selection.reuse_layer_cache(layer_cache, x)
+      x, cache = selection.reuse_all(cache, i, x)
     else:
       block = nnx.merge(graphdef, block_state)
       if num_selected == n:
         x_out, aux = block(x, e0, ctx, rope)
-        x_next, new = selection.refresh_layer_cache(layer_cache, x, x_out,
-                                                    aux["lse"], config)
+        x, cache = selection.write_all(cache, i, x, x_out, aux["lse"], config)
       else:
-        scores = selection.token_scores(x, layer_cache, config)
+        scores = selection.token_scores(x, selection.layer_cache(cache, i),
+                                        config)
         idx = selection.select_tokens(scores, num_selected)
         x_sel, aux = block(x, e0, ctx, rope, token_index=idx)
-        x_next, new = selection.update_layer_cache(layer_cache, x, x_sel,
-                                                   aux["lse"], idx, config)
-    return (x_next, _set_layer(cache, i, new), i + 1), None
+        x, cache = selection.write_selected(cache, i, x, idx, x_sel,
+                                            aux["lse"], config)
+    return (x, cache, i + 1), None
 
   (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), blocks,
                                   unroll=model.config.scan_unroll)
@@ -100,7 +89,7 @@ def forward_masked(model, latents, timestep, context, cache, num_selected,
 
   def body(carry, block_state):
     x, cache, i = carry
-    c = _layer(cache, i)
+    c = selection.layer_cache(cache, i)
     x_out, aux = nnx.merge(graphdef, block_state)(x, e0, ctx, rope)
     scores = selection.token_scores(x, c, config)
     order = jnp.argsort(-scores, axis=-1, stable=True)
@@ -115,7 +104,8 @@ def forward_masked(model, latents, timestep, context, cache, num_selected,
            "lse": jnp.where(keep, selection.reduce_heads(aux["lse"], config),
                             c["lse"]),
            "stale": jnp.where(keep, 0, c["stale"] + 1)}
-    return (x_next, _set_layer(cache, i, new), i + 1), None
+    cache = jax.tree.map(lambda a, u: a.at[i].set(u), cache, new)
+    return (x_next, cache, i + 1), None
 
   (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), blocks,
                                   unroll=model.config.scan_unroll)

@@ -104,41 +104,75 @@ def scatter_tokens(x, token_index, values):
   return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb))(x, token_index, values)
 
 
-def update_layer_cache(layer_cache, x, x_out_sel, lse_sel, token_index,
-                       config: SelectionConfig):
-  """Cache after a block computed the tokens `token_index`.
+def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
+                   config: SelectionConfig):
+  """Block `layer` computed the tokens `token_index`; in-place cache update.
 
-  x: (B, N, dim) block input; x_out_sel: (B, K, dim) block output of the
-  computed tokens; lse_sel: (B, H, K). Returns (x_next (B, N, dim), cache):
-  computed tokens take their new output, the others x + cached update.
+  cache: the stacked cache (init_cache); x: (B, N, dim) block input;
+  x_out_sel: (B, K, dim) block output of the computed tokens; lse_sel:
+  (B, H, K). Only the K rows of layer `layer` are written (a scatter into
+  the stacked buffers, which XLA performs in place on loop-carried state).
+  Returns (x_next (B, N, dim), cache): computed tokens take their new
+  output, the others x + their cached update.
   """
-  dtype = layer_cache["update"].dtype
+  dtype = cache["update"].dtype
+  b = jnp.arange(x.shape[0])[:, None]
   x_sel = jnp.take_along_axis(x, token_index[..., None], axis=1)
-  update = scatter_tokens(layer_cache["update"], token_index,
-                          (x_out_sel - x_sel).astype(dtype))
-  x_next = scatter_tokens(x + update.astype(F32), token_index, x_out_sel)
-  stale = scatter_tokens(layer_cache["stale"] + 1, token_index,
-                         jnp.zeros(token_index.shape, jnp.int32))
+  x_next = scatter_tokens(x + cache["update"][layer].astype(F32),
+                          token_index, x_out_sel)
   return x_next, {
-      "update": update,
-      "input": scatter_tokens(layer_cache["input"], token_index,
-                              x_sel.astype(dtype)),
-      "lse": scatter_tokens(layer_cache["lse"], token_index,
-                            reduce_heads(lse_sel, config)),
-      "stale": stale,
+      "update": cache["update"].at[layer, b, token_index].set(
+          (x_out_sel - x_sel).astype(dtype)),
+      "input": cache["input"].at[layer, b, token_index].set(
+          x_sel.astype(dtype)),
+      "lse": cache["lse"].at[layer, b, token_index].set(
+          reduce_heads(lse_sel, config)),
+      "stale": cache["stale"].at[layer].add(1).at[layer, b, token_index].set(
+          0),
   }
 
 
-def refresh_layer_cache(layer_cache, x, x_out, lse, config: SelectionConfig):
-  """Cache after a block computed ALL tokens (budget 1.0); x_next = x_out."""
-  dtype = layer_cache["update"].dtype
-  return x_out, {"update": (x_out - x).astype(dtype),
-                 "input": x.astype(dtype),
-                 "lse": reduce_heads(lse, config),
-                 "stale": jnp.zeros_like(layer_cache["stale"])}
+def write_all(cache, layer, x, x_out, lse, config: SelectionConfig):
+  """Block `layer` computed ALL tokens (budget 1.0); x_next = x_out."""
+  dtype = cache["update"].dtype
+  return x_out, {
+      "update": cache["update"].at[layer].set((x_out - x).astype(dtype)),
+      "input": cache["input"].at[layer].set(x.astype(dtype)),
+      "lse": cache["lse"].at[layer].set(reduce_heads(lse, config)),
+      "stale": cache["stale"].at[layer].set(0),
+  }
 
 
-def reuse_layer_cache(layer_cache, x):
-  """Budget 0: every token reuses its cached update."""
-  return x + layer_cache["update"].astype(F32), {
-      **layer_cache, "stale": layer_cache["stale"] + 1}
+def reuse_all(cache, layer, x):
+  """Budget 0: every token of block `layer` reuses its cached update."""
+  return x + cache["update"][layer].astype(F32), {
+      **cache, "stale": cache["stale"].at[layer].add(1)}
+
+
+def layer_cache(cache, layer):
+  """The per-block view {update, input, lse, stale} of block `layer`."""
+  return jax.tree.map(lambda c: c[layer], cache)
+
+
+# Per-block forms of the three updates, on one block's cache (the stacked
+# forms above with a layer axis of 1).
+
+
+def _one_layer(fn, block_cache, *args):
+  x_next, stacked = fn(jax.tree.map(lambda c: c[None], block_cache), 0,
+                       *args)
+  return x_next, jax.tree.map(lambda c: c[0], stacked)
+
+
+def update_layer_cache(block_cache, x, x_out_sel, lse_sel, token_index,
+                       config: SelectionConfig):
+  return _one_layer(write_selected, block_cache, x, token_index, x_out_sel,
+                    lse_sel, config)
+
+
+def refresh_layer_cache(block_cache, x, x_out, lse, config: SelectionConfig):
+  return _one_layer(write_all, block_cache, x, x_out, lse, config)
+
+
+def reuse_layer_cache(block_cache, x):
+  return _one_layer(reuse_all, block_cache, x)
