@@ -5,6 +5,7 @@
   diffusers  Wan2.1 transformer, diffusers layout (`transformer/`)
   opensora   OpenSora v1.2 STDiT3 (config.json with `caption_channels`)
   umt5       umT5 text encoder (`text_encoder/`, transformers layout)
+  t5         T5 v1.1 text encoder (transformers `T5EncoderModel` folder)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pathlib
 
 from converters.common import CheckpointError
 
-FORMATS = ("wan", "diffusers", "opensora", "umt5")
+FORMATS = ("wan", "diffusers", "opensora", "umt5", "t5")
 
 
 def _config(folder: pathlib.Path):
@@ -33,8 +34,13 @@ def detect_format(src) -> str:
   cfg = _config(src) or {}
   if "caption_channels" in cfg and "hidden_size" in cfg:
     return "opensora"
-  if cfg.get("model_type") in ("umt5", "t5") or (
-      not (src / "transformer").is_dir() and (src / "text_encoder").is_dir()):
+  text_encoder = not (src / "transformer").is_dir() and (
+      src / "text_encoder").is_dir()
+  if text_encoder and "model_type" not in cfg:
+    cfg = _config(src / "text_encoder") or {}
+  if cfg.get("model_type") == "t5":
+    return "t5"
+  if cfg.get("model_type") == "umt5" or text_encoder:
     return "umt5"
   return wan.detect_layout(src)[0]
 
@@ -60,6 +66,6 @@ def read_checkpoint(src, *, format="auto", dtype="float32", text_len=None,
     from converters import opensora
     return (*opensora.read_checkpoint(src, dtype=dtype, progress=progress),
             detected)
-  from converters import umt5
+  from converters import umt5  # both T5 kinds; config.json says which
   return (*umt5.read_checkpoint(src, dtype=dtype, progress=progress),
           detected)

@@ -1,10 +1,14 @@
-"""umT5 text encoder checkpoints -> astraea-jax parameters.
+"""T5-family text encoder checkpoints (umT5, T5 v1.1) -> astraea-jax params.
 
 Two layouts are read:
-  * diffusers (Wan-AI/Wan2.1-T2V-*-Diffusers): the `text_encoder/` folder of
-    a `transformers.UMT5EncoderModel`, `config.json` + `model.safetensors`
-    (or sharded `model-0000k-of-0000n.safetensors` + `.index.json`), keys
-    such as `encoder.block.{i}.layer.0.SelfAttention.q.weight`;
+  * diffusers / transformers: the folder of a `transformers.UMT5EncoderModel`
+    (the `text_encoder/` of Wan-AI/Wan2.1-T2V-*-Diffusers) or
+    `T5EncoderModel` (DeepFloyd/t5-v1_1-xxl, OpenSora v1.2's encoder):
+    `config.json` + `model.safetensors` (or sharded
+    `model-0000k-of-0000n.safetensors` + `.index.json`), keys such as
+    `encoder.block.{i}.layer.0.SelfAttention.q.weight`. config.json's
+    `model_type` says which: "umt5" has a relative position bias in every
+    block, "t5" only in block 0 (shared by all layers);
   * wan (original Wan2.1): the state dict of `wan/modules/t5.py`'s
     `T5Encoder`, which ships as a PyTorch pickle
     (`models_t5_umt5-xxl-enc-bf16.pth`, no config: the umT5-XXL preset). This
@@ -44,12 +48,9 @@ TOP_LEVEL_KEYS = {
 # is the one used.
 EMBEDDING_ALIAS = "encoder.embed_tokens.weight"
 
-# encoder.block.{i}.<suffix>: index i of the ("blocks", ...) leaf. Each layer
-# has its own relative_attention_bias (umT5; T5 has one in layer 0 only).
+# encoder.block.{i}.<suffix>: index i of the ("blocks", ...) leaf.
 BLOCK_KEYS = {
     "layer.0.layer_norm.weight": (("attn_norm", "weight"), "same"),
-    "layer.0.SelfAttention.relative_attention_bias.weight": (
-        ("attn", "relative_attention_bias"), "same"),
     "layer.1.layer_norm.weight": (("ffn_norm", "weight"), "same"),
 }
 for _p in "qkvo":
@@ -59,15 +60,26 @@ for _w in ("wi_0", "wi_1", "wo"):
   BLOCK_KEYS[f"layer.1.DenseReluDense.{_w}.weight"] = (("ffn", _w, "kernel"),
                                                        "linear")
 
+# The relative position bias. umT5: one table per block, a BLOCK_KEYS entry.
+# T5: one table in block 0 only, which every layer reuses; ours sits at the
+# top of the encoder, so for T5 the block-0 key is a top-level key.
+POSITION_BIAS_SUFFIX = "layer.0.SelfAttention.relative_attention_bias.weight"
+PER_LAYER_POSITION_BIAS = {
+    POSITION_BIAS_SUFFIX: (("attn", "relative_attention_bias"), "same")}
+SHARED_POSITION_BIAS = {
+    f"encoder.block.0.{POSITION_BIAS_SUFFIX}": (("relative_attention_bias",),
+                                                "same")}
+
 # Original Wan name -> transformers name. Surprise: the original FFN is
 # `fc2(fc1(x) * gate(x))` with the GELU inside `gate`, so `gate.0` is
 # transformers' `wi_0` (activated) and `fc1` is `wi_1` (linear).
 WAN_TOP_LEVEL = {"token_embedding.weight": "shared.weight",
                  "norm.weight": "encoder.final_layer_norm.weight"}
+# T5Encoder(shared_pos=True) keeps its one table at the top.
+WAN_SHARED_POSITION_BIAS = {
+    "pos_embedding.embedding.weight": f"encoder.block.0.{POSITION_BIAS_SUFFIX}"}
 WAN_BLOCK = {
     "norm1.weight": "layer.0.layer_norm.weight",
-    "pos_embedding.embedding.weight":
-        "layer.0.SelfAttention.relative_attention_bias.weight",
     "norm2.weight": "layer.1.layer_norm.weight",
     "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
     "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
@@ -75,6 +87,9 @@ WAN_BLOCK = {
 }
 for _p in "qkvo":
   WAN_BLOCK[f"attn.{_p}.weight"] = f"layer.0.SelfAttention.{_p}.weight"
+# T5Encoder(shared_pos=False): a table in every block.
+WAN_PER_LAYER_POSITION_BIAS = {
+    "pos_embedding.embedding.weight": POSITION_BIAS_SUFFIX}
 
 LAYOUTS = ("diffusers", "wan")
 _BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
@@ -94,8 +109,8 @@ def find_folder(src) -> pathlib.Path:
       return folder
   raise CheckpointError(
       f"{src}: no config.json (nor text_encoder/config.json); expected the "
-      "`text_encoder/` folder of a diffusers Wan2.1 checkpoint "
-      "(a transformers UMT5EncoderModel)")
+      "`text_encoder/` folder of a diffusers Wan2.1 checkpoint (a "
+      "transformers UMT5EncoderModel) or a T5EncoderModel folder")
 
 
 def _read_json(path):
@@ -106,13 +121,20 @@ def _read_json(path):
     raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
+# config.json `model_type` -> UMT5Config.shared_position_bias.
+SHARED_POSITION_BIAS_OF = {"umt5": False, "t5": True}
+
+
 def config_from_checkpoint(cfg: dict, **overrides) -> UMT5Config:
-  """UMT5Config from a transformers `config.json` dict."""
+  """UMT5Config from a transformers `config.json` dict (umT5 or T5)."""
   model_type = cfg.get("model_type", "umt5")
-  if model_type != "umt5":
+  if model_type not in SHARED_POSITION_BIAS_OF:
     raise CheckpointError(
-        f"model_type={model_type!r}: only umT5 encoders (per-layer position "
-        "bias) are supported; T5 shares one bias across layers")
+        f"model_type={model_type!r}: expected one of "
+        f"{sorted(SHARED_POSITION_BIAS_OF)} (T5-family encoders)")
+  if cfg.get("is_decoder"):
+    raise CheckpointError("config.json: is_decoder=True; only encoders are "
+                          "supported")
   try:
     kw = dict(vocab_size=cfg["vocab_size"], d_model=cfg["d_model"],
               d_kv=cfg["d_kv"], d_ff=cfg["d_ff"],
@@ -124,6 +146,7 @@ def config_from_checkpoint(cfg: dict, **overrides) -> UMT5Config:
                "feed_forward_proj"):
     if name in cfg:
       kw[name] = cfg[name]
+  kw["shared_position_bias"] = SHARED_POSITION_BIAS_OF[model_type]
   kw.update(overrides)
   try:
     return UMT5Config(**kw)
@@ -134,39 +157,65 @@ def config_from_checkpoint(cfg: dict, **overrides) -> UMT5Config:
 # Key mapping ------------------------------------------------------------------
 
 
-def to_transformers_key(key: str, layout: str) -> str | None:
+def _wan_names(config: UMT5Config):
+  """(top-level, per-block) original Wan names -> transformers names."""
+  if config.shared_position_bias:
+    return {**WAN_TOP_LEVEL, **WAN_SHARED_POSITION_BIAS}, WAN_BLOCK
+  return WAN_TOP_LEVEL, {**WAN_BLOCK, **WAN_PER_LAYER_POSITION_BIAS}
+
+
+def to_transformers_key(key: str, layout: str,
+                        config: UMT5Config) -> str | None:
   """A checkpoint key in transformers naming, or None if unknown."""
   if layout == "diffusers":
     return key
-  if key in WAN_TOP_LEVEL:
-    return WAN_TOP_LEVEL[key]
+  top, block = _wan_names(config)
+  if key in top:
+    return top[key]
   m = _WAN_BLOCK_RE.match(key)
-  if m and m.group(2) in WAN_BLOCK:
-    return f"encoder.block.{m.group(1)}.{WAN_BLOCK[m.group(2)]}"
+  if m and m.group(2) in block:
+    return f"encoder.block.{m.group(1)}.{block[m.group(2)]}"
   return None
 
 
-def from_transformers_key(key: str, layout: str) -> str:
+def from_transformers_key(key: str, layout: str, config: UMT5Config) -> str:
   if layout == "diffusers":
     return key
-  inv_top = {v: k for k, v in WAN_TOP_LEVEL.items()}
+  top, block = _wan_names(config)
+  inv_top = {v: k for k, v in top.items()}
   if key in inv_top:
     return inv_top[key]
   m = _BLOCK_RE.match(key)
-  inv_block = {v: k for k, v in WAN_BLOCK.items()}
+  inv_block = {v: k for k, v in block.items()}
   return f"blocks.{m.group(1)}.{inv_block[m.group(2)]}"
 
 
-def locate(key: str, num_layers: int):
+def top_level_keys(config: UMT5Config) -> dict:
+  """{transformers key: (our path, transform)} outside the stacked blocks."""
+  if config.shared_position_bias:
+    return {**TOP_LEVEL_KEYS, **SHARED_POSITION_BIAS}
+  return TOP_LEVEL_KEYS
+
+
+def block_keys(config: UMT5Config) -> dict:
+  """{suffix of encoder.block.{i}.: (our path in a layer, transform)}."""
+  if config.shared_position_bias:
+    return BLOCK_KEYS
+  return {**BLOCK_KEYS, **PER_LAYER_POSITION_BIAS}
+
+
+def locate(key: str, config: UMT5Config):
   """transformers key -> (our path, layer index or None, transform), or None."""
   if key == EMBEDDING_ALIAS:
     key = "shared.weight"
-  if key in TOP_LEVEL_KEYS:
-    path, transform = TOP_LEVEL_KEYS[key]
+  top = top_level_keys(config)
+  if key in top:
+    path, transform = top[key]
     return path, None, transform
   m = _BLOCK_RE.match(key)
-  if m and m.group(2) in BLOCK_KEYS and int(m.group(1)) < num_layers:
-    path, transform = BLOCK_KEYS[m.group(2)]
+  blocks = block_keys(config)
+  if m and m.group(2) in blocks and int(m.group(1)) < config.num_layers:
+    path, transform = blocks[m.group(2)]
     return ("blocks",) + path, int(m.group(1)), transform
   return None
 
@@ -183,13 +232,14 @@ def expected_checkpoint_shapes(config: UMT5Config, layout="diffusers"):
   `shared.weight` (`token_embedding.weight` in the wan layout)."""
   params = param_shapes(config)
   shapes = {}
-  for key, (path, transform) in TOP_LEVEL_KEYS.items():
+  for key, (path, transform) in top_level_keys(config).items():
     shapes[key] = _checkpoint_shape(params[path], transform)
   for i in range(config.num_layers):
-    for suffix, (path, transform) in BLOCK_KEYS.items():
+    for suffix, (path, transform) in block_keys(config).items():
       shapes[f"encoder.block.{i}.{suffix}"] = _checkpoint_shape(
           params[("blocks",) + path][1:], transform)
-  return {from_transformers_key(k, layout): v for k, v in shapes.items()}
+  return {from_transformers_key(k, layout, config): v
+          for k, v in shapes.items()}
 
 
 def _checkpoint_shape(our_shape, transform):
@@ -199,10 +249,30 @@ def _checkpoint_shape(our_shape, transform):
 # Loading ----------------------------------------------------------------------
 
 
+def _check_position_bias_kind(present, config: UMT5Config, layout: str):
+  """A clear error for a umT5 checkpoint read as T5, or the reverse."""
+  if layout != "diffusers" or config.num_layers < 2:
+    return
+  with_bias = sorted(
+      int(m.group(1)) for m in map(_BLOCK_RE.match, present)
+      if m and m.group(2) == POSITION_BIAS_SUFFIX)
+  if config.shared_position_bias and any(i > 0 for i in with_bias):
+    raise CheckpointError(
+        "config.json says model_type 't5' (one relative position bias, in "
+        f"block 0) but the checkpoint has a per-layer position bias in blocks "
+        f"{with_bias}: is it a umT5 encoder (model_type 'umt5')?")
+  if not config.shared_position_bias and with_bias == [0]:
+    raise CheckpointError(
+        "config.json says model_type 'umt5' (a per-layer position bias) but "
+        "the checkpoint has a position bias in block 0 only: is it a T5 "
+        "encoder (model_type 't5')?")
+
+
 def _check_keys(source: Source, config: UMT5Config, layout: str):
   """{checkpoint key to read: transformers key}; raises KeyMismatch."""
   expected = expected_checkpoint_shapes(config, layout)
   present = set(source.keys())
+  _check_position_bias_kind(present, config, layout)
   if layout == "diffusers":
     # Either name of the (tied) embedding will do; prefer the one the
     # encoder reads (see EMBEDDING_ALIAS).
@@ -221,11 +291,16 @@ def _check_keys(source: Source, config: UMT5Config, layout: str):
       if tuple(source.shape(k)) != tuple(expected[k]))
   if missing or unexpected or misshapen:
     raise KeyMismatch(missing=missing, unexpected=unexpected,
-                      misshapen=misshapen, layout=f"umT5 {layout}")
-  to_read = {k: to_transformers_key(k, layout) for k in expected}
+                      misshapen=misshapen,
+                      layout=f"{_family(config)} {layout}")
+  to_read = {k: to_transformers_key(k, layout, config) for k in expected}
   if layout == "diffusers" and len(aliases) == 2:
     del to_read["shared.weight"]
   return to_read
+
+
+def _family(config: UMT5Config) -> str:
+  return "T5" if config.shared_position_bias else "umT5"
 
 
 def load_params(source: Source, config: UMT5Config, layout="diffusers", *,
@@ -244,7 +319,7 @@ def load_params(source: Source, config: UMT5Config, layout="diffusers", *,
   if progress:
     keys = tqdm.tqdm(keys, desc="converting text encoder", unit="tensor")
   for key in keys:  # one tensor at a time
-    path, layer, transform = locate(to_read[key], config.num_layers)
+    path, layer, transform = locate(to_read[key], config)
     value = source.get(key)
     value = (value.T if transform == "linear" else value).astype(dtype)
     if layer is None:
@@ -255,8 +330,9 @@ def load_params(source: Source, config: UMT5Config, layout="diffusers", *,
 
 
 def read_checkpoint(src, *, dtype="float32", progress=False):
-  """(config, params) from a diffusers `text_encoder/` folder (or the model
-  folder holding it), streaming."""
+  """(config, params) from a transformers encoder folder: a diffusers
+  `text_encoder/` folder (or the model folder holding it), or a
+  `T5EncoderModel` folder; umT5 or T5 from config.json, streaming."""
   folder = find_folder(src)
   config = config_from_checkpoint(_read_json(folder / "config.json"),
                                   dtype=dtype, param_dtype=dtype)
@@ -270,9 +346,10 @@ def to_checkpoint(params: dict, config: UMT5Config, layout="diffusers"):
   flat = flatten_dict(params)
   out = {}
   for key, shape in expected_checkpoint_shapes(config).items():
-    path, layer, transform = locate(key, config.num_layers)
+    path, layer, transform = locate(key, config)
     value = np.asarray(flat[path] if layer is None else flat[path][layer])
     value = value.T if transform == "linear" else value
     assert value.shape == shape, (key, value.shape, shape)
-    out[from_transformers_key(key, layout)] = np.ascontiguousarray(value)
+    out[from_transformers_key(key, layout, config)] = np.ascontiguousarray(
+        value)
   return out

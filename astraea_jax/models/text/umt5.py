@@ -1,18 +1,22 @@
-"""umT5 text encoder (Wan2.1's text encoder) in Flax NNX.
+"""T5-family text encoders in Flax NNX: umT5 (Wan2.1) and T5 v1.1 (OpenSora).
 
-The encoder half of umT5 as `transformers.UMT5EncoderModel` computes it
-(identical to `wan/modules/t5.py` `T5Encoder` with `shared_pos=False`):
+The encoder half as `transformers.UMT5EncoderModel` / `T5EncoderModel`
+compute it (identical to `wan/modules/t5.py` `T5Encoder` with
+`shared_pos=False` / `True`):
 
   x = embed_tokens[ids]
   for each layer:                   # pre-norm residual blocks
-    x += SelfAttention(rms_norm(x), mask, position_bias_of_this_layer)
+    x += SelfAttention(rms_norm(x), mask, position_bias)
     x += wo(act(wi_0(rms_norm(x))) * wi_1(rms_norm(x)))
   out = final_layer_norm(x)
 
-What sets umT5 apart from T5 v1.1: EVERY layer owns its relative position
-bias table (T5 has one, in layer 0, shared by all layers). Both follow the
-T5 conventions: RMSNorm without mean subtraction or bias, no 1/sqrt(d)
-scaling of the attention logits, no biases in any projection.
+The one difference between the two, `UMT5Config.shared_position_bias`:
+umT5 gives EVERY layer its own relative position bias table; T5 v1.1 has
+one table, owned by layer 0 and reused by all layers (here it lives at the
+top of the encoder and the bias is computed once). Both follow the T5
+conventions: RMSNorm without mean subtraction or bias, no 1/sqrt(d)
+scaling of the attention logits, no biases in any projection, gated-GELU
+(tanh) feed-forward. `T5Config` / `T5Encoder` are the same classes.
 
 Precision. The fp32 islands, whatever `config.dtype` says: the residual
 stream, the RMSNorm statistics, the position bias, the attention logits and
@@ -55,7 +59,8 @@ ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class UMT5Config:
-  """umT5 encoder sizes, named as transformers' `UMT5Config` names them."""
+  """T5-family encoder sizes, named as transformers' `UMT5Config` /
+  `T5Config` name them."""
 
   vocab_size: int
   d_model: int
@@ -67,6 +72,9 @@ class UMT5Config:
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
   feed_forward_proj: str = "gated-gelu"
+  # False: umT5, one relative position bias table per layer. True: T5 (v1.1),
+  # one table (layer 0's in transformers) shared by every layer.
+  shared_position_bias: bool = False
   # Matmul inputs are cast to `dtype`; parameters are stored in
   # `param_dtype`. The fp32 islands (module docstring) ignore both.
   dtype: str = "float32"
@@ -79,7 +87,8 @@ class UMT5Config:
     if kind != "gated" or act not in ACTIVATIONS:
       raise ValueError(
           f"{self.feed_forward_proj=} is not supported; expected one of "
-          f"{['gated-' + a for a in ACTIVATIONS]} (umT5 uses gated-gelu)")
+          f"{['gated-' + a for a in ACTIVATIONS]} (umT5 and T5 v1.1 use "
+          "gated-gelu)")
     if self.relative_attention_num_buckets < 4:
       raise ValueError(f"{self.relative_attention_num_buckets=} must be >= 4")
     half = self.relative_attention_num_buckets // 2
@@ -120,6 +129,18 @@ class UMT5Config:
               num_layers=24, num_heads=64, relative_attention_num_buckets=32,
               relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
               feed_forward_proj="gated-gelu")
+    kw.update(overrides)
+    return cls(**kw)
+
+  @classmethod
+  def t5_v1_1_xxl(cls, **overrides) -> UMT5Config:
+    """OpenSora v1.2's text encoder. Reference: `config.json` of
+    DeepFloyd/t5-v1_1-xxl (google/t5-v1_1-xxl sizes), loaded by OpenSora's
+    `T5Embedder` as a transformers `T5EncoderModel`."""
+    kw = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+              num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+              feed_forward_proj="gated-gelu", shared_position_bias=True)
     kw.update(overrides)
     return cls(**kw)
 
@@ -187,37 +208,53 @@ def _linear(d_in, d_out, *, dtype, param_dtype, rngs):
                     param_dtype=param_dtype, rngs=rngs)
 
 
+def _bias_table(config: UMT5Config, rngs: nnx.Rngs):
+  """A random (num_buckets, num_heads) relative position bias table."""
+  return nnx.Param(
+      jax.random.normal(rngs.params(), (config.relative_attention_num_buckets,
+                                        config.num_heads), config.weight_dtype)
+      * config.d_model ** -0.5)
+
+
+def position_bias(table, length: int, config: UMT5Config):
+  """(num_heads, length, length) float32 additive logit bias from a
+  (num_buckets, num_heads) table."""
+  buckets = relative_position_buckets(
+      length, length, num_buckets=config.relative_attention_num_buckets,
+      max_distance=config.relative_attention_max_distance)
+  table = table.astype(F32)
+  return jnp.take(table, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)
+
+
 class SelfAttention(nnx.Module):
-  """T5 self-attention with this layer's own relative position bias."""
+  """T5 self-attention with a relative position bias: this layer's own
+  table (umT5), or the shared bias handed in by the encoder (T5)."""
 
   def __init__(self, config: UMT5Config, *, rngs: nnx.Rngs):
     c = config
-    self.num_heads = c.num_heads
-    self.num_buckets = c.relative_attention_num_buckets
-    self.max_distance = c.relative_attention_max_distance
+    self.config = c
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs)
     self.q = _linear(c.d_model, c.inner_dim, **kw)
     self.k = _linear(c.d_model, c.inner_dim, **kw)
     self.v = _linear(c.d_model, c.inner_dim, **kw)
     self.o = _linear(c.inner_dim, c.d_model, **kw)
-    self.relative_attention_bias = nnx.Param(
-        jax.random.normal(rngs.params(), (c.relative_attention_num_buckets,
-                                          c.num_heads), c.weight_dtype)
-        * c.d_model ** -0.5)
+    self.relative_attention_bias = (None if c.shared_position_bias
+                                    else _bias_table(c, rngs))
 
-  def position_bias(self, length: int):
-    """(num_heads, length, length) float32 additive logit bias."""
-    buckets = relative_position_buckets(
-        length, length, num_buckets=self.num_buckets,
-        max_distance=self.max_distance)
-    table = self.relative_attention_bias[...].astype(F32)
-    return jnp.take(table, jnp.asarray(buckets), axis=0).transpose(2, 0, 1)
-
-  def __call__(self, x, key_mask):
-    """x (B, L, d_model); key_mask (B, L) bool, False = padding key."""
-    heads = lambda t: t.reshape(*t.shape[:-1], self.num_heads, -1)
+  def __call__(self, x, key_mask, shared_bias=None):
+    """x (B, L, d_model); key_mask (B, L) bool, False = padding key;
+    shared_bias (H, L, L) float32, given iff config.shared_position_bias."""
+    if (shared_bias is None) != (self.relative_attention_bias is not None):
+      raise ValueError(
+          f"{self.config.shared_position_bias=}: the shared position bias "
+          "must be given exactly when the layers have no table of their own")
+    bias = shared_bias
+    if bias is None:
+      bias = position_bias(self.relative_attention_bias[...], x.shape[1],
+                           self.config)
+    heads = lambda t: t.reshape(*t.shape[:-1], self.config.num_heads, -1)
     q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-    out = t5_attention(q, k, v, self.position_bias(x.shape[1]), key_mask)
+    out = t5_attention(q, k, v, bias, key_mask)
     return self.o(out.reshape(*out.shape[:-2], -1))
 
 
@@ -266,9 +303,9 @@ class UMT5Layer(nnx.Module):
     self.ffn_norm = layers.RMSNorm(c.d_model, **norm)
     self.ffn = GatedFeedForward(c, rngs=rngs)
 
-  def __call__(self, x, key_mask):
+  def __call__(self, x, key_mask, shared_bias=None):
     """x (B, L, d_model) float32 residual stream -> same."""
-    x = x + self.attn(self.attn_norm(x), key_mask).astype(F32)
+    x = x + self.attn(self.attn_norm(x), key_mask, shared_bias).astype(F32)
     return x + self.ffn(self.ffn_norm(x)).astype(F32)
 
 
@@ -287,6 +324,11 @@ class UMT5Encoder(nnx.Module):
     self.embed_tokens = nnx.Embed(c.vocab_size, c.d_model,
                                   param_dtype=c.weight_dtype, rngs=rngs)
     self.blocks = _stacked_layers(c, rngs)
+    # T5: the one position bias table of all layers (transformers keeps it
+    # in layer 0: `encoder.block.0.layer.0.SelfAttention.
+    # relative_attention_bias`). umT5: None, each layer has its own.
+    self.relative_attention_bias = (_bias_table(c, rngs)
+                                    if c.shared_position_bias else None)
     self.final_layer_norm = layers.RMSNorm(
         c.d_model, eps=c.layer_norm_epsilon, param_dtype=c.weight_dtype,
         rngs=rngs)
@@ -299,9 +341,14 @@ class UMT5Encoder(nnx.Module):
   def run_blocks(self, x, key_mask):
     """All layers under `jax.lax.scan` over the stacked parameters."""
     graphdef, state = nnx.split(self.blocks)
+    shared_bias = None
+    if self.relative_attention_bias is not None:  # computed once (T5)
+      shared_bias = position_bias(self.relative_attention_bias[...],
+                                  x.shape[1], self.config)
 
     def body(x, layer_state):
-      return nnx.merge(graphdef, layer_state)(x, key_mask), None
+      layer = nnx.merge(graphdef, layer_state)
+      return layer(x, key_mask, shared_bias), None
 
     x, _ = jax.lax.scan(body, x, state, unroll=self.config.scan_unroll)
     return x
@@ -357,6 +404,12 @@ def wan_prompt_embeds(embeddings, attention_mask, *, text_len=512):
   keep = jnp.arange(length)[None, :] < seq_lens[:, None]
   out = jnp.where(keep[..., None], embeddings, 0)
   return jnp.pad(out, ((0, 0), (0, text_len - length), (0, 0)))
+
+
+# The same classes under the T5 names (T5 v1.1 = `shared_position_bias=True`,
+# see `UMT5Config.t5_v1_1_xxl`).
+T5Config = UMT5Config
+T5Encoder = UMT5Encoder
 
 
 def abstract_model(config: UMT5Config) -> UMT5Encoder:
