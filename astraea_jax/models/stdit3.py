@@ -37,6 +37,8 @@ from astraea_jax.models import layers
 from astraea_jax.models.wan import MLP, gelu_tanh, patchify, unpatchify
 
 F32 = jnp.float32
+# Layouts of the sparse temporal attention (STDiT3Block.sparse_self_attention).
+TEMPORAL_SPARSE = ("scatter_queries", "gather_keys")
 
 
 # Embeddings -------------------------------------------------------------------
@@ -175,6 +177,45 @@ class Attention(nnx.Module):
     out, lse = layers.attention(q, k, v)
     return self.proj(out.reshape(b, length, -1)), lse
 
+  # The sparse path (Astraea) projects queries and keys/values of different
+  # token sets: the qkv kernel's column blocks [q | k | v], one at a time.
+
+  def query(self, x, rope=None):
+    """q (B', L, H, D) of x (B', L, C): qkv's first column block, normed."""
+    q = _linear_columns(self.qkv, x, 0, 1, 3)
+    q = q.reshape(*x.shape[:-1], self.num_heads, -1)
+    if self.q_norm is not None:
+      q = self.q_norm(q)
+    return q if rope is None else layers.apply_rope(q, rope)
+
+  def key_value(self, x, rope=None):
+    """(k, v), each (B', L, H, D), of x (B', L, C); RoPE on k."""
+    kv = _linear_columns(self.qkv, x, 1, 3, 3)
+    kv = kv.reshape(*x.shape[:-1], 2, self.num_heads, -1)
+    k, v = kv[..., 0, :, :], kv[..., 1, :, :]
+    if self.k_norm is not None:
+      k = self.k_norm(k)
+    return (k if rope is None else layers.apply_rope(k, rope)), v
+
+  def output(self, attn_out):  # (..., H, D) -> (..., C)
+    return self.proj(attn_out.reshape(*attn_out.shape[:-2], -1))
+
+
+def _linear_columns(linear, x, first, stop, blocks):
+  """Column blocks [first, stop) of `linear(x)`, out of `blocks` equal ones.
+
+  Computes only those output columns, with the dtype promotion and
+  dot_general of `nnx.Linear.__call__`.
+  """
+  width = linear.kernel.shape[1] // blocks
+  kernel = linear.kernel[...][:, first * width:stop * width]
+  bias = linear.bias[...][first * width:stop * width]
+  x, kernel, bias = linear.promote_dtype((x, kernel, bias),
+                                         dtype=linear.dtype)
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                          precision=linear.precision)
+  return y + bias
+
 
 class CrossAttention(nnx.Module):
   """Each sample's tokens attend to its own valid caption tokens.
@@ -289,11 +330,91 @@ class STDiT3Block(nnx.Module):
       lse = lse.reshape(b, t, self.num_heads, s).transpose(0, 2, 1, 3)
     return out, lse.reshape(b, self.num_heads, t * s)
 
-  def __call__(self, x, cond: Conditioning, grid):
+  def sparse_self_attention(self, h, token_index, rope,
+                            temporal_sparse="scatter_queries"):
+    """Self-attention rows of the selected tokens only (Astraea).
+
+    h (B, T, S, C): the modulated input of ALL tokens (keys and values
+    always come from all of them, so every computed row is exact);
+    token_index (B, T, K_f): sorted positions within each frame, K_f per
+    frame. Returns (out (B, T, K_f, C), lse (B, H, T*K_f) float32).
+
+    Spatial: frame f's K_f queries against the S keys of frame f, frames
+    folded into the batch. Temporal: the query of token (f, p) against the
+    T keys at position p, with the frame index as its RoPE angle, in one of
+    two layouts (docs/astraea_stdit3.md compares them):
+      "scatter_queries": the selected queries are scattered into the dense
+        (position, frame) layout, zeros elsewhere; the dense temporal
+        attention runs and the selected rows are gathered back. Extra work:
+        the T x T attention of unselected rows (~4 T C flops per token).
+      "gather_keys": the key/value columns of the selected positions are
+        gathered, (B*T*K_f, T, H, D), and each selected token is a
+        length-1 query in the batch. Extra memory traffic: T times the
+        selected tokens' keys and values.
+    """
+    b, t, s, c = h.shape
+    heads = self.num_heads
+    k_f = token_index.shape[-1]
+    h_sel = jnp.take_along_axis(h, token_index[..., None], axis=2)
+    if not self.temporal:
+      k, v = self.attn.key_value(h.reshape(b * t, s, c))
+      q = self.attn.query(h_sel.reshape(b * t, k_f, c))
+      out, lse = layers.attention(q, k, v)  # lse (B*T, H, K_f)
+      lse = lse.reshape(b, t, heads, k_f).transpose(0, 2, 1, 3)
+      out = self.attn.output(out).reshape(b, t, k_f, c)
+      return out, lse.reshape(b, heads, t * k_f)
+
+    # Query rows in frame-major order: row f*K_f + j is frame f.
+    rope_q = tuple(jnp.repeat(r, k_f, axis=0) for r in rope)
+    q = self.attn.query(h_sel.reshape(b, t * k_f, c), rope_q)
+    q = q.reshape(b, t, k_f, heads, -1)
+    frames = jnp.arange(t)[:, None]  # (T, 1), broadcast against (T, K_f)
+    if temporal_sparse == "scatter_queries":
+      # Keys, values and the attention in the dense layout (B*S, T, ...).
+      k, v = self.attn.key_value(
+          h.transpose(0, 2, 1, 3).reshape(b * s, t, c), rope)
+      q_dense = jax.vmap(lambda z, i, u: z.at[i, frames].set(
+          u, unique_indices=True))(
+              jnp.zeros((b, s, t) + q.shape[3:], q.dtype), token_index, q)
+      out, lse = layers.attention(q_dense.reshape(b * s, t, heads, -1), k, v)
+      pick = jax.vmap(lambda a, i: a[i, frames])  # (S, T, ...) -> (T, K_f)
+      out = pick(out.reshape(b, s, t, heads, -1), token_index)
+      lse = pick(lse.reshape(b, s, heads, t).transpose(0, 1, 3, 2),
+                 token_index)  # (B, T, K_f, H)
+    elif temporal_sparse == "gather_keys":
+      # Keys (B, T, S*H, D): apply_rope's length axis is the frame axis.
+      k, v = self.attn.key_value(h.reshape(b, t * s, c))
+      k = layers.apply_rope(k.reshape(b, t, s * heads, -1), rope)
+      columns = lambda a: jnp.take_along_axis(  # -> (B, T*K_f, T, H, D)
+          a.reshape(b, t, s, heads, -1).transpose(0, 2, 1, 3, 4),
+          token_index.reshape(b, t * k_f)[:, :, None, None, None], axis=1)
+      k, v = columns(k), columns(v)
+      out, lse = layers.attention(q.reshape(b * t * k_f, 1, heads, -1),
+                                  k.reshape(b * t * k_f, t, heads, -1),
+                                  v.reshape(b * t * k_f, t, heads, -1))
+      out = out.reshape(b, t, k_f, heads, -1)
+      lse = lse.reshape(b, t, k_f, heads)
+    else:
+      raise ValueError(f"unknown {temporal_sparse=}; expected "
+                       f"one of {TEMPORAL_SPARSE}")
+    out = self.attn.output(out)  # (B, T, K_f, C)
+    return out, lse.transpose(0, 3, 1, 2).reshape(b, heads, t * k_f)
+
+  def __call__(self, x, cond: Conditioning, grid, token_index=None, *,
+               temporal_sparse: str = "scatter_queries"):
     """x (B, N, C) float32; grid (T, S) with N = T * S (static).
 
-    Returns (x_out (B, N, C) float32, aux) with aux["lse"] (B, H, N), the
-    self-attention log-sum-exp of each token (in token order).
+    token_index: optional (B, T, K_f) int, sorted positions in [0, S) of
+    the tokens to compute in each frame, the same count K_f in every frame
+    (Astraea's token selection). Queries, cross-attention and the MLP run
+    on those T*K_f tokens; keys/values come from all N, so every computed
+    attention row equals the dense one.
+
+    Returns (x_out, aux): x_out (B, N or T*K_f, C) float32 for the computed
+    tokens, in token order (token (f, token_index[b, f, j]) at row
+    f*K_f + j); aux["lse"] (B, H, N or T*K_f), the self-attention
+    log-sum-exp of each computed token. temporal_sparse: the layout of the
+    sparse temporal attention (`sparse_self_attention`).
     """
     b, n, c = x.shape
     t, s = grid
@@ -302,6 +423,9 @@ class STDiT3Block(nnx.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = modulation_tables(
         self.scale_shift_table, emb, emb0, cond.x_mask)
     x = x.reshape(b, t, s, c)
+    if token_index is not None:
+      return self._sparse(x, cond, token_index, temporal_sparse,
+                          (shift1, scale1, gate1, shift2, scale2, gate2))
     h = layers.layer_norm(x, self.eps) * (1 + scale1) + shift1
     out, lse = self.self_attention(h, cond.rope)
     x = x + out.astype(F32) * gate1
@@ -310,6 +434,23 @@ class STDiT3Block(nnx.Module):
     h = layers.layer_norm(x, self.eps) * (1 + scale2) + shift2
     x = x + self.mlp(h).astype(F32) * gate2
     return x.reshape(b, n, c), {"lse": lse}
+
+  def _sparse(self, x, cond, token_index, temporal_sparse, tables):
+    """The block on the selected tokens; x (B, T, S, C), see __call__."""
+    shift1, scale1, gate1, shift2, scale2, gate2 = tables
+    b, t, _, c = x.shape
+    k_f = token_index.shape[-1]
+    h = layers.layer_norm(x, self.eps) * (1 + scale1) + shift1
+    out, lse = self.sparse_self_attention(h, token_index, cond.rope,
+                                          temporal_sparse)
+    # Per-frame tables (B, T or 1, 1, C) broadcast over (B, T, K_f, C).
+    x = jnp.take_along_axis(x, token_index[..., None], axis=2)
+    x = x + out.astype(F32) * gate1
+    y = self.cross_attn(x.reshape(b, t * k_f, c), cond.y, cond.y_mask)
+    x = x + y.astype(F32).reshape(b, t, k_f, c)
+    h = layers.layer_norm(x, self.eps) * (1 + scale2) + shift2
+    x = x + self.mlp(h).astype(F32) * gate2
+    return x.reshape(b, t * k_f, c), {"lse": lse}
 
 
 class FinalLayer(nnx.Module):
