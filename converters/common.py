@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Mapping
+
+import numpy as np
 
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
@@ -56,13 +59,23 @@ class Source:
 
   def shape(self, key):
     if self._arrays is not None:
-      return tuple(self._arrays[key].shape)
+      return tuple(np.shape(self._arrays[key]))
     return self._where[key].shape(key)
 
   def get(self, key):
     if self._arrays is not None:
-      return self._arrays[key]
+      return np.asarray(self._arrays[key])
     return self._where[key].get(key)
+
+
+def as_source(tensors):
+  """A Source over a mapping of arrays; anything with keys/shape/get as is."""
+  if isinstance(tensors, Mapping):
+    return Source.from_arrays(tensors)
+  if all(hasattr(tensors, a) for a in ("keys", "shape", "get")):
+    return tensors  # SafetensorsFile, Source, ...
+  raise TypeError(f"expected a mapping of arrays or a tensor source, got "
+                  f"{type(tensors).__name__}")
 
 
 def open_safetensors_folder(folder, stem: str) -> Source:

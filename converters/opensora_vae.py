@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ from astraea_jax.vae.opensora_vae import (
   SpatialVAEConfig,
   TemporalVAEConfig,
 )
-from converters.common import CheckpointError, KeyMismatch
+from converters.common import CheckpointError, KeyMismatch, as_source
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 LAYOUTS = ("opensora", "diffusers")
@@ -165,31 +164,6 @@ def to_checkpoint(params: dict, config: OpenSoraVAEConfig,
 
 
 # Sources and configs ----------------------------------------------------------
-
-
-class ArraySource:
-  """A state dict of numpy arrays (or anything np.asarray accepts)."""
-
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
-    self._arrays = arrays
-
-  def keys(self):
-    return list(self._arrays)
-
-  def shape(self, key):
-    return tuple(np.shape(self._arrays[key]))
-
-  def get(self, key):
-    return np.asarray(self._arrays[key])
-
-
-def _as_source(state_dict):
-  if isinstance(state_dict, Mapping):
-    return ArraySource(state_dict)
-  if all(hasattr(state_dict, a) for a in ("keys", "shape", "get")):
-    return state_dict  # SafetensorsFile, converters.common.Source, ...
-  raise TypeError(f"expected a mapping of arrays or a tensor source, got "
-                  f"{type(state_dict).__name__}")
 
 
 def detect_layout(keys) -> str:
@@ -351,7 +325,7 @@ def vae_from_state_dict(state_dict, config: OpenSoraVAEConfig | None = None,
   or a tensor source). Without `config`: the v1.2 preset; `scale`/`shift`
   buffers in the state dict win over the config's; `overrides` (e.g.
   dtype="bfloat16", micro_frame_size=...) go into the config."""
-  source = _as_source(state_dict)
+  source = as_source(state_dict)
   layout = detect_layout(source.keys())
   if layout != "opensora":
     raise CheckpointError(

@@ -31,7 +31,7 @@ from flax import nnx, traverse_util
 
 from astraea_jax.vae import wan_vae
 from astraea_jax.vae.wan_vae import WanVAE, WanVAEConfig
-from converters.common import CheckpointError, KeyMismatch
+from converters.common import CheckpointError, KeyMismatch, Source, as_source
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 # Our attribute inside a block -> original name. The original blocks are
@@ -174,31 +174,6 @@ def expected_shapes(config: WanVAEConfig, layout: str) -> dict[str, tuple]:
 # Sources: anything with keys() / shape(key) / get(key) -----------------------
 
 
-class ArraySource:
-  """A state dict of numpy arrays (or anything np.asarray accepts)."""
-
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
-    self._arrays = arrays
-
-  def keys(self):
-    return list(self._arrays)
-
-  def shape(self, key):
-    return tuple(np.shape(self._arrays[key]))
-
-  def get(self, key):
-    return np.asarray(self._arrays[key])
-
-
-def _as_source(state_dict):
-  if isinstance(state_dict, Mapping):
-    return ArraySource(state_dict)
-  if all(hasattr(state_dict, a) for a in ("keys", "shape", "get")):
-    return state_dict  # SafetensorsFile, converters.common.Source, ...
-  raise TypeError(f"expected a mapping of arrays or a tensor source, got "
-                  f"{type(state_dict).__name__}")
-
-
 def detect_layout(keys) -> str:
   """'original' or 'diffusers' from the key names."""
   keys = set(keys)
@@ -318,7 +293,7 @@ def vae_from_state_dict(state_dict, config: WanVAEConfig | None = None, *,
   `config`, base_dim and z_dim come from the tensor shapes and the rest is
   Wan2.1's; `overrides` (e.g. dtype="bfloat16") go into the config.
   """
-  source = _as_source(state_dict)
+  source = as_source(state_dict)
   if layout == "auto":
     layout = detect_layout(source.keys())
   elif layout not in LAYOUTS:
@@ -405,7 +380,7 @@ def open_checkpoint(path, *, allow_pth: bool = False):
                               f"({e})") from e
     path = weights
   if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
-    source = ArraySource(read_pth(path, allow_pth=allow_pth))
+    source = Source.from_arrays(read_pth(path, allow_pth=allow_pth))
   else:
     try:
       source = SafetensorsFile(path)

@@ -33,7 +33,7 @@ from astraea_jax.vae.opensora_vae import (
   TemporalVAEConfig,
 )
 from converters import opensora_vae as converter
-from converters.common import CheckpointError, KeyMismatch
+from converters.common import CheckpointError, KeyMismatch, Source
 from converters.safetensors_io import save_file
 
 torch = importlib.import_module("torch")
@@ -598,7 +598,7 @@ def test_config_json_and_round_trip(checkpoint):
   config = converter.config_from_opensora(
       json.loads((folder / "config.json").read_text()))
   assert config == OpenSoraVAEConfig(micro_frame_size=CONFIG.micro_frame_size)
-  source = converter.ArraySource(checkpoint["tensors"])
+  source = Source.from_arrays(checkpoint["tensors"])
   params = converter.load_params(source, CONFIG, "opensora")
   back = converter.to_checkpoint(params, CONFIG, "opensora")
   assert set(back) | {"scale", "shift"} == set(checkpoint["tensors"])
