@@ -88,13 +88,16 @@ def _abstract_model(config):
   if isinstance(config, configs.STDiT3Config):
     from astraea_jax.models import stdit3
     return stdit3.abstract_model(config)
+  from astraea_jax.vae import wan_vae
+  if isinstance(config, wan_vae.WanVAEConfig):
+    return wan_vae.abstract_model(config)
   from astraea_jax.models.text import umt5
   return umt5.abstract_model(config)
 
 
 def load_model(path, *, dtype: str | None = None):
-  """The ready model (WanDiT, STDiT3 or UMT5Encoder) from a converted
-  checkpoint folder.
+  """The ready model (WanDiT, STDiT3, UMT5Encoder or WanVAE) from a
+  converted checkpoint folder.
 
   dtype: optional compute dtype override ("float32" / "bfloat16"); the
   parameters stay in the dtype they were converted to.

@@ -1,17 +1,19 @@
 """The `astraea` command: demo, generate, convert, search, bench.
 
   astraea convert SRC DST [--format auto|wan|diffusers|opensora|umt5]
+      [--allow-pth] [--dtype float32|bfloat16]
+  astraea generate --model DST --prompt "..." --out video.mp4
   astraea demo
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
 _NOT_YET = {
-    "search": "the evolutionary budget search (budget-search issue)",
     "bench": "benchmarks; until this subcommand exists run the scripts in "
              "benchmarks/ directly",
 }
@@ -20,9 +22,23 @@ _NOT_YET = {
 def _convert(args) -> int:
   import converters
   from astraea_jax import checkpoint
+  from converters import model_folder
   t0 = time.perf_counter()
+  src = model_folder.resolve_source(args.src, revision=args.revision,
+                                    allow_pth=args.allow_pth)
+  whole = (model_folder.find_model_folder(src) if args.format == "auto"
+           else None)
+  if whole is not None:
+    manifest = model_folder.convert(
+        whole, args.dst, dtype=args.dtype, text_len=args.text_len,
+        allow_pth=args.allow_pth, overwrite=args.overwrite,
+        progress=not args.quiet, source_name=str(args.src))
+    print(f"converted the Wan2.1 model {args.src} ({whole.layout} layout: "
+          f"{', '.join(manifest['components'])}) -> {args.dst} in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
   config, params, layout = converters.read_checkpoint(
-      args.src, format=args.format, dtype=args.dtype, text_len=args.text_len,
+      src, format=args.format, dtype=args.dtype, text_len=args.text_len,
       progress=not args.quiet)
   checkpoint.save(args.dst, config, params, overwrite=args.overwrite,
                   metadata={"source": str(args.src), "layout": layout})
@@ -32,19 +48,43 @@ def _convert(args) -> int:
   return 0
 
 
+def _video_size(args) -> tuple[int, int]:
+  """(height, width) from --size WxH or --height/--width (480p default)."""
+  if args.size is None:
+    return args.height or 480, args.width or 832
+  if args.height is not None or args.width is not None:
+    raise ValueError("give --size WIDTHxHEIGHT or --height/--width, not both")
+  parts = args.size.lower().replace("*", "x").split("x")
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    raise ValueError(f"--size {args.size!r} must be WIDTHxHEIGHT, e.g. "
+                     "832x480 (480p) or 1280x720")
+  width, height = (int(p) for p in parts)
+  return height, width
+
+
 def _generate(args) -> int:
   from astraea_jax import generate
+  if args.model is not None and args.model_option is not None:
+    raise ValueError("give the model once: positionally or with --model")
+  model = args.model if args.model is not None else args.model_option
+  if model is None:
+    raise ValueError("no model: pass --model DST (a converted folder)")
+  if args.negative_prompt is not None and args.prompt is None:
+    raise ValueError("--negative-prompt needs --prompt")
+  height, width = _video_size(args)
   schedule = (generate.load_schedule(args.schedule, args.steps)
               if args.schedule else None)
   config = generate.GenerateConfig(
-      height=args.height, width=args.width, frames=args.frames,
+      height=height, width=width, frames=args.frames,
       steps=args.steps, guidance_scale=args.guidance, shift=args.shift,
       scheduler=args.scheduler, seed=args.seed, budget=args.budget,
-      schedule=schedule, compare=args.compare)
-  report = generate.generate(args.model, args.text_embeddings, args.out,
+      schedule=schedule, compare=args.compare, devices=args.devices)
+  report = generate.generate(model, args.text_embeddings, args.out,
                              config=config, vae_path=args.vae,
                              allow_pth=args.allow_pth, dtype=args.dtype,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, prompt=args.prompt,
+                             negative_prompt=args.negative_prompt,
+                             save_latents=args.save_latents, fps=args.fps)
   for name in ("full", "astraea"):
     if name in report:
       r = report[name]
@@ -54,7 +94,60 @@ def _generate(args) -> int:
     extra = (f", SSIM {report['ssim']:.4f}" if "ssim" in report else "")
     print(f"speedup {report['speedup_without_compiles']:.2f}x; PSNR vs full "
           f"({report['compared_on']}) {report['psnr_db']:.2f} dB{extra}")
-  print(f"wrote {args.out}/outputs.safetensors and {args.out}/report.json")
+  if generate.is_video_path(args.out):
+    print(f"wrote {', '.join(report['outputs'])}")
+  else:
+    videos = sorted(p.name for p in pathlib.Path(args.out).glob("*.mp4"))
+    print(f"wrote {args.out}/outputs.safetensors, {args.out}/report.json"
+          + "".join(f", {args.out}/{v}" for v in videos))
+  return 0
+
+
+def _search(args) -> int:
+  from astraea_jax.astraea import search
+  if args.prompts is not None:
+    with open(args.prompts, encoding="utf-8") as f:
+      lines = [line for line in f if line.strip()]
+    if not lines:
+      raise ValueError(f"{args.prompts}: no prompts (the file is empty)")
+    raise ValueError(
+        "--prompts needs the umT5 text encoder, which is not available in "
+        "astraea-jax yet; encode the prompts elsewhere and pass "
+        "--text-embeddings a.safetensors b.safetensors ... (each with a "
+        "`context` tensor)")
+  config = search.SearchConfig(
+      target_budget=args.target_budget, steps=args.steps,
+      population=args.population, children=args.children,
+      generations=args.generations, seed=args.seed)
+  problem = search.Problem(height=args.height, width=args.width,
+                           frames=args.frames, samples=args.samples,
+                           seed=args.seed)
+  proxy = None
+  if any(v is not None for v in (args.proxy_height, args.proxy_width,
+                                 args.proxy_frames, args.proxy_samples)):
+    proxy = search.Problem(
+        height=args.proxy_height or args.height,
+        width=args.proxy_width or args.width,
+        frames=args.proxy_frames or args.frames,
+        samples=args.proxy_samples or args.samples, seed=args.seed)
+  eval_config = search.EvalConfig(
+      scheduler=args.scheduler, guidance_scale=args.guidance,
+      shift=args.shift, evaluator=args.evaluator,
+      batch_nodes=args.batch_nodes, lanes=args.lanes,
+      memo_nodes=args.memo_nodes, samples_per_pass=args.samples_per_pass)
+  report = search.run_files(
+      args.model, args.text_embeddings or [], args.out, config=config,
+      problem=problem, eval_config=eval_config, proxy=proxy,
+      proxy_check=args.proxy_check,
+      min_rank_correlation=args.min_rank_correlation, dtype=args.dtype,
+      resume=args.resume, progress=not args.quiet)
+  steps = report["row_steps"]
+  print(f"schedule (mean budget {report['mean_budget']:.3f}, fitness "
+        f"{report['fitness']:.4g}): {report['schedule']}")
+  print(f"computed {steps.get('row_steps', 0)} row-steps in this run; "
+        f"{report['naive_row_steps']} without sharing or caching")
+  print(f"wrote {args.out}/schedule.json (astraea generate --schedule), "
+        "report.json, search_state.json")
   return 0
 
 
@@ -69,14 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
       prog="astraea", description="Token-wise accelerated video DiTs in JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("convert", help="convert a checkpoint folder (Wan2.1 "
-                     "original/diffusers, OpenSora v1.2 STDiT3, umT5)")
-  p.add_argument("src", help="checkpoint folder as published")
-  p.add_argument("dst", help="output folder (config.json + orbax params)")
+  p = sub.add_parser(
+      "convert", help="convert a checkpoint folder: a whole Wan2.1 T2V model "
+      "(original or diffusers layout) or one model (Wan2.1 transformer, "
+      "OpenSora v1.2 STDiT3, umT5)")
+  p.add_argument("src", help="checkpoint folder as published, or a Hugging "
+                 "Face repo id (org/name) to download")
+  p.add_argument("dst", help="output folder: manifest.json + one converted "
+                 "folder per component for a whole model, else config.json "
+                 "+ orbax params/")
   p.add_argument("--format", choices=["auto", "wan", "diffusers", "opensora",
-                                      "umt5"], default="auto")
+                                      "umt5"], default="auto",
+                 help="auto: a whole Wan2.1 model when SRC has one, else the "
+                      "single model found; the others convert that one part")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                 help="parameter dtype of the converted weights")
+                 help="parameter dtype of the converted weights (a whole "
+                      "model's VAE stays float32)")
+  p.add_argument("--allow-pth", action="store_true",
+                 help="read the original release's PyTorch pickles "
+                      "(Wan2.1_VAE.pth, models_t5_*.pth) with "
+                      "torch.load(weights_only=True)")
+  p.add_argument("--revision", default=None,
+                 help="branch, tag or commit of a hub repo id")
   p.add_argument("--text-len", type=int, default=None,
                  help="text tokens the model pads context to (default: the "
                       "checkpoint's text_len, or 512 for diffusers)")
@@ -94,15 +201,37 @@ def build_parser() -> argparse.ArgumentParser:
                  help="output folder (replaced if it exists)")
   p.set_defaults(run=_demo)
 
-  p = sub.add_parser("generate", help="sample a converted Wan checkpoint")
-  p.add_argument("model", help="converted checkpoint folder (astraea convert)")
-  p.add_argument("--text-embeddings", required=True,
-                 help="safetensors with `context` (L, text_dim) and optional "
-                      "`negative_context`")
-  p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--height", type=int, default=480)
-  p.add_argument("--width", type=int, default=832)
-  p.add_argument("--frames", type=int, default=81)
+  p = sub.add_parser(
+      "generate", help="text to video with a converted Wan2.1 model",
+      description="Sample a converted Wan2.1 model: from a prompt (a "
+      "whole-model folder) or from text embeddings (a whole-model folder, or "
+      "a converted transformer alone). --out NAME.mp4 writes the video; any "
+      "other --out is a folder with latents, videos and report.json.")
+  p.add_argument("model", nargs="?", default=None,
+                 help="converted folder (astraea convert); or use --model")
+  p.add_argument("--model", dest="model_option", default=None,
+                 help="converted folder (astraea convert)")
+  text = p.add_mutually_exclusive_group(required=True)
+  text.add_argument("--prompt", default=None,
+                    help="the text prompt (needs a whole-model folder)")
+  text.add_argument("--text-embeddings", default=None,
+                    help="safetensors with `context` (L, text_dim) and "
+                         "optional `negative_context`")
+  p.add_argument("--negative-prompt", default=None,
+                 help="what to steer away from (default: empty)")
+  p.add_argument("--out", required=True,
+                 help="NAME.mp4 (the video), or an output folder")
+  p.add_argument("--size", default=None,
+                 help="WIDTHxHEIGHT, e.g. 832x480 (default) or 1280x720; "
+                      "multiples of 16")
+  p.add_argument("--height", type=int, default=None)
+  p.add_argument("--width", type=int, default=None)
+  p.add_argument("--frames", type=int, default=81, help="1 + 4k (default 81)")
+  p.add_argument("--fps", type=float, default=16.0,
+                 help="frame rate of the MP4 (Wan2.1: 16)")
+  p.add_argument("--save-latents", action="store_true",
+                 help="with --out NAME.mp4, also write "
+                      "NAME.latents.safetensors (folders always hold them)")
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--guidance", type=float, default=5.0)
   p.add_argument("--shift", type=float, default=None,
@@ -123,8 +252,75 @@ def build_parser() -> argparse.ArgumentParser:
                  help="allow reading a PyTorch pickle (.pth) VAE")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="compute dtype (default: the checkpoint's)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="sample on N devices: the CFG branches over a data "
+                      "axis, each video's tokens over the rest (sequence "
+                      "parallel); default: one device")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(run=_generate)
+
+  p = sub.add_parser(
+      "search", help="search the per-step token budget schedule",
+      description="Evolutionary search of one token budget per denoising "
+      "step (Astraea sec. 3.3) for a target mean budget; writes "
+      "OUT/schedule.json for `astraea generate --schedule`.")
+  p.add_argument("--model", required=True,
+                 help="converted checkpoint folder (astraea convert)")
+  p.add_argument("--target-budget", type=float, required=True,
+                 help="target mean token budget in (0, 1]")
+  prompts = p.add_mutually_exclusive_group()
+  prompts.add_argument("--prompts", default=None,
+                       help="text file, one prompt a line (needs the text "
+                            "encoder: not available yet)")
+  prompts.add_argument("--text-embeddings", nargs="+", default=None,
+                       metavar="FILE",
+                       help="safetensors files with `context` (L, text_dim) "
+                            "and optional `negative_context`, one a prompt")
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--height", type=int, default=480)
+  p.add_argument("--width", type=int, default=832)
+  p.add_argument("--frames", type=int, default=81)
+  p.add_argument("--samples", type=int, default=4,
+                 help="(prompt, noise) pairs the fitness averages over; "
+                      "sample j: prompt j mod #prompts, noise seed + j")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--population", type=int, default=50)
+  p.add_argument("--children", type=int, default=30)
+  p.add_argument("--generations", type=int, default=30)
+  p.add_argument("--guidance", type=float, default=5.0)
+  p.add_argument("--shift", type=float, default=None,
+                 help="flow shift (default: 3.0 up to 480p, else 5.0)")
+  p.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                 help="compute dtype (default: the checkpoint's)")
+  p.add_argument("--evaluator", choices=["masked", "sparse"],
+                 default="masked",
+                 help="masked dense simulation (one compile) or the sparse "
+                      "sampler (cost ~ budget; one compile per budget)")
+  p.add_argument("--samples-per-pass", type=int, default=None,
+                 help="samples per prefix-tree pass (fewer: less memory)")
+  p.add_argument("--batch-nodes", type=int, default=None,
+                 help="candidate prefixes per vmapped call")
+  p.add_argument("--lanes", type=int, default=None,
+                 help="genomes walked down the prefix tree together")
+  p.add_argument("--memo-nodes", type=int, default=None,
+                 help="prefix states kept across generations (these four "
+                      "sizes default to what the device memory allows)")
+  p.add_argument("--proxy-height", type=int, default=None)
+  p.add_argument("--proxy-width", type=int, default=None)
+  p.add_argument("--proxy-frames", type=int, default=None)
+  p.add_argument("--proxy-samples", type=int, default=None,
+                 help="search on this cheaper problem after measuring its "
+                      "rank correlation with the full fitness")
+  p.add_argument("--proxy-check", type=int, default=8,
+                 help="genomes the proxy's rank correlation is measured on")
+  p.add_argument("--min-rank-correlation", type=float, default=0.8,
+                 help="stop if the proxy's Spearman rho is lower")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the search in OUT from its last generation")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(run=_search)
 
   for name, what in _NOT_YET.items():
     p = sub.add_parser(name, help=f"(not available yet) {what}")

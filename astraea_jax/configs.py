@@ -256,5 +256,8 @@ def config_from_dict(d: dict[str, Any]):
   if model == "umt5":
     from astraea_jax.models.text.umt5 import UMT5Config  # pylint: disable=g-import-not-at-top
     return UMT5Config.from_dict(d)
+  if model == "wan_vae":
+    from astraea_jax.vae.wan_vae import WanVAEConfig  # pylint: disable=g-import-not-at-top
+    return WanVAEConfig.from_dict(d)
   raise ValueError(f"unknown model {model!r} in config; expected wan, "
-                   "stdit3 or umt5")
+                   "stdit3, umt5 or wan_vae")

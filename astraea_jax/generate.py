@@ -1,16 +1,33 @@
-"""`astraea generate`: latents (and a decoded video) from a converted Wan.
+"""`astraea generate`: a video (or latents) from a converted Wan2.1.
 
-  astraea generate wan-1.3b/ --text-embeddings prompt.safetensors \
+  astraea generate --model wan-1.3b/ --prompt "A cat baking a cake" \
+      --size 832x480 --frames 81 --budget 0.4 --out cat.mp4
+  astraea generate wan-dit/ --text-embeddings prompt.safetensors \
       --height 480 --width 832 --frames 81 --budget 0.4 --compare --out out/
 
+The model is a converted whole-model folder (`astraea convert` of a full
+Wan2.1 download: manifest.json, transformer/, vae/, text_encoder/,
+tokenizer/) or a converted transformer alone. `--prompt` needs the whole
+model; `--text-embeddings` works with either (a transformer alone decodes
+only with `--vae`).
+
+Outputs: `--out NAME.mp4` writes the video (Astraea's when accelerated),
+plus NAME.full.mp4 with --compare and NAME.latents.safetensors with
+--save-latents; any other `--out` is a folder with outputs.safetensors
+(latents, and videos when decoded), report.json and video_<run>.mp4 per
+decoded run. Every file is written atomically (temporary name, then
+rename); existing outputs need --overwrite.
+
 Numbered like a diffusers pipeline:
-  1. load the converted DiT (and the VAE if `--vae` is given);
-  2. read the text embeddings: a safetensors file with `context` (L, D) or
-     (1, L, D) and optionally `negative_context` (zeros otherwise);
+  1. load the converted DiT (with the VAE and text encoder of a whole-model
+     folder, or the VAE given by `--vae`);
+  2. the text embeddings: `--prompt` / `--negative-prompt` through the
+     tokenizer and umT5 encoder, or a safetensors file with `context` (L, D)
+     or (1, L, D) and optionally `negative_context` (zeros otherwise);
   3. draw the noise from `--seed`;
   4. sample: dense, or Astraea with `--budget` / `--schedule`;
      `--compare` also samples the full model from the same noise;
-  5. decode with the VAE (if given) and write the outputs atomically.
+  5. decode with the VAE (if any) and write the outputs atomically.
 """
 
 from __future__ import annotations
@@ -26,6 +43,8 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax import checkpoint, metrics
+from astraea_jax import pipeline as pipeline_lib
+from astraea_jax import video as video_lib
 from astraea_jax.astraea import sampler as astraea_sampler
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.sampling import sampler as dense_sampler
@@ -45,6 +64,7 @@ class GenerateConfig:
   budget: float | None = None
   schedule: tuple[float, ...] | None = None
   compare: bool = False
+  devices: int | None = None  # N: astraea_jax.parallel over N devices
 
 
 def read_text_embeddings(path, text_dim: int):
@@ -82,34 +102,101 @@ def _steady_seconds(step_seconds, keys):
   return float(total)
 
 
-def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
-             vae_path=None, allow_pth=False, dtype=None, overwrite=False):
-  """Runs the pipeline; returns the report dict (also written to out/)."""
+def is_video_path(out) -> bool:
+  return pathlib.Path(out).suffix.lower() == ".mp4"
+
+
+def output_paths(out, *, accelerated: bool, compare: bool,
+                 save_latents: bool) -> dict[str, pathlib.Path]:
+  """{what: path} that `generate` writes for `out` (see the module doc)."""
   out = pathlib.Path(out)
-  if out.exists() and not overwrite:
-    raise checkpoint.CheckpointExistsError(
-        f"{out} already exists; pass --overwrite to replace it")
-  model = checkpoint.load_model(model_path, dtype=dtype)            # 1.
+  if not is_video_path(out):
+    return {"folder": out}
+  paths = {"astraea" if accelerated else "full": out}
+  if accelerated and compare:
+    paths["full"] = out.with_name(f"{out.stem}.full.mp4")
+  if save_latents:
+    paths["latents"] = out.with_name(f"{out.stem}.latents.safetensors")
+  return paths
+
+
+def _load(model_path, *, vae_path, allow_pth, dtype, with_text: bool):
+  """The pipeline of a whole-model folder, or of a transformer (+ VAE)."""
+  if pipeline_lib.is_model_folder(model_path):
+    if vae_path is not None:
+      raise ValueError(f"--vae: {model_path} is a whole-model folder with "
+                       "its own VAE")
+    return pipeline_lib.WanPipeline.from_pretrained(
+        model_path, dtype=dtype, load_text_encoder=with_text)
+  if with_text:
+    raise ValueError(
+        f"--prompt needs a converted whole-model folder with the text "
+        f"encoder (manifest.json), but {model_path} is not one; convert the "
+        "full Wan2.1 download with `astraea convert SRC DST`, or pass "
+        "--text-embeddings")
+  model = checkpoint.load_model(model_path, dtype=dtype)
   vae = None
   if vae_path is not None:
     from converters import wan_vae  # pylint: disable=g-import-not-at-top
     vae = wan_vae.load_vae(vae_path, allow_pth=allow_pth)
-  context, negative = read_text_embeddings(embeddings_path,         # 2.
-                                           model.config.text_dim)
-  shape = dense_sampler.wan_latent_shape(config.height, config.width,  # 3.
-                                         config.frames)
+  return pipeline_lib.WanPipeline(model, vae)
+
+
+def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
+             vae_path=None, allow_pth=False, dtype=None, overwrite=False,
+             prompt=None, negative_prompt=None, save_latents=False,
+             fps: float = video_lib.WAN_FPS):
+  """Runs the pipeline; returns the report dict (see the module doc).
+
+  Give `prompt` (str; needs a whole-model folder) or `embeddings_path`.
+  The report's "outputs" lists the files written.
+  """
+  if (prompt is None) == (embeddings_path is None):
+    raise ValueError("give a prompt (--prompt) or text embeddings "
+                     "(--text-embeddings), not both")
+  accelerated = config.budget is not None or config.schedule is not None
+  paths = output_paths(out, accelerated=accelerated, compare=config.compare,
+                       save_latents=save_latents)
+  existing = [str(p) for p in paths.values() if p.exists()]
+  if existing and not overwrite:
+    raise checkpoint.CheckpointExistsError(
+        f"{', '.join(existing)} already exists; pass --overwrite to replace")
+  whole = pipeline_lib.is_model_folder(model_path)
+  if is_video_path(out) and not whole and vae_path is None:
+    raise ValueError(f"--out {out} needs a VAE to decode the video: a "
+                     "whole-model folder, or --vae")
+  transformer_dir = pathlib.Path(model_path) / ("transformer" if whole
+                                                else "")
+  pipeline_lib.latent_shape(                     # fail before loading weights
+      config.height, config.width, config.frames,
+      patch_size=checkpoint.load_config(transformer_dir).patch_size)
+  pipe = _load(model_path, vae_path=vae_path, allow_pth=allow_pth,  # 1.
+               dtype=dtype, with_text=prompt is not None)
+  model = pipe.transformer
+  if prompt is not None:                                             # 2.
+    context, negative = pipe.encode_prompt(prompt, negative_prompt or "",
+                                           progress=True)
+    pipe.text_encoder = None  # free its memory before sampling
+  else:
+    context, negative = read_text_embeddings(embeddings_path,
+                                             model.config.text_dim)
+  shape = pipe.latent_shape(config.height, config.width, config.frames)  # 3.
   noise = dense_sampler.draw_noise(jax.random.key(config.seed), shape)
   graphdef, params = nnx.split(model)
   common = dict(scheduler=config.scheduler, steps=config.steps,
                 guidance_scale=config.guidance_scale, shift=config.shift)
+  dense_sample, astraea_sample = dense_sampler.sample, astraea_sampler.sample
+  if config.devices is not None:
+    from astraea_jax import parallel  # pylint: disable=g-import-not-at-top
+    dense_sample, astraea_sample = parallel.samplers(config.devices,
+                                                     batch=2 * shape[0])
   report = {"latent_shape": list(shape), "seed": config.seed, **{
       k: v for k, v in dataclasses.asdict(config).items()
       if k not in ("schedule",)}}
   results = {}
-  accelerated = config.budget is not None or config.schedule is not None
   if accelerated:                                                    # 4.
     t0 = time.perf_counter()
-    latents, stats = astraea_sampler.sample(
+    latents, stats = astraea_sample(
         graphdef, params, noise, context, negative, budget=config.budget,
         schedule=config.schedule, return_stats=True, **common)
     report["astraea"] = {
@@ -123,15 +210,15 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   if not accelerated or config.compare:
     step_seconds = []
     t0 = time.perf_counter()
-    results["full"] = dense_sampler.sample(graphdef, params, noise, context,
-                                           negative, step_seconds=step_seconds,
-                                           **common)
+    results["full"] = dense_sample(graphdef, params, noise, context,
+                                   negative, step_seconds=step_seconds,
+                                   **common)
     report["full"] = {"seconds": time.perf_counter() - t0,
                       "seconds_without_compiles": _steady_seconds(
                           step_seconds, [0] * len(step_seconds))}
   videos = {}
-  if vae is not None:                                                # 5.
-    videos = {k: vae.decode(v, clamp=True) for k, v in results.items()}
+  if pipe.vae is not None:                                           # 5.
+    videos = {k: pipe.decode(v, progress=True) for k, v in results.items()}
   if accelerated and config.compare:
     report["speedup_without_compiles"] = (
         report["full"]["seconds_without_compiles"]
@@ -142,10 +229,23 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
     report["psnr_db"] = float(metrics.psnr(a, b, data_range=rng))
     if videos:
       report["ssim"] = float(metrics.ssim(a, b, channel_axis=-3))
+  if prompt is not None:
+    report["prompt"], report["negative_prompt"] = prompt, negative_prompt or ""
+  report["outputs"] = [str(p) for p in paths.values()]
+  latents = {f"latents_{k}": np.asarray(v) for k, v in results.items()}
+  if "folder" not in paths:
+    for name, path in paths.items():
+      if name == "latents":
+        safetensors_io.save_file(latents, path)
+      else:
+        video_lib.write_mp4(path, videos[name], fps=fps)
+    return report
   with checkpoint.atomic_folder(out, overwrite=overwrite) as tmp:
-    tensors = {f"latents_{k}": np.asarray(v) for k, v in results.items()}
+    tensors = dict(latents)
     tensors.update({f"video_{k}": np.asarray(v) for k, v in videos.items()})
     safetensors_io.save_file(tensors, tmp / "outputs.safetensors")
+    for k, v in videos.items():
+      video_lib.write_mp4(tmp / f"video_{k}.mp4", v, fps=fps)
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   return report
 

@@ -1,0 +1,328 @@
+"""WanDiT with one video's tokens split over devices (sequence parallel).
+
+`forward` computes `model(latents, timestep, context)` and
+`astraea_forward` computes `astraea.sampler.forward` with the tokens
+sharded over the mesh's "seq" axis and the batch over "data", inside one
+`shard_map`:
+  1. (global) patchify, split the tokens and the RoPE table into the shards
+     of `TokenLayout`; each device gets rows [start_i, start_i + count_i);
+  2. (per device) patch/time/text embeddings of its rows; every block runs
+     its rows; self-attention is `sequence_parallel_attention` (Ulysses
+     all-to-all, ring or both); cross-attention to the text needs no
+     communication (the 512 text tokens are on every device); the head;
+  3. (global) drop pad rows, unpatchify.
+Astraea: before each block every device scores ITS rows and keeps its own
+top-K/P (static shapes, equal load on every device); the queries of the
+selected rows attend over the keys/values of all N tokens; LSEs and caches
+never leave their shard. Per-shard selection differs from the global top-K
+of one device: `select_tokens_per_shard` reproduces it on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from astraea_jax.astraea import selection
+from astraea_jax.models import layers, wan
+from astraea_jax.parallel import attention as sp_attention
+from astraea_jax.parallel import mesh as mesh_lib
+from astraea_jax.parallel.layout import TokenLayout
+
+F32 = jnp.float32
+DATA = mesh_lib.DATA
+SEQ = sp_attention.SEQ_AXES  # the mesh's "seq" axis as (ring, ulysses)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+  """A ("data", "seq") mesh and how self-attention crosses the seq axis.
+
+  strategy: "auto" | "ulysses" | "ring" | "hybrid" (see
+  `attention.plan_attention`); ulysses: the hybrid's Ulysses group size.
+  Hashable and a static pytree node, so it can ride in jit arguments.
+  """
+
+  mesh: Mesh
+  strategy: str = "auto"
+  ulysses: int | None = None
+
+  def __post_init__(self):
+    if tuple(self.mesh.axis_names) != (DATA, mesh_lib.SEQ):
+      raise ValueError(
+          f"mesh axes must be ('data', 'seq') (parallel.make_mesh); got "
+          f"{self.mesh.axis_names}")
+    if self.strategy not in sp_attention.STRATEGIES:
+      raise ValueError(f"unknown strategy {self.strategy!r}; choose from "
+                       f"{sp_attention.STRATEGIES}")
+
+  @property
+  def data_size(self) -> int:
+    return self.mesh.shape[DATA]
+
+  @property
+  def seq_size(self) -> int:
+    return self.mesh.shape[mesh_lib.SEQ]
+
+  def plan(self, num_heads: int) -> sp_attention.AttentionPlan:
+    return sp_attention.plan_attention(self.strategy, num_heads,
+                                       self.seq_size, ulysses=self.ulysses)
+
+  def inner_mesh(self, plan: sp_attention.AttentionPlan) -> Mesh:
+    """The same devices as ("data", "seq_ring", "seq_ulysses")."""
+    devices = self.mesh.devices.reshape(self.data_size, plan.ring,
+                                        plan.ulysses)
+    return Mesh(devices, (DATA, *SEQ))
+
+
+# Per-device pieces (inside shard_map) ----------------------------------------
+
+
+def embed_local(model: wan.WanDiT, tokens, timestep, context):
+  """`WanDiT.embed` for this device's token rows (patchified input).
+
+  tokens (b, slots, patch_dim); context (b, text_len, text_dim), padded.
+  Returns (x (b, slots, dim) f32, e (b, dim), e0 (b, 6, dim), ctx).
+  """
+  c = model.config
+  x = model.patch_embedding(tokens).astype(F32)
+  e = model.time_embedding(layers.timestep_embedding(timestep, c.freq_dim))
+  e0 = model.time_projection(jax.nn.silu(e)).reshape(-1, 6, c.dim)
+  return x, e, e0, model.text_embedding(context)
+
+
+def block_forward(block: wan.WanBlock, x, e0, context, rope, *, plan, layout,
+                  token_index=None):
+  """`WanBlock.__call__` on this device's rows, self-attention across all.
+
+  x (b, slots, dim) f32; rope: this shard's (cos, sin) rows; token_index
+  (b, K_local) sorted local rows to compute (Astraea) or None. Same maths
+  and order as WanBlock; only the self-attention call differs.
+  """
+  shift1, scale1, gate1, shift2, scale2, gate2 = block.modulate(e0)
+  h = layers.layer_norm(x, block.eps) * (1 + scale1) + shift1
+  k, v = block.self_attn.key_value(h, rope)
+  rope_q = rope
+  if token_index is not None:
+    x, h = wan.take_tokens(x, token_index), wan.take_tokens(h, token_index)
+    rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
+  q = block.self_attn.query(h, rope_q)
+  out, lse = sp_attention.sequence_parallel_attention(q, k, v, plan=plan,
+                                                      layout=layout)
+  x = x + block.self_attn.output(out).astype(F32) * gate1
+  y, _ = block.cross_attn(block.norm3(x), context=context)
+  x = x + y.astype(F32)
+  h = layers.layer_norm(x, block.eps) * (1 + scale2) + shift2
+  x = x + block.ffn(h).astype(F32) * gate2
+  return x, {"lse": lse}
+
+
+def _dense_local(graphdef, params, tokens, timestep, context, rope, *, plan,
+                 layout):
+  model = nnx.merge(graphdef, params)
+  x, e, e0, ctx = embed_local(model, tokens, timestep, context)
+  block_def, blocks = nnx.split(model.blocks)
+
+  def body(x, block_state):
+    return block_forward(nnx.merge(block_def, block_state), x, e0, ctx, rope,
+                         plan=plan, layout=layout)
+
+  x, aux = jax.lax.scan(body, x, blocks, unroll=model.config.scan_unroll)
+  return model.head(x, e), aux["lse"]
+
+
+def _layer(tree, i):
+  return jax.tree.map(lambda c: c[i], tree)
+
+
+def _set_layer(tree, i, new):
+  return jax.tree.map(
+      lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u.astype(c.dtype),
+                                                       i, 0), tree, new)
+
+
+def _astraea_local(graphdef, params, tokens, timestep, context, rope, cache,
+                   *, plan, layout, num_selected, config):
+  """`astraea.sampler.forward` on this device's rows and cache shard."""
+  model = nnx.merge(graphdef, params)
+  x, e, e0, ctx = embed_local(model, tokens, timestep, context)
+  block_def, blocks = nnx.split(model.blocks)
+  n = layout.num_tokens
+  k_local = local_num_selected(num_selected, layout)
+  valid = layout.local_valid(sp_attention.shard_index(plan))
+
+  def body(carry, block_state):
+    x, cache, i = carry
+    layer_cache = _layer(cache, i)
+    if num_selected == 0:
+      x_next, new = selection.reuse_layer_cache(layer_cache, x)
+    else:
+      block = nnx.merge(block_def, block_state)
+      kw = {"plan": plan, "layout": layout}
+      if num_selected == n:
+        x_out, aux = block_forward(block, x, e0, ctx, rope, **kw)
+        x_next, new = selection.refresh_layer_cache(layer_cache, x, x_out,
+                                                    aux["lse"], config)
+      else:
+        scores = selection.token_scores(x, layer_cache, config)
+        scores = jnp.where(valid, scores, -jnp.inf)  # never a pad row
+        idx = selection.select_tokens(scores, k_local)
+        x_sel, aux = block_forward(block, x, e0, ctx, rope, token_index=idx,
+                                   **kw)
+        x_next, new = selection.update_layer_cache(layer_cache, x, x_sel,
+                                                   aux["lse"], idx, config)
+    return (x_next, _set_layer(cache, i, new), i + 1), None
+
+  (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), blocks,
+                                  unroll=model.config.scan_unroll)
+  return model.head(x, e), cache
+
+
+# Global view ----------------------------------------------------------------
+
+
+def local_num_selected(num_selected: int, layout: TokenLayout) -> int:
+  """Rows each shard computes for a global budget of K tokens.
+
+  K = 0 or N: 0 or every row. Otherwise round(K / P), at least 1 and at
+  most the shortest shard's count, so shapes agree on every device; the
+  run computes P * round(K / P) tokens in all (stats report it).
+  """
+  n, p = layout.num_tokens, layout.num_shards
+  if not 0 <= num_selected <= n:
+    raise ValueError(f"{num_selected=} must lie in [0, {n}]")
+  if num_selected in (0, n):
+    return 0 if num_selected == 0 else layout.slots
+  return int(min(max(1, np.floor(num_selected / p + 0.5)), layout.base))
+
+
+def select_tokens_per_shard(scores, k_local: int, layout: TokenLayout):
+  """Single-device reference of the sharded selection.
+
+  scores (B, N) -> (B, P * k_local) sorted token indices: the top
+  `k_local` of every shard's tokens (ties to lower indices, as
+  `jax.lax.top_k` and hence the sharded path).
+  """
+  b = scores.shape[0]
+  rows = layout.shard(scores, axis=1).reshape(b, layout.num_shards,
+                                              layout.slots)
+  valid = layout.slot_valid().reshape(layout.num_shards, layout.slots)
+  rows = jnp.where(valid, rows, -jnp.inf)
+  _, local = jax.lax.top_k(rows, k_local)                  # (B, P, k)
+  starts = jnp.asarray(layout.starts(), jnp.int32)[None, :, None]
+  return jnp.sort((starts + local).reshape(b, -1), axis=-1).astype(jnp.int32)
+
+
+def _prepare(model, latents, timestep, context, sp: SequenceParallel):
+  """Checks, then (plan, layout, tokens, context, rope) in shard-row order."""
+  model.check_inputs(latents, timestep, context)
+  c = model.config
+  batch = latents.shape[0]
+  if batch % sp.data_size:
+    raise ValueError(
+        f"batch {batch} (with CFG: 2 x prompts) must be divisible by the "
+        f"mesh's data axis ({sp.data_size})")
+  grid = model.grid(latents.shape)
+  plan = sp.plan(c.num_heads)
+  layout = TokenLayout(int(np.prod(grid)), plan.num_shards)
+  tokens = layout.shard(wan.patchify(latents, c.patch_size))
+  pad = c.text_len - context.shape[1]
+  ctx = jnp.pad(context, ((0, 0), (0, pad), (0, 0)))
+  rope = tuple(layout.shard(t, axis=0)
+               for t in layers.rope_table(grid, c.head_dim, c.rope_theta))
+  return plan, layout, tokens, ctx, rope
+
+
+def forward(model: wan.WanDiT, latents, timestep, context, *,
+            sp: SequenceParallel, return_aux: bool = False):
+  """`model(latents, timestep, context)` with the tokens over `sp.mesh`.
+
+  Same arguments and result as `WanDiT.__call__` (global arrays; call it
+  inside jit). aux["lse"]: (num_layers, B, H, N) self-attention LSE.
+  """
+  plan, layout, tokens, ctx, rope = _prepare(model, latents, timestep,
+                                             context, sp)
+  graphdef, params = nnx.split(model)
+  rows = P(DATA, SEQ)
+  body = functools.partial(_dense_local, graphdef, plan=plan, layout=layout)
+  out, lse = mesh_lib.shard_map(
+      body, mesh=sp.inner_mesh(plan),
+      in_specs=(P(), rows, P(DATA), P(DATA), P(SEQ)),
+      out_specs=(rows, P(None, DATA, None, SEQ)),
+  )(params, tokens, timestep, ctx, rope)
+  c = model.config
+  out = wan.unpatchify(layout.unshard(out), model.grid(latents.shape),
+                       c.patch_size, c.out_dim)
+  return (out, {"lse": layout.unshard(lse, axis=3)}) if return_aux else out
+
+
+def cache_sharding(sp: SequenceParallel) -> NamedSharding:
+  """Astraea caches (L, B, rows, ...): batch over data, rows over seq.
+
+  On the ("data", "seq") mesh; the same device tiling as the shard_map's
+  (data, (seq_ring, seq_ulysses)) view of it, so no data moves between.
+  """
+  return NamedSharding(sp.mesh, P(None, DATA, mesh_lib.SEQ))
+
+
+def init_cache(config, batch: int, num_tokens: int, sp: SequenceParallel,
+               selection_config: selection.SelectionConfig):
+  """`selection.init_cache` in the sharded row layout, created in place.
+
+  (L, B, P * slots, dim) arrays, each device holding its (B/data, slots)
+  block: 720p x 81 caches of the 1.3B model (55 GB in float32) never sit
+  on one device.
+  """
+  layout = TokenLayout(num_tokens, sp.plan(config.num_heads).num_shards)
+
+  def make():
+    return selection.init_cache(config.num_layers, batch,
+                                layout.num_shards * layout.slots, config.dim,
+                                selection_config)
+
+  return jax.jit(make, out_shardings=cache_sharding(sp))()
+
+
+def astraea_forward(model: wan.WanDiT, latents, timestep, context, cache, *,
+                    sp: SequenceParallel, num_selected: int,
+                    config: selection.SelectionConfig):
+  """`astraea.sampler.forward` with the tokens over `sp.mesh`.
+
+  cache from `init_cache` (sharded rows). num_selected: static global K;
+  0 < K < N computes round(K / P) rows per shard (local top-K/P); K = N
+  runs the dense blocks, K = 0 reuses every cached update.
+  Returns (velocity (B, C, F, H, W) float32, cache).
+  """
+  plan, layout, tokens, ctx, rope = _prepare(model, latents, timestep,
+                                             context, sp)
+  local_num_selected(num_selected, layout)  # range check
+  c = model.config
+  expected = (c.num_layers, latents.shape[0],
+              layout.num_shards * layout.slots, c.dim)
+  if cache["update"].shape != expected:
+    raise ValueError(
+        f"cache update {cache['update'].shape} does not match {expected} "
+        "(num_layers, batch, shards x rows, dim); build it with "
+        "parallel.init_cache for this mesh and video size")
+  graphdef, params = nnx.split(model)
+  rows = P(DATA, SEQ)
+  cache_spec = P(None, DATA, SEQ)
+  body = functools.partial(_astraea_local, graphdef, plan=plan,
+                           layout=layout, num_selected=num_selected,
+                           config=config)
+  out, cache = mesh_lib.shard_map(
+      body, mesh=sp.inner_mesh(plan),
+      in_specs=(P(), rows, P(DATA), P(DATA), P(SEQ), cache_spec),
+      out_specs=(rows, cache_spec),
+  )(params, tokens, timestep, ctx, rope, cache)
+  out = wan.unpatchify(layout.unshard(out), model.grid(latents.shape),
+                       c.patch_size, c.out_dim)
+  return out, cache

@@ -1,0 +1,383 @@
+"""Wan2.1 text-to-video end to end: prompt -> umT5 -> DiT sampling -> VAE.
+
+  astraea convert Wan-AI/Wan2.1-T2V-1.3B-Diffusers wan-1.3b/
+  python -c 'from astraea_jax.pipeline import WanPipeline; ...'
+
+  pipe = WanPipeline.from_pretrained("wan-1.3b", dtype="bfloat16")
+  video = pipe("A cat and a dog baking a cake together in a kitchen.",
+               height=480, width=832, num_frames=81, budget=0.4)
+  astraea_jax.video.write_mp4("cat.mp4", video)
+
+Numbered like diffusers' `WanPipeline.__call__`:
+  1. encode the prompt and the negative prompt (tokenizer on the host, then
+     the umT5 encoder; outputs cut to each prompt's tokens and zero-padded
+     to text_len, as Wan does);
+  2. draw the initial noise from `seed` (or take `noise`);
+  3. denoise: CFG sampling, dense or Astraea (`budget` / `schedule`);
+  4. decode the latents with the VAE: video (B, 3, T, H, W) in [-1, 1].
+
+Each stage is a method that is also a pure function of the pipeline's
+parameters, so it can run under `jax.jit` (split the pipeline like any NNX
+module): `encode_tokens(ids, mask)`, `denoise(noise, context, negative,
+loop="scan")` (dense) and `decode(latents)`. The host-side conveniences
+(strings, progress bars, per-step compiles of Astraea's K) live in
+`encode_prompt`, `denoise(loop="python")` and `decode(progress=True)`:
+
+  graphdef, state = nnx.split(pipe)
+  decode = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+
+A converted whole-model folder (what `astraea convert` writes from a full
+Wan2.1 download) holds `manifest.json` and one converted checkpoint per
+component: transformer/, vae/, text_encoder/ (config.json + orbax params/)
+and tokenizer/ (the tokenizer files as published).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from astraea_jax import checkpoint
+from astraea_jax.astraea import sampler as astraea_sampler
+from astraea_jax.sampling import sampler as dense_sampler
+from astraea_jax.vae import wan_vae
+
+F32 = jnp.float32
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "astraea-jax/wan2.1-t2v"
+MANIFEST_VERSION = 1
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+# Video -> latent factors of the Wan2.1 VAE (used when no VAE is loaded).
+WAN21_TEMPORAL_FACTOR, WAN21_SPATIAL_FACTOR = 4, 8
+
+
+# Whole-model folders ----------------------------------------------------------
+
+
+def read_manifest(path) -> dict:
+  """The manifest.json of a converted whole-model folder, validated."""
+  path = pathlib.Path(path)
+  file = path / MANIFEST_FILE
+  if not file.is_file():
+    hint = (" (it holds a single converted model: use it as the transformer "
+            "with --text-embeddings, or convert the whole Wan2.1 folder)"
+            if (path / checkpoint.CONFIG_FILE).is_file() else "")
+    raise FileNotFoundError(
+        f"{path} is not a converted Wan2.1 model folder: no {MANIFEST_FILE}"
+        f"{hint}. Create one with `astraea convert SRC DST` on the full "
+        "Wan2.1 download (transformer, VAE, text encoder, tokenizer).")
+  try:
+    manifest = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: invalid JSON ({e})") from e
+  if manifest.get("format") != MANIFEST_FORMAT:
+    raise ValueError(f"{file}: format={manifest.get('format')!r}, expected "
+                     f"{MANIFEST_FORMAT!r}")
+  if manifest.get("version") != MANIFEST_VERSION:
+    raise ValueError(f"{file}: version={manifest.get('version')!r}; this "
+                     f"astraea-jax reads version {MANIFEST_VERSION}")
+  components = manifest.get("components", {})
+  missing = [c for c in COMPONENTS
+             if not (path / components.get(c, c)).is_dir()]
+  if missing:
+    raise FileNotFoundError(f"{path}: the manifest's components {missing} "
+                            "are absent; convert the folder again")
+  return manifest
+
+
+def is_model_folder(path) -> bool:
+  return (pathlib.Path(path) / MANIFEST_FILE).is_file()
+
+
+# Shapes -----------------------------------------------------------------------
+
+
+def latent_shape(height: int, width: int, num_frames: int, *,
+                 patch_size=(1, 2, 2), temporal_factor=WAN21_TEMPORAL_FACTOR,
+                 spatial_factor=WAN21_SPATIAL_FACTOR, batch: int = 1,
+                 channels: int = 16):
+  """(B, C, F, h, w) latents of a video, or a ValueError saying what fits.
+
+  The VAE keeps the first frame and compresses the rest `temporal_factor`x
+  in time, `spatial_factor`x in space; the DiT then cuts the latents into
+  patches of `patch_size` (t, h, w).
+  """
+  pt, ph, pw = patch_size
+  if num_frames < 1 or (num_frames - 1) % temporal_factor:
+    lower = max(1, (num_frames - 1) // temporal_factor * temporal_factor + 1)
+    raise ValueError(
+        f"{num_frames=} must be 1 + {temporal_factor}k (the VAE keeps the "
+        f"first frame and compresses time {temporal_factor}x); nearest: "
+        f"{lower} or {lower + temporal_factor}")
+  frames = (num_frames - 1) // temporal_factor + 1
+  if frames % pt:
+    raise ValueError(f"{num_frames=} gives {frames} latent frames, not a "
+                     f"multiple of the temporal patch {pt}")
+  mh, mw = spatial_factor * ph, spatial_factor * pw
+  if height % mh or width % mw or height < mh or width < mw:
+    near = lambda x, m: sorted({max(m, x // m * m), max(m, -(-x // m) * m)})
+    raise ValueError(
+        f"{height=} and {width=} must be multiples of {mh} and {mw} (VAE "
+        f"{spatial_factor}x times patch {ph}x{pw}; multiples of 16 for "
+        f"Wan2.1): nearest height {near(height, mh)}, width "
+        f"{near(width, mw)}")
+  return (batch, channels, frames, height // spatial_factor,
+          width // spatial_factor)
+
+
+# Jitted host-side stages: graphdefs static, parameters traced. -------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _encode_jit(graphdef, state, ids, mask, text_len):
+  return nnx.merge(graphdef, state).encode_for_wan(ids, mask,
+                                                   text_len=text_len)
+
+
+def _latents_to_decoder_input(vae: wan_vae.WanVAE, latents):
+  """De-normalise and apply the post-quant conv exactly as `WanVAE.decode`
+  (and the references) do, z / (1 / std) + mean: (B, z, T, h, w) ->
+  (B, T, h, w, z) channels-last."""
+  cfg = vae.config
+  mean = jnp.asarray(np.asarray(cfg.latents_mean, np.float32))
+  inv_std = jnp.asarray(
+      np.float32(1.0) / np.asarray(cfg.latents_std, np.float32))
+  z = jnp.moveaxis(latents.astype(F32), 1, -1) / inv_std + mean
+  return vae.conv2(z.astype(cfg.compute_dtype))[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_first(graphdef, state, latents):
+  vae = nnx.merge(graphdef, state)
+  x = _latents_to_decoder_input(vae, latents)
+  frames, cache = vae.decoder(x[:, :1], None, first=True)
+  return x, frames, cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_next(graphdef, state, x, cache):
+  return nnx.merge(graphdef, state).decoder(x, cache, first=False)
+
+
+def _finish_video(chunks):
+  video = jnp.concatenate(chunks, axis=1)  # (B, T, H, W, 3)
+  return wan_vae.clamp_video(jnp.moveaxis(video.astype(F32), -1, 1))
+
+
+# The pipeline -----------------------------------------------------------------
+
+
+class WanPipeline(nnx.Module):
+  """Wan2.1 text-to-video: tokenizer, umT5 encoder, WanDiT, Wan VAE.
+
+  An NNX module (split/merge/jit it like one); the tokenizer is a static
+  attribute. `text_encoder`/`tokenizer` may be None when prompts come as
+  embeddings, `vae` None when only latents are wanted.
+  """
+
+  def __init__(self, transformer, vae=None, text_encoder=None,
+               tokenizer=None, *, text_len: int | None = None):
+    self.transformer = transformer
+    self.vae = vae
+    self.text_encoder = text_encoder
+    self.tokenizer = tokenizer
+    self.text_len = int(text_len or transformer.config.text_len)
+    if text_encoder is not None:
+      d, want = text_encoder.config.d_model, transformer.config.text_dim
+      if d != want:
+        raise ValueError(f"text encoder width {d} != the transformer's "
+                         f"text_dim={want}")
+
+  @classmethod
+  def from_pretrained(cls, path, *, dtype: str | None = None,
+                      vae_dtype: str | None = None,
+                      text_encoder_dtype: str | None = None,
+                      load_text_encoder: bool = True) -> WanPipeline:
+    """From a converted whole-model folder (`astraea convert` output).
+
+    dtype: compute dtype of the transformer (default: as converted);
+    text_encoder_dtype defaults to `dtype`; vae_dtype to the VAE's own
+    (float32). load_text_encoder=False skips the encoder and tokenizer
+    (prompts then come as embeddings).
+    """
+    # pylint: disable-next=import-outside-toplevel
+    from astraea_jax.models.text import tokenizer as tokenizer_lib
+    path = pathlib.Path(path)
+    manifest = read_manifest(path)
+    part = lambda name: path / manifest["components"].get(name, name)
+    transformer = checkpoint.load_model(part("transformer"), dtype=dtype)
+    vae = checkpoint.load_model(part("vae"), dtype=vae_dtype)
+    text_encoder = tokenizer = None
+    if load_text_encoder:
+      text_encoder = checkpoint.load_model(
+          part("text_encoder"), dtype=text_encoder_dtype or dtype)
+      tokenizer = tokenizer_lib.UMT5Tokenizer.from_folder(part("tokenizer"))
+    return cls(transformer, vae, text_encoder, tokenizer,
+               text_len=manifest.get("text_len"))
+
+  # 1. Text -------------------------------------------------------------------
+
+  def tokenize(self, prompts):
+    """(ids, mask) (B, text_len) int32 numpy: Wan's cleaning + umT5 tokens."""
+    if self.tokenizer is None:
+      raise ValueError("this pipeline has no tokenizer: load a whole-model "
+                       "folder, or pass prompt embeddings")
+    return self.tokenizer(prompts, self.text_len)
+
+  def encode_tokens(self, ids, mask):
+    """(B, text_len) ids and mask -> Wan context (B, text_len, text_dim),
+    zero past each prompt's tokens. Pure; jittable."""
+    if self.text_encoder is None:
+      raise ValueError("this pipeline has no text encoder: load a "
+                       "whole-model folder, or pass prompt embeddings")
+    return self.text_encoder.encode_for_wan(
+        jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+        text_len=self.text_len)
+
+  def encode_prompt(self, prompt, negative_prompt="", *,
+                    progress: bool = False):
+    """(context, negative_context), each (B, text_len, text_dim) float32.
+
+    prompt: a string or a list of B strings; negative_prompt: a string
+    (used for every prompt) or a list of B. An empty negative prompt is
+    encoded like any other (diffusers' default), not replaced by zeros.
+    One prompt per encoder call (one compile for all).
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = ([negative_prompt] * len(prompts)
+                 if isinstance(negative_prompt, str) else list(negative_prompt))
+    if not prompts or len(negatives) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts and {len(negatives)} negative"
+                       " prompts: give one negative prompt or one per prompt")
+    if self.text_encoder is None or self.tokenizer is None:
+      raise ValueError("this pipeline has no text encoder and tokenizer: "
+                       "load a whole-model folder, or pass prompt embeddings")
+    graphdef, state = nnx.split(self.text_encoder)
+    rows = []
+    for text in tqdm.tqdm(prompts + negatives, disable=not progress,
+                          desc="text encoding", unit="prompt"):
+      ids, mask = self.tokenize([text])
+      rows.append(_encode_jit(graphdef, state, jnp.asarray(ids),
+                              jnp.asarray(mask), self.text_len))
+      if progress:
+        rows[-1].block_until_ready()
+    b = len(prompts)
+    return jnp.concatenate(rows[:b]), jnp.concatenate(rows[b:])
+
+  # 2. Noise ------------------------------------------------------------------
+
+  def latent_shape(self, height: int, width: int, num_frames: int,
+                   batch: int = 1):
+    """Latent shape of a video, checked against the VAE and patch sizes."""
+    vae = self.vae.config if self.vae is not None else None
+    return latent_shape(
+        height, width, num_frames, patch_size=self.transformer.config
+        .patch_size, batch=batch, channels=self.transformer.config.in_dim,
+        temporal_factor=vae.temporal_factor if vae else WAN21_TEMPORAL_FACTOR,
+        spatial_factor=vae.spatial_factor if vae else WAN21_SPATIAL_FACTOR)
+
+  # 3. Denoising --------------------------------------------------------------
+
+  def denoise(self, noise, context, negative_context, *,
+              num_inference_steps: int = 50, guidance_scale: float = 5.0,
+              shift: float | None = None, scheduler="unipc", budget=None,
+              schedule=None, selection_config=None, loop: str = "python",
+              progress: bool = False, return_stats: bool = False):
+    """CFG sampling from `noise` (B, 16, F, h, w) -> latents.
+
+    Dense unless `budget` (mean token budget in (0, 1]) or `schedule` (one
+    budget per step) asks for Astraea. Dense with loop="scan" is one XLA
+    program (jittable as a whole); Astraea compiles one step per distinct K
+    and runs them from the host. return_stats (Astraea only): also return
+    the `SampleStats`.
+    """
+    graphdef, params = nnx.split(self.transformer)
+    common = {"scheduler": scheduler, "steps": num_inference_steps,
+              "guidance_scale": guidance_scale, "shift": shift,
+              "progress": progress}
+    if budget is None and schedule is None:
+      if return_stats:
+        raise ValueError("return_stats needs Astraea (budget or schedule)")
+      return dense_sampler.sample(graphdef, params, noise, context,
+                                  negative_context, loop=loop, **common)
+    extra = {} if selection_config is None else {
+        "selection_config": selection_config}
+    return astraea_sampler.sample(
+        graphdef, params, noise, context, negative_context, budget=budget,
+        schedule=schedule, return_stats=return_stats, **extra, **common)
+
+  # 4. Decoding ---------------------------------------------------------------
+
+  def decode(self, latents, *, progress: bool = False):
+    """latents (B, 16, F, h, w) -> video (B, 3, 1 + 4(F-1), 8h, 8w) float32
+    in [-1, 1]. progress=False: `WanVAE.decode` jitted (pure; works under
+    an outer jit too); progress=True: the same chunks run one by one from
+    the host with a progress bar (same numbers)."""
+    if self.vae is None:
+      raise ValueError("this pipeline has no VAE to decode with")
+    if not progress:
+      return wan_vae.decode_jit(self.vae, latents, clamp=True)
+    graphdef, state = nnx.split(self.vae)
+    num_frames = latents.shape[2]
+    bar = tqdm.tqdm(total=num_frames, desc="decoding", unit="latent frame")
+    with bar:
+      x, first, cache = _decode_first(graphdef, state, jnp.asarray(latents))
+      chunks = [first.block_until_ready()]
+      bar.update()
+      for t in range(1, num_frames):
+        frames, cache = _decode_next(graphdef, state, x[:, t:t + 1], cache)
+        chunks.append(frames.block_until_ready())
+        bar.update()
+    return _finish_video(chunks)
+
+  # All of it -----------------------------------------------------------------
+
+  def __call__(self, prompt=None, negative_prompt="", *, height: int = 480,
+               width: int = 832, num_frames: int = 81,
+               num_inference_steps: int = 50, guidance_scale: float = 5.0,
+               shift: float | None = None, scheduler="unipc", seed: int = 0,
+               noise=None, prompt_embeds=None, negative_prompt_embeds=None,
+               budget=None, schedule=None, selection_config=None,
+               output_type: str = "video", progress: bool = True):
+    """Text -> video (B, 3, num_frames, height, width) float32 in [-1, 1].
+
+    prompt / negative_prompt: strings (or lists), or prompt_embeds /
+    negative_prompt_embeds (B, L, text_dim) instead. noise: the initial
+    latents (B, 16, F, h, w); default drawn from `seed`. budget / schedule:
+    Astraea (see `denoise`); neither = the full model. output_type:
+    "video" or "latents" (skip decoding). shift None = 3.0 up to 480p,
+    5.0 above (Wan2.1's defaults).
+    """
+    if output_type not in ("video", "latents"):
+      raise ValueError(f"{output_type=} must be 'video' or 'latents'")
+    if (prompt is None) == (prompt_embeds is None):
+      raise ValueError("give exactly one of `prompt` and `prompt_embeds`")
+    if prompt is not None:                                            # 1.
+      context, negative = self.encode_prompt(prompt, negative_prompt,
+                                             progress=progress)
+    else:
+      context = jnp.asarray(prompt_embeds, F32)
+      negative = (jnp.zeros_like(context[:, :1])
+                  if negative_prompt_embeds is None
+                  else jnp.asarray(negative_prompt_embeds, F32))
+    shape = self.latent_shape(height, width, num_frames,              # 2.
+                              batch=context.shape[0])
+    if noise is None:
+      noise = dense_sampler.draw_noise(jax.random.key(seed), shape)
+    elif tuple(noise.shape) != shape:
+      raise ValueError(f"{noise.shape=} does not match the video: {shape}")
+    latents = self.denoise(                                            # 3.
+        noise, context, negative, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, shift=shift, scheduler=scheduler,
+        budget=budget, schedule=schedule, selection_config=selection_config,
+        progress=progress)
+    if output_type == "latents":
+      return latents
+    return self.decode(latents, progress=progress)                     # 4.

@@ -1,0 +1,270 @@
+"""The whole Wan2.1 pipeline per stage: text encoding, denoising, decoding.
+
+  PYTHONPATH=. python benchmarks/pipeline_wan.py            # H200, ~6 min
+  PYTHONPATH=. python benchmarks/pipeline_wan.py --small    # CPU smoke run
+
+Full mode: `astraea_jax.pipeline.WanPipeline` with random weights in the
+published sizes: umT5-XXL text encoder (bfloat16), Wan2.1-T2V-1.3B DiT
+(bfloat16), Wan2.1 VAE (float32, as Wan runs it); 480p x 81 frames
+(latent 16 x 21 x 60 x 104, 32,760 tokens), CFG batch 2, UniPC, 50 steps.
+
+Stages, each timed as a median of `--repeats` runs after a first (compile)
+run, whose time is recorded apart:
+  1. text: the encoder on one 512-token prompt (120 real tokens), twice per
+     video (prompt and negative prompt, as `encode_prompt` runs them);
+  2. denoise, dense: the jitted CFG step `--time-steps` times; 50 steps
+     extrapolated as 50 x the median step (stated in the JSON);
+     denoise, Astraea mean budget 0.4: the default schedule's distinct
+     token counts K each timed (median step after its compile), the
+     schedule's time = the sum of its steps' times (as astraea_wan.py);
+  3. decode: the VAE on the final latents (`WanPipeline.decode`, jitted).
+End to end = text + denoise + decode (steady state, compiles excluded);
+compile times are listed per stage. Peak device memory is read after each
+stage (JAX's peak is cumulative: each value is the peak so far).
+
+diffusers' WanPipeline side by side is not run here (it needs diffusers and
+a CUDA torch in the same process; the GPU machine has no diffusers): the
+JSON says so. Writes benchmarks/results/pipeline_wan_h200.json only after
+every measurement succeeded; `--small` writes to a temporary file (or
+`--out`), never into benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import common
+from astraea_jax import pipeline as pipeline_lib
+from astraea_jax import testing
+from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea import selection
+from astraea_jax.configs import WanConfig
+from astraea_jax.models.text import umt5
+from astraea_jax.models.text.umt5 import UMT5Config
+from astraea_jax.sampling import sampler as dense
+from astraea_jax.vae import wan_vae
+from astraea_jax.vae.wan_vae import WanVAEConfig
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "pipeline_wan_h200.json"
+STEPS, GUIDANCE, SHIFT, BUDGET = 50, 5.0, 3.0, 0.4
+PROMPT_TOKENS = 120  # a long Wan prompt; the rest of the 512 is padding
+
+
+def random_module(abstract_module, seed):
+  """The module with every parameter random (`testing.random_params`)."""
+  graphdef, state = nnx.split(abstract_module)
+  return nnx.merge(graphdef, testing.random_params(state,
+                                                   jax.random.key(seed)))
+
+
+def param_bytes(module) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(nnx.state(module)))
+
+
+def gib(n):
+  return None if n is None else n / 2**30
+
+
+def timed(fn, repeats):
+  """(first-call seconds, median seconds of `repeats` more calls)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return first, float(np.median(times))
+
+
+def build(small: bool):
+  if small:
+    config = WanConfig.tiny(num_layers=2)
+    text_config = UMT5Config.tiny(d_model=config.text_dim)
+    vae_config = WanVAEConfig.tiny()
+    height, width, frames = 64, 96, 17
+  else:
+    config = WanConfig.wan21_t2v_1_3b(dtype="bfloat16",
+                                      param_dtype="bfloat16")
+    text_config = UMT5Config.umt5_xxl(dtype="bfloat16",
+                                      param_dtype="bfloat16")
+    vae_config = WanVAEConfig.wan21()
+    height, width, frames = 480, 832, 81
+  graphdef, params = testing.random_wan(config, seed=0)
+  transformer = nnx.merge(graphdef, params)
+  text_encoder = random_module(umt5.abstract_model(text_config), 1)
+  # Eager init draws the VAE's kernels with numpy (fast); one jitted draw
+  # of its ~200 separate leaves compiles for minutes.
+  vae = wan_vae.WanVAE(vae_config, rngs=nnx.Rngs(2))
+  pipe = pipeline_lib.WanPipeline(transformer, vae, text_encoder,
+                                  text_len=config.text_len)
+  return pipe, (height, width, frames)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--small", action="store_true",
+                      help="tiny configs (CPU smoke run)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--time-steps", type=int, default=5,
+                      help="dense steps timed (after the compile step)")
+  parser.add_argument("--out", type=pathlib.Path)
+  args = parser.parse_args(argv)
+  out = args.out or (pathlib.Path(tempfile.gettempdir())
+                     / "pipeline_wan_small.json" if args.small
+                     else DEFAULT_OUT)
+  if args.small and out.resolve().is_relative_to(DEFAULT_OUT.parent):
+    parser.error("--small never writes into benchmarks/results")
+
+  pipe, (height, width, frames) = build(args.small)
+  config = pipe.transformer.config
+  shape = pipe.latent_shape(height, width, frames)
+  tokens = int(np.prod([s // p for s, p in zip(shape[2:],
+                                                config.patch_size)]))
+  rows, peaks = [], {}
+  print(f"{height}x{width}x{frames}: latent {shape}, {tokens} tokens; "
+        f"params GiB: transformer {gib(param_bytes(pipe.transformer)):.2f}, "
+        f"text encoder {gib(param_bytes(pipe.text_encoder)):.2f}, VAE "
+        f"{gib(param_bytes(pipe.vae)):.3f}")
+
+  # 1. Text: one prompt per call, as encode_prompt runs it. Each stage
+  # jits over its own component's parameters only.
+  egraph, estate = nnx.split(pipe.text_encoder)
+  length = pipe.text_len
+  encode = jax.jit(lambda s, i, m: nnx.merge(egraph, s).encode_for_wan(
+      i, m, text_len=length))
+  ids = jax.random.randint(jax.random.key(3), (1, length), 3,
+                           pipe.text_encoder.config.vocab_size)
+  mask = (jnp.arange(length) < min(PROMPT_TOKENS, length))[None].astype(
+      jnp.int32)
+  compile_text, t_text = timed(lambda: encode(estate, ids, mask),
+                               args.repeats)
+  context = encode(estate, ids, mask)
+  negative = encode(estate, ids[:, ::-1], mask)
+  peaks["text"] = common.peak_memory_bytes()
+  rows.append({"stage": "text_encoding", "prompts": 2, "tokens": length,
+               "s": 2 * t_text, "s_per_prompt": t_text,
+               "compile_s": compile_text})
+  print(f"text: {t_text:.3f} s per prompt (compile {compile_text:.1f} s)")
+
+  # 2a. Dense denoising: the jitted CFG step.
+  tgraph, params = nnx.split(pipe.transformer)
+  context_2b = dense.cfg_context(context, negative)
+  scheduler = dense.make_scheduler("unipc", STEPS, shift=SHIFT)
+  guidance = jnp.float32(GUIDANCE)
+  noise = dense.draw_noise(jax.random.key(0), shape)
+  model_fn = dense.wan_model_fn(tgraph, params, context_2b)
+  run = {"lat": noise, "st": scheduler.init(noise)}
+
+  def dense_step():
+    # pylint: disable-next=protected-access
+    run["lat"], run["st"], _ = dense._jitted_step(
+        model_fn, scheduler, guidance, run["lat"], run["st"], ())
+    return run["lat"]
+
+  compile_dense, t_dense = timed(dense_step, args.time_steps)
+  latents = run["lat"]
+  peaks["denoise_dense"] = common.peak_memory_bytes()
+  rows.append({"stage": "denoise", "method": "dense", "steps": STEPS,
+               "tokens": tokens, "s_per_step": t_dense,
+               "s": STEPS * t_dense, "extrapolated_from_steps":
+               args.time_steps, "compile_s": compile_dense})
+  print(f"dense: {t_dense * 1e3:.1f} ms/step -> {STEPS * t_dense:.1f} s "
+        f"(compile {compile_dense:.1f} s)")
+
+  # 2b. Astraea: every distinct K of the mean-0.4 schedule.
+  sel = selection.SelectionConfig()
+  sched = schedule_lib.default_schedule(BUDGET, STEPS)
+  cache = selection.init_cache(config.num_layers, 2, tokens, config.dim, sel)
+  a = {"lat": noise, "st": scheduler.init(noise), "cache": cache}
+
+  def astraea_step(k):
+    # pylint: disable-next=protected-access
+    a["lat"], a["st"], a["cache"] = astraea._step(
+        tgraph, params, context_2b, scheduler, guidance, a["st"], a["cache"],
+        a["lat"], num_selected=k, config=sel)
+    return a["lat"]
+
+  per_budget = {}
+  for theta in sorted({float(b) for b in sched}, reverse=True):  # 1.0 first
+    k = schedule_lib.num_selected(theta, tokens)
+    a["st"] = scheduler.init(noise)  # keep the step index in range
+    compile_k, t_k = timed(lambda k=k: astraea_step(k), args.repeats)
+    per_budget[theta] = t_k
+    rows.append({"stage": "denoise_astraea_step", "budget": theta,
+                 "tokens_selected": k, "s_per_step": t_k,
+                 "fraction_of_dense": t_k / t_dense, "compile_s": compile_k})
+    print(f"  budget {theta:.1f} (K={k}): {t_k * 1e3:.1f} ms/step")
+  t_astraea = float(sum(per_budget[float(b)] for b in sched))
+  compile_astraea = sum(r["compile_s"] for r in rows
+                        if r["stage"] == "denoise_astraea_step")
+  peaks["denoise_astraea"] = common.peak_memory_bytes()
+  rows.append({"stage": "denoise", "method": "astraea", "mean_budget":
+               float(np.mean(sched)), "schedule": [float(b) for b in sched],
+               "steps": STEPS, "s": t_astraea, "extrapolated": "sum of the "
+               "per-K step medians over the schedule",
+               "compile_s": compile_astraea})
+  print(f"astraea {BUDGET}: {t_astraea:.1f} s "
+        f"({STEPS * t_dense / t_astraea:.2f}x the dense denoising)")
+
+  # 3. Decode the dense run's latents.
+  vgraph, vstate = nnx.split(pipe.vae)
+  decode = jax.jit(lambda s, z: nnx.merge(vgraph, s).decode(z, clamp=True))
+  compile_vae, t_vae = timed(lambda: decode(vstate, latents), args.repeats)
+  video = decode(vstate, latents)
+  assert video.shape == (1, 3, frames, height, width), video.shape
+  peaks["decode"] = common.peak_memory_bytes()
+  rows.append({"stage": "vae_decode", "latent_frames": shape[2],
+               "video": [frames, height, width], "dtype":
+               pipe.vae.config.dtype, "s": t_vae, "compile_s": compile_vae})
+  print(f"decode: {t_vae:.2f} s (compile {compile_vae:.1f} s)")
+
+  total_dense = 2 * t_text + STEPS * t_dense + t_vae
+  total_astraea = 2 * t_text + t_astraea + t_vae
+  rows.append({"stage": "end_to_end", "method": "dense", "s": total_dense})
+  rows.append({"stage": "end_to_end", "method": "astraea",
+               "mean_budget": BUDGET, "s": total_astraea,
+               "speedup": total_dense / total_astraea})
+  if all(v is not None for v in peaks.values()):
+    rows.append({"stage": "peak_memory", **{
+        f"{k}_gib": gib(v) for k, v in peaks.items()},
+        "params_gib": {"transformer": gib(param_bytes(pipe.transformer)),
+                       "text_encoder": gib(param_bytes(pipe.text_encoder)),
+                       "vae": gib(param_bytes(pipe.vae))}})
+  print(f"end to end: dense {total_dense:.1f} s, Astraea {BUDGET} "
+        f"{total_astraea:.1f} s ({total_dense / total_astraea:.2f}x)")
+
+  targets = [{"name": "denoise_speedup_budget_0.4",
+              "value": STEPS * t_dense / t_astraea, "op": ">=",
+              "target": 2.29}]  # Astraea paper, Wan at mean budget 0.4
+  settings = {
+      "model": "wan2.1-t2v-1.3b architecture, random weights"
+               if not args.small else "tiny configs (smoke run)",
+      "text_encoder": f"umt5 {pipe.text_encoder.config.param_dtype}",
+      "transformer_dtype": config.dtype, "vae_dtype": pipe.vae.config.dtype,
+      "video": [frames, height, width], "latent_shape": list(shape),
+      "tokens": tokens, "cfg_batch": 2, "steps": STEPS,
+      "scheduler": f"unipc shift {SHIFT}", "guidance": GUIDANCE,
+      "repeats": args.repeats, "dense_steps_timed": args.time_steps,
+      "extrapolation": "dense: 50 x median step; Astraea: sum over the "
+                       "schedule of the per-K median step",
+      "peak_memory": "cumulative peak after each stage, in stage order",
+      "diffusers": "not run: the diffusers WanPipeline side by side needs "
+                   "diffusers and CUDA torch in this process (absent on the "
+                   "GPU machine)"}
+  common.write_results(out, "pipeline_wan", settings, rows, targets)
+
+
+if __name__ == "__main__":
+  main()

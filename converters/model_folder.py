@@ -1,0 +1,492 @@
+"""A whole Wan2.1 T2V download -> one converted model folder.
+
+  astraea convert Wan2.1-T2V-1.3B/ wan-1.3b/ --allow-pth      # original
+  astraea convert Wan2.1-T2V-1.3B-Diffusers/ wan-1.3b/        # diffusers
+  astraea convert Wan-AI/Wan2.1-T2V-1.3B-Diffusers wan-1.3b/  # hub repo id
+
+Layouts (detected from the files):
+  original   config.json (`dim`, ...) + diffusion_pytorch_model*.safetensors
+             (transformer), Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth
+             (umT5 encoder, the original `T5Encoder` state dict) and
+             google/umt5-xxl/ (tokenizer files). The two .pth files are
+             PyTorch pickles: read only with allow_pth (--allow-pth), with
+             `torch.load(weights_only=True, mmap=True)`; a `.safetensors`
+             file of the same name and keys is read without torch.
+  diffusers  model_index.json, transformer/, vae/, text_encoder/,
+             tokenizer/ (and scheduler/, not needed: the sampler is ours).
+
+The output, written atomically (nothing appears at DST unless all of it
+converted):
+  DST/manifest.json      what was converted, from where, text length
+  DST/transformer/       config.json + orbax params/  (checkpoint.save)
+  DST/vae/               config.json + params/ (float32 parameters)
+  DST/text_encoder/      config.json + params/
+  DST/tokenizer/         tokenizer.json / spiece.model + their settings
+Tensors stream one at a time from memory-mapped files into the converted
+buffers, one component at a time, with one progress bar in bytes.
+
+A folder with one model only (original config.json + weights, a diffusers
+folder with transformer/ or text_encoder/ alone) is not a whole model:
+`astraea convert` converts that model alone, as before; so does `--format
+wan|diffusers|umt5` on a whole folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+import shutil
+from collections.abc import Mapping
+
+import numpy as np
+import tqdm
+
+from astraea_jax import checkpoint, pipeline
+from astraea_jax.models.text import tokenizer as tokenizer_lib
+from astraea_jax.models.text.umt5 import UMT5Config
+from converters import umt5 as umt5_converter
+from converters import wan as wan_converter
+from converters import wan_vae as vae_converter
+from converters.common import CheckpointError, open_safetensors_folder
+from converters.safetensors_io import SafetensorsError, SafetensorsFile
+
+# Names in the original Wan2.1 release (Wan-AI/Wan2.1-T2V-1.3B and -14B).
+ORIGINAL_VAE = "Wan2.1_VAE"
+ORIGINAL_TEXT_ENCODER = "models_t5_umt5-xxl-enc-bf16"
+ORIGINAL_TOKENIZER = "google/umt5-xxl"
+WEIGHT_SUFFIXES = (".safetensors", ".pth")
+# The tokenizer files `UMT5Tokenizer` reads; copied as they are.
+TOKENIZER_FILES = (tokenizer_lib.TOKENIZER_JSON,
+                   tokenizer_lib.SENTENCEPIECE_MODEL, "tokenizer_config.json",
+                   "special_tokens_map.json")
+# The original `T5RelativeEmbedding` default, not stored in the state dict.
+ORIGINAL_T5_MAX_DISTANCE = 128
+# What a hub download fetches: weights, configs, tokenizer files (not the
+# example videos and images of the original repos). .pth only when allowed.
+DOWNLOAD_PATTERNS = ("*.json", "*.safetensors", "*.model")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFolder:
+  """Where each component of a whole Wan2.1 download lives."""
+  layout: str                  # "original" or "diffusers"
+  root: pathlib.Path
+  vae: pathlib.Path            # vae/ folder, or Wan2.1_VAE.{pth,safetensors}
+  text_encoder: pathlib.Path   # text_encoder/ folder, or models_t5_*.{...}
+  tokenizer: pathlib.Path      # folder with tokenizer.json / spiece.model
+
+  def pth_files(self) -> list[pathlib.Path]:
+    return [p for p in (self.vae, self.text_encoder) if p.suffix == ".pth"]
+
+
+# Finding the parts ------------------------------------------------------------
+
+
+def _weights_file(root: pathlib.Path, stem: str):
+  for suffix in WEIGHT_SUFFIXES:
+    if (root / f"{stem}{suffix}").is_file():
+      return root / f"{stem}{suffix}"
+  return None
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from e
+
+
+def _has_tokenizer(folder: pathlib.Path) -> bool:
+  return any((folder / n).is_file() for n in (
+      tokenizer_lib.TOKENIZER_JSON, tokenizer_lib.SENTENCEPIECE_MODEL))
+
+
+def find_model_folder(src) -> ModelFolder | None:
+  """The components of a whole-model folder; None for a single model.
+
+  A whole model: model_index.json, or transformer/ beside another diffusers
+  part, or an original transformer beside another original part. Raises
+  CheckpointError naming every missing part when one is incomplete. A
+  single model (a transformer alone, a text_encoder/ alone) gives None.
+  """
+  root = pathlib.Path(src)
+  if not root.is_dir():
+    raise CheckpointError(f"{root} is not a checkpoint folder")
+  index = root / "model_index.json"
+  diffusers_parts = [d for d in ("vae", "text_encoder", "tokenizer")
+                     if (root / d).is_dir()]
+  if index.is_file() or ((root / "transformer").is_dir() and diffusers_parts):
+    return _diffusers_folder(root, index)
+  original = {
+      "vae": _weights_file(root, ORIGINAL_VAE),
+      "text_encoder": _weights_file(root, ORIGINAL_TEXT_ENCODER),
+      "tokenizer": (root / ORIGINAL_TOKENIZER
+                    if (root / ORIGINAL_TOKENIZER).is_dir() else None)}
+  if not any(original.values()):
+    return None
+  missing = []
+  if not (root / "config.json").is_file():
+    missing.append("no transformer: expected config.json + "
+                   "diffusion_pytorch_model*.safetensors")
+  if original["vae"] is None:
+    missing.append(f"no VAE: expected {ORIGINAL_VAE}.pth (needs "
+                   f"--allow-pth) or {ORIGINAL_VAE}.safetensors")
+  if original["text_encoder"] is None:
+    missing.append(f"no text encoder: expected {ORIGINAL_TEXT_ENCODER}.pth "
+                   f"(needs --allow-pth) or {ORIGINAL_TEXT_ENCODER}"
+                   ".safetensors")
+  if original["tokenizer"] is None or not _has_tokenizer(
+      original["tokenizer"]):
+    missing.append(f"no tokenizer: expected {ORIGINAL_TOKENIZER}/ with "
+                   f"{tokenizer_lib.TOKENIZER_JSON} or "
+                   f"{tokenizer_lib.SENTENCEPIECE_MODEL}")
+  _raise_missing(root, "original", missing)
+  return ModelFolder("original", root, **original)
+
+
+def _diffusers_folder(root: pathlib.Path, index: pathlib.Path):
+  if index.is_file():
+    doc = _read_json(index)
+    name = doc.get("_class_name", "WanPipeline")
+    if name != "WanPipeline":
+      raise CheckpointError(f"{index}: _class_name={name!r}; only the Wan2.1 "
+                            "text-to-video WanPipeline is supported")
+    second = doc.get("transformer_2")
+    if isinstance(second, list) and any(second):
+      raise CheckpointError(f"{index}: transformer_2={second}: two-expert "
+                            "(Wan2.2) models are not supported")
+  missing = []
+  if not (root / "transformer" / "config.json").is_file():
+    missing.append("no transformer: expected transformer/ with config.json "
+                   "(diffusers) or config.json + diffusion_pytorch_model"
+                   "*.safetensors (original)")
+  if not (root / "vae").is_dir():
+    missing.append(f"no VAE: expected vae/ (diffusers) or {ORIGINAL_VAE}.pth"
+                   " (original, needs --allow-pth)")
+  if not (root / "text_encoder" / "config.json").is_file():
+    missing.append("no text encoder: expected text_encoder/ with "
+                   f"config.json (diffusers) or {ORIGINAL_TEXT_ENCODER}.pth "
+                   "(original, needs --allow-pth)")
+  if not _has_tokenizer(root / "tokenizer"):
+    missing.append(f"no tokenizer: expected tokenizer/ with "
+                   f"{tokenizer_lib.TOKENIZER_JSON} or "
+                   f"{tokenizer_lib.SENTENCEPIECE_MODEL} (diffusers) or "
+                   f"{ORIGINAL_TOKENIZER}/ (original)")
+  _raise_missing(root, "diffusers", missing)
+  return ModelFolder("diffusers", root, root / "vae", root / "text_encoder",
+                     root / "tokenizer")
+
+
+def _raise_missing(root, layout, missing):
+  if missing:
+    found = sorted(p.name + ("/" if p.is_dir() else "")
+                   for p in root.iterdir())
+    raise CheckpointError(
+        f"{root}: incomplete Wan2.1 model folder ({layout} layout):\n  "
+        + "\n  ".join(missing) + f"\nfound: {found}\n(to convert one part "
+        "alone, name it with --format wan|diffusers|umt5)")
+
+
+# Sources ----------------------------------------------------------------------
+
+
+def pth_refused(path) -> CheckpointError:
+  return CheckpointError(
+      f"{path} is a PyTorch pickle; loading a pickle can execute code, so it "
+      "is refused by default. Pass --allow-pth (Python: allow_pth=True) to "
+      "read it with torch.load(weights_only=True), or convert it to "
+      "safetensors first.")
+
+
+class PthSource:
+  """The tensors of a PyTorch `.pth` state dict, read lazily.
+
+  Refused unless allow_pth (unpickling can run code). Then needs torch and
+  loads with weights_only=True (tensors and containers only) and
+  mmap=True, so tensors are paged in one at a time as they are read.
+  """
+
+  def __init__(self, path, *, allow_pth: bool = False):
+    self.path = pathlib.Path(path)
+    if not allow_pth:
+      raise pth_refused(self.path)
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise CheckpointError(
+          f"{self.path}: reading a .pth needs PyTorch (pip install torch), "
+          "or convert the file to safetensors where torch is installed") from e
+    self._torch = torch
+    try:
+      try:
+        obj = torch.load(self.path, map_location="cpu", weights_only=True,
+                         mmap=True)
+      except RuntimeError as e:  # legacy (non-zip) files cannot be mapped
+        if "mmap" not in str(e):
+          raise
+        obj = torch.load(self.path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds
+      raise CheckpointError(f"{self.path}: torch.load(weights_only=True) "
+                            f"failed: {type(e).__name__}: {e}") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"),
+                                               Mapping):
+      obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor)
+        for k, v in obj.items()):
+      raise CheckpointError(f"{self.path}: not a state dict of tensors "
+                            f"(got {type(obj).__name__})")
+    self._tensors = dict(obj)
+
+  def keys(self):
+    return list(self._tensors)
+
+  def shape(self, key):
+    return tuple(self._tensors[key].shape)
+
+  def get(self, key) -> np.ndarray:
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+    tensor = self._tensors[key].detach().contiguous()
+    if tensor.dtype == self._torch.bfloat16:  # numpy has no bfloat16: bits
+      return tensor.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def open_weights(path, *, allow_pth: bool):
+  """A tensor source over one .pth (allow_pth) or .safetensors file."""
+  path = pathlib.Path(path)
+  if path.suffix == ".pth":
+    return PthSource(path, allow_pth=allow_pth)
+  try:
+    return SafetensorsFile(path)
+  except (OSError, SafetensorsError) as e:
+    raise CheckpointError(f"{path}: {e}") from e
+
+
+class _Metered:
+  """A tensor source that advances a progress bar by each tensor's bytes."""
+
+  def __init__(self, source, bar):
+    self._source, self._bar = source, bar
+
+  def keys(self):
+    return self._source.keys()
+
+  def shape(self, key):
+    return self._source.shape(key)
+
+  def get(self, key):
+    value = self._source.get(key)
+    self._bar.update(value.nbytes)
+    return value
+
+
+def _input_bytes(folder: ModelFolder, transformer_dir: pathlib.Path) -> int:
+  files = [*transformer_dir.glob("diffusion_pytorch_model*.safetensors")]
+  for part in (folder.vae, folder.text_encoder):
+    files += [part] if part.is_file() else [*part.glob("*.safetensors")]
+  return sum(f.stat().st_size for f in files)
+
+
+# Components -------------------------------------------------------------------
+
+
+def umt5_config_from_original(source, **overrides) -> UMT5Config:
+  """The encoder's config from the shapes of an original Wan `T5Encoder`
+  state dict (the .pth carries no config; umT5-XXL gives the preset)."""
+  keys = set(source.keys())
+  needed = ("token_embedding.weight", "blocks.0.attn.q.weight",
+            "blocks.0.ffn.fc1.weight",
+            "blocks.0.pos_embedding.embedding.weight")
+  absent = [k for k in needed if k not in keys]
+  if absent:
+    hint = (" (one position table shared by all layers: a T5, not umT5)"
+            if "pos_embedding.embedding.weight" in keys else "")
+    raise CheckpointError(f"not an original Wan umT5 encoder state dict: no "
+                          f"{absent}{hint}")
+  vocab, d_model = source.shape("token_embedding.weight")
+  inner = source.shape("blocks.0.attn.q.weight")[0]
+  d_ff = source.shape("blocks.0.ffn.fc1.weight")[0]
+  buckets, heads = source.shape("blocks.0.pos_embedding.embedding.weight")
+  layers = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+  if inner % heads:
+    raise CheckpointError(f"attention width {inner} is not a multiple of "
+                          f"{heads} heads")
+  return UMT5Config(
+      vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff,
+      num_layers=layers, num_heads=heads,
+      relative_attention_num_buckets=buckets,
+      relative_attention_max_distance=ORIGINAL_T5_MAX_DISTANCE, **overrides)
+
+
+def read_transformer(folder: ModelFolder, *, dtype, text_len, bar):
+  layout, transformer_dir = wan_converter.detect_layout(folder.root)
+  cfg = _read_json(transformer_dir / "config.json")
+  try:
+    config = wan_converter.config_from_checkpoint(
+        layout, cfg, text_len=text_len, param_dtype=dtype, dtype=dtype)
+  except KeyError as e:
+    raise CheckpointError(f"{transformer_dir / 'config.json'}: missing field"
+                          f" {e.args[0]!r}") from e
+  source = open_safetensors_folder(transformer_dir, "diffusion_pytorch_model")
+  params = wan_converter.load_params(_Metered(source, bar), layout, config)
+  return config, params
+
+
+def read_vae(folder: ModelFolder, *, allow_pth, bar):
+  """VAE parameters, float32 (it is small; Wan runs it in float32)."""
+  if folder.vae.is_dir():
+    source, layout, cfg = vae_converter.open_checkpoint(folder.vae)
+  else:
+    source = open_weights(folder.vae, allow_pth=allow_pth)
+    layout, cfg = vae_converter.detect_layout(source.keys()), None
+  config = (vae_converter.config_from_diffusers(cfg) if cfg is not None
+            else vae_converter.infer_config(source, layout))
+  params = vae_converter.load_params(_Metered(source, bar), config, layout)
+  return config, params
+
+
+def read_text_encoder(folder: ModelFolder, *, dtype, allow_pth, bar):
+  if folder.text_encoder.is_dir():
+    te_dir = umt5_converter.find_folder(folder.text_encoder)
+    config = umt5_converter.config_from_checkpoint(
+        _read_json(te_dir / "config.json"), dtype=dtype, param_dtype=dtype)
+    source, layout = open_safetensors_folder(te_dir, "model"), "diffusers"
+  else:
+    source = open_weights(folder.text_encoder, allow_pth=allow_pth)
+    config = umt5_config_from_original(source, dtype=dtype,
+                                       param_dtype=dtype)
+    layout = "wan"
+  params = umt5_converter.load_params(_Metered(source, bar), config, layout)
+  return config, params
+
+
+def copy_tokenizer(src: pathlib.Path, dst: pathlib.Path, vocab_size: int):
+  """Copies the tokenizer files and checks that they load and fit."""
+  dst.mkdir()
+  for name in TOKENIZER_FILES:
+    if (src / name).is_file():
+      shutil.copy2(src / name, dst / name)
+  try:
+    tokenizer = tokenizer_lib.UMT5Tokenizer.from_folder(dst)
+  except (tokenizer_lib.TokenizerFilesError, ImportError) as e:
+    raise CheckpointError(f"{src}: the tokenizer does not load: {e}") from e
+  if tokenizer.vocab_size > vocab_size:
+    raise CheckpointError(
+        f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+        f"text encoder embeds only {vocab_size}")
+
+
+# Conversion -------------------------------------------------------------------
+
+
+def convert(folder: ModelFolder, dst, *, dtype: str = "float32",
+            text_len: int | None = None, allow_pth: bool = False,
+            overwrite: bool = False, progress: bool = True,
+            source_name: str | None = None) -> dict:
+  """Converts every component into DST (atomically); returns the manifest.
+
+  dtype: parameter dtype of the transformer and the text encoder (the VAE
+  stays float32). text_len: text tokens the DiT pads its context to
+  (default: the checkpoint's, 512 for diffusers).
+  """
+  if folder.pth_files() and not allow_pth:  # before converting anything
+    raise pth_refused(folder.pth_files()[0])
+  _, transformer_dir = wan_converter.detect_layout(folder.root)
+  rel = lambda p: str(p.relative_to(folder.root)) + ("/" if p.is_dir()
+                                                     else "")
+  with checkpoint.atomic_folder(dst, overwrite=overwrite) as tmp, tqdm.tqdm(
+      total=_input_bytes(folder, transformer_dir), unit="B", unit_scale=True,
+      unit_divisor=1024, desc="converting", disable=not progress) as bar:
+    sub = {}
+    bar.set_postfix_str("transformer")
+    config, params = read_transformer(folder, dtype=dtype, text_len=text_len,
+                                      bar=bar)
+    checkpoint.save(tmp / "transformer", config, params)
+    sub["transformer"] = config
+    del params
+    bar.set_postfix_str("vae")
+    vae_config, params = read_vae(folder, allow_pth=allow_pth, bar=bar)
+    checkpoint.save(tmp / "vae", vae_config, params)
+    del params
+    bar.set_postfix_str("text encoder")
+    te_config, params = read_text_encoder(folder, dtype=dtype,
+                                          allow_pth=allow_pth, bar=bar)
+    if te_config.d_model != config.text_dim:
+      raise CheckpointError(
+          f"the text encoder's width {te_config.d_model} != the "
+          f"transformer's text_dim={config.text_dim}")
+    checkpoint.save(tmp / "text_encoder", te_config, params)
+    del params
+    copy_tokenizer(folder.tokenizer, tmp / "tokenizer",
+                   te_config.vocab_size)
+    bar.update(bar.total - bar.n)
+    manifest = {
+        "format": pipeline.MANIFEST_FORMAT,
+        "version": pipeline.MANIFEST_VERSION,
+        "model": "wan2.1-t2v",
+        "source": source_name or str(folder.root),
+        "layout": folder.layout,
+        "text_len": config.text_len,
+        "components": {c: c for c in pipeline.COMPONENTS},
+        "converted_from": {
+            "transformer": rel(transformer_dir), "vae": rel(folder.vae),
+            "text_encoder": rel(folder.text_encoder),
+            "tokenizer": rel(folder.tokenizer)},
+        "param_dtype": {"transformer": config.param_dtype,
+                        "vae": vae_config.param_dtype,
+                        "text_encoder": te_config.param_dtype},
+    }
+    (tmp / pipeline.MANIFEST_FILE).write_text(
+        json.dumps(manifest, indent=2) + "\n")
+  return manifest
+
+
+# Sources on the Hugging Face hub ----------------------------------------------
+
+
+def looks_like_repo_id(src: str) -> bool:
+  return bool(_REPO_ID.match(str(src)))
+
+
+def resolve_source(src, *, revision: str | None = None,
+                   allow_pth: bool = False) -> pathlib.Path:
+  """A local folder as is; else a hub repo id (`org/name`) downloaded with
+  huggingface_hub into its cache (HF_HUB_CACHE; offline with
+  HF_HUB_OFFLINE=1 it resolves the cached snapshot)."""
+  path = pathlib.Path(src)
+  if path.exists():
+    if revision is not None:
+      raise CheckpointError(f"--revision applies to hub repo ids, but {src} "
+                            "is a local path")
+    return path
+  if not looks_like_repo_id(str(src)):
+    raise CheckpointError(f"{src}: no such folder (nor a Hugging Face repo "
+                          "id of the form org/name)")
+  return download(str(src), revision=revision, allow_pth=allow_pth)
+
+
+def download(repo_id: str, *, revision: str | None = None,
+             allow_pth: bool = False) -> pathlib.Path:
+  """`huggingface_hub.snapshot_download` of the files a conversion reads
+  (.pth files only with allow_pth); returns the snapshot folder."""
+  try:
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise CheckpointError(
+        f"{repo_id!r} is not a local folder and looks like a Hugging Face "
+        "repo id; fetching it needs huggingface_hub (pip install "
+        "huggingface_hub), or download it yourself and pass the folder") \
+        from e
+  patterns = [*DOWNLOAD_PATTERNS, *(["*.pth"] if allow_pth else [])]
+  try:
+    folder = huggingface_hub.snapshot_download(
+        repo_id, revision=revision, allow_patterns=patterns)
+  except Exception as e:  # network, auth, offline cache miss, bad id ...
+    raise CheckpointError(
+        f"{repo_id!r} is not a local folder, and fetching it from the "
+        f"Hugging Face hub failed: {type(e).__name__}: {e}") from e
+  return pathlib.Path(folder)

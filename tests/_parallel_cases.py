@@ -1,0 +1,193 @@
+"""Multi-device parity cases; run by tests/test_parallel.py in a subprocess.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
+      python -m pytest -q tests/_parallel_cases.py
+
+Needs 4 (fake CPU) devices before JAX starts, which is why it is not
+collected with the rest of the suite. Meshes over 2, 3 and 4 of them.
+Tolerance: 1e-5 relative (max abs error / max abs value) in float32: the
+sharded model does the same maths in another summation order (attention
+merged from chunks, matmuls over fewer rows); observed errors are ~1e-6.
+"""
+
+import _parallel_reference as ref
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from astraea_jax import parallel, testing
+from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea import selection
+from astraea_jax.sampling import sampler as dense
+
+TOL = 1e-5
+STEPS = 4
+
+
+def setup_module():
+  if len(jax.devices()) < 4:
+    raise RuntimeError(
+        f"these cases need 4 devices, found {len(jax.devices())}: set "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=4")
+
+
+@pytest.fixture(scope="module")
+def split_model():
+  return ref.random_model()
+
+
+@pytest.fixture(scope="module")
+def model(split_model):
+  return nnx.merge(*split_model)
+
+
+def _model_inputs(shape):
+  noise, ctx, _ = ref.inputs(shape)
+  latents = jnp.concatenate([noise, 0.5 * noise])  # a batch of 2
+  timestep = jnp.array([900.0, 400.0])
+  context = jnp.concatenate([ctx, -ctx])
+  return latents, timestep, context
+
+
+@jax.jit
+def _single_device(model, latents, timestep, context):
+  return model(latents, timestep, context, return_aux=True)
+
+
+# (devices, data, strategy, latent shape, expected (ulysses, ring))
+FORWARD_CASES = [
+    (4, 1, "auto", ref.SHAPE_35, (2, 2)),     # hybrid, pad rows in the ring
+    (4, 1, "ring", ref.SHAPE_36, (1, 4)),     # ring, even split
+    (3, 1, "ulysses", ref.SHAPE_35, (3, 1)),  # odd count, pad rows
+    (4, 2, "auto", ref.SHAPE_36, (2, 1)),     # data x seq = 2 x 2
+]
+
+
+@pytest.mark.parametrize("devices,data,strategy,shape,split", FORWARD_CASES)
+def test_forward_matches_single_device(model, devices, data, strategy, shape,
+                                       split):
+  latents, timestep, context = _model_inputs(shape)
+  want, want_aux = _single_device(model, latents, timestep, context)
+  sp = parallel.SequenceParallel(parallel.make_mesh(devices, data=data),
+                                 strategy)
+  plan = sp.plan(ref.CONFIG.num_heads)
+  assert (plan.ulysses, plan.ring) == split
+  got, aux = jax.jit(
+      lambda m, *a: parallel.forward(m, *a, sp=sp, return_aux=True))(
+          model, latents, timestep, context)
+  assert ref.rel_err(got, want) <= TOL
+  assert ref.rel_err(aux["lse"], want_aux["lse"]) <= TOL
+
+
+def test_forced_ulysses_needs_divisible_heads(model):
+  latents, timestep, context = _model_inputs(ref.SHAPE_36)
+  sp = parallel.SequenceParallel(parallel.make_mesh(4), "ulysses")
+  with pytest.raises(ValueError, match=r"num_heads=6 .* num_shards=4"):
+    parallel.forward(model, latents, timestep, context, sp=sp)
+
+
+def test_astraea_forward_matches_per_shard_reference(model):
+  """A dense step fills the caches, then a sparse step: velocity and cache
+  equal the one-device reference; every shard computed exactly K/P."""
+  latents, timestep, context = _model_inputs(ref.SHAPE_35)
+  n, shards = 35, 4
+  sp = parallel.SequenceParallel(parallel.make_mesh(shards), "auto")
+  layout = parallel.TokenLayout(n, shards)
+  cfg = ref.SELECTION
+  cache_sp = parallel.init_cache(ref.CONFIG, 2, n, sp, cfg)
+  cache_ref = selection.init_cache(ref.CONFIG.num_layers, 2, n,
+                                   ref.CONFIG.dim, cfg)
+  k = schedule_lib.num_selected(0.5, n)
+  k_local = parallel.local_num_selected(k, layout)
+  assert (k, k_local) == (18, 5)  # round(4.5) up; shortest shard: 8
+
+  sp_fn = jax.jit(lambda m, x, t, c, cache, k: parallel.astraea_forward(
+      m, x, t, c, cache, sp=sp, num_selected=k, config=cfg),
+                  static_argnums=5)
+  ref_fn = jax.jit(lambda m, x, t, c, cache, k: ref.reference_forward(
+      m, x, t, c, cache, num_selected=k, num_shards=shards),
+                   static_argnums=5)
+  for step, num in enumerate([n, k]):
+    t = timestep - 300.0 * step
+    x = latents * (1.0 - 0.2 * step)
+    got, cache_sp = sp_fn(model, x, t, context, cache_sp, num)
+    want, cache_ref = ref_fn(model, x, t, context, cache_ref, num)
+    assert ref.rel_err(got, want) <= TOL, step
+    unsharded = jax.tree.map(lambda c: layout.unshard(c, axis=2), cache_sp)
+    np.testing.assert_array_equal(unsharded["stale"], cache_ref["stale"])
+    for key in ("update", "input", "lse"):
+      assert ref.rel_err(unsharded[key], cache_ref[key]) <= TOL, (step, key)
+  # Balanced: every layer, batch row and shard computed k_local tokens.
+  fresh = (np.asarray(cache_sp["stale"]) == 0).reshape(
+      ref.CONFIG.num_layers, 2, shards, layout.slots).sum(-1)
+  np.testing.assert_array_equal(fresh, k_local)
+
+
+@pytest.fixture(scope="module")
+def dense_reference(split_model):
+  return dense.sample(*split_model, *ref.inputs(), steps=STEPS, shift=3.0,
+                      progress=False)
+
+
+def test_dense_sampler_matches_single_device(split_model, dense_reference):
+  got = parallel.sample(*split_model, *ref.inputs(), steps=STEPS, shift=3.0,
+                        progress=False, mesh=parallel.make_mesh(4),
+                        strategy="hybrid")
+  assert ref.rel_err(got, dense_reference) <= TOL
+
+
+def test_astraea_budget_one_equals_dense_sampler(split_model,
+                                                 dense_reference):
+  got = parallel.astraea_sample(*split_model, *ref.inputs(),
+                                schedule=[1.0] * STEPS, steps=STEPS,
+                                shift=3.0, progress=False,
+                                mesh=parallel.make_mesh(3), strategy="ring")
+  assert ref.rel_err(got, dense_reference) <= TOL
+
+
+def test_astraea_sampler_matches_per_shard_reference(split_model,
+                                                     dense_reference):
+  schedule = [1.0, 0.5, 0.0, 0.5]
+  got, stats = parallel.astraea_sample(
+      *split_model, *ref.inputs(), schedule=schedule, steps=STEPS, shift=3.0,
+      progress=False, return_stats=True, mesh=parallel.make_mesh(3),
+      strategy="ulysses")
+  want = ref.reference_astraea_sample(*split_model, *ref.inputs(),
+                                      schedule=schedule, num_shards=3)
+  assert ref.rel_err(got, want) <= TOL
+  assert ref.rel_err(got, dense_reference) > 1e-3  # selection did act
+  assert stats.selected_per_shard == [12, 6, 0, 6]  # 35 tokens: 12, 12, 11
+  assert stats.num_selected == [35, 18, 0, 18]
+
+
+def test_generate_devices_matches_one_device(tmp_path):
+  """`astraea generate --devices 4` (mesh data 2 x seq 2) runs Astraea and
+  the full model sharded; at budget 1.0 both equal one device's sampler."""
+  # pylint: disable=g-import-not-at-top
+  from astraea_jax import cli
+  from converters.safetensors_io import SafetensorsFile, save_file
+  src = testing.write_wan_checkpoint(tmp_path / "src", ref.CONFIG, seed=1)
+  assert cli.main(["convert", str(src), str(tmp_path / "ckpt"),
+                   "--quiet"]) == 0
+  _, ctx, _ = ref.inputs()
+  save_file({"context": np.asarray(ctx[0])}, tmp_path / "emb.safetensors")
+  out = tmp_path / "out"
+  assert cli.main([
+      "generate", str(tmp_path / "ckpt"), "--text-embeddings",
+      str(tmp_path / "emb.safetensors"), "--out", str(out), "--height", "32",
+      "--width", "48", "--frames", "5", "--steps", "2", "--budget", "1.0",
+      "--compare", "--devices", "4"]) == 0
+  f = SafetensorsFile(out / "outputs.safetensors")
+  noise = dense.draw_noise(jax.random.key(0), (1, 16, 2, 4, 6))
+  model = checkpoint_model(tmp_path / "ckpt")
+  want = dense.sample(*model, noise, ctx, jnp.zeros((1, 1, 24)), steps=2,
+                      progress=False)
+  for name in ("latents_full", "latents_astraea"):
+    assert ref.rel_err(f.get(name), want) <= TOL, name
+
+
+def checkpoint_model(path):
+  from astraea_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  return nnx.split(checkpoint.load_model(path))
