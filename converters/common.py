@@ -7,6 +7,7 @@ import pathlib
 from collections.abc import Mapping
 
 import numpy as np
+import tqdm
 
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
@@ -126,3 +127,39 @@ def unflatten_dict(flat):
       d = d.setdefault(p, {})
     d[path[-1]] = value
   return out
+
+
+def check_keys(source, expected: dict, *, layout: str, ignored=()):
+  """Raises KeyMismatch naming every missing, unexpected (not in `ignored`)
+  and misshapen key of `source` against {key: expected shape}."""
+  present = set(source.keys())
+  missing = sorted(set(expected) - present)
+  unexpected = sorted(present - set(expected) - set(ignored))
+  misshapen = sorted(
+      f"{k}: checkpoint {tuple(source.shape(k))}, expected "
+      f"{tuple(expected[k])}"
+      for k in present & set(expected)
+      if tuple(source.shape(k)) != tuple(expected[k]))
+  if missing or unexpected or misshapen:
+    raise KeyMismatch(missing=missing, unexpected=unexpected,
+                      misshapen=misshapen, layout=layout)
+
+
+def stream_params(source, keys, shapes: dict, dtype, place, *,
+                  progress=False, desc="converting"):
+  """Our nested params, filled one checkpoint tensor at a time.
+
+  shapes: {our path: shape} of the preallocated buffers (stacked layers
+  share one buffer); place(key, array) -> (path, layer index or None, value
+  in our layout). Peak memory: the buffers plus one tensor.
+  """
+  buffers = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
+  if progress:
+    keys = tqdm.tqdm(keys, desc=desc, unit="tensor")
+  for key in keys:
+    path, layer, value = place(key, source.get(key))
+    if layer is None:
+      buffers[path][...] = value.astype(dtype)
+    else:
+      buffers[path][layer] = value.astype(dtype)
+  return unflatten_dict(buffers)

@@ -19,18 +19,17 @@ import pathlib
 import re
 
 import numpy as np
-import tqdm
 from flax import nnx
 
 from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
 from converters.common import (
+  check_keys,
+  stream_params,
   CheckpointError,
-  KeyMismatch,
   Source,
   flatten_dict,
   open_safetensors_folder,
-  unflatten_dict,
 )
 
 # Our parameter path <- original key. Transform names: "linear" = torch
@@ -219,33 +218,18 @@ def load_params(source: Source, config: STDiT3Config, *, progress=False):
   Raises KeyMismatch listing missing, unexpected and misshapen keys by name
   (the v1.3 keys in IGNORED_KEYS are allowed and dropped).
   """
-  dtype = np.dtype(config.weight_dtype)
-  shapes = param_shapes(config)
   expected = expected_checkpoint_shapes(config)
-  present = set(source.keys())
-  missing = sorted(set(expected) - present)
-  unexpected = sorted(present - set(expected) - IGNORED_KEYS)
-  misshapen = sorted(
-      f"{k}: checkpoint {tuple(source.shape(k))}, expected {expected[k]}"
-      for k in present & set(expected)
-      if tuple(source.shape(k)) != tuple(expected[k]))
-  if missing or unexpected or misshapen:
-    raise KeyMismatch(missing=missing, unexpected=unexpected,
-                      misshapen=misshapen, layout="opensora")
+  check_keys(source, expected, layout="opensora", ignored=IGNORED_KEYS)
   check_rope_frequencies(source.get(ROPE_KEY), config)
-  buffers = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
-  names = source.keys()  # a list (Source is not a mapping)
-  keys = [k for k in names if k in expected and k != ROPE_KEY]
-  if progress:
-    keys = tqdm.tqdm(keys, desc="converting", unit="tensor")
-  for key in keys:  # one tensor at a time
+
+  def place(key, array):
     path, layer, transform = locate(key, config)
-    value = to_ours(source.get(key), transform).astype(dtype)
-    if layer is None:
-      buffers[path][...] = value
-    else:
-      buffers[path][layer] = value
-  return unflatten_dict(buffers)
+    return path, layer, to_ours(array, transform)
+
+  keys = [k for k in source.keys() if k in expected and k != ROPE_KEY]
+  return stream_params(source, keys, param_shapes(config),
+                       np.dtype(config.weight_dtype), place,
+                       progress=progress)
 
 
 def read_checkpoint(src, *, dtype="float32", progress=False):

@@ -25,14 +25,13 @@ import pathlib
 import re
 
 import numpy as np
-import tqdm
 from flax import nnx
 
 from astraea_jax.models.text import umt5
 from astraea_jax.models.text.umt5 import UMT5Config
 from converters.common import (CheckpointError, KeyMismatch, Source,
-                               flatten_dict, open_safetensors_folder,
-                               unflatten_dict)
+                               flatten_dict,
+                               open_safetensors_folder, stream_params)
 
 # Our parameter path <- transformers key. "linear": torch (out, in) weight
 # transposed to our (in, out) kernel; "same": copied as is.
@@ -311,22 +310,15 @@ def load_params(source: Source, config: UMT5Config, layout="diffusers", *,
   """
   if layout not in LAYOUTS:
     raise ValueError(f"{layout=} must be one of {LAYOUTS}")
-  dtype = np.dtype(config.weight_dtype)
   to_read = _check_keys(source, config, layout)
-  buffers = {path: np.empty(shape, dtype)
-             for path, shape in param_shapes(config).items()}
-  keys = list(to_read)
-  if progress:
-    keys = tqdm.tqdm(keys, desc="converting text encoder", unit="tensor")
-  for key in keys:  # one tensor at a time
+
+  def place(key, array):
     path, layer, transform = locate(to_read[key], config)
-    value = source.get(key)
-    value = (value.T if transform == "linear" else value).astype(dtype)
-    if layer is None:
-      buffers[path][...] = value
-    else:
-      buffers[path][layer] = value
-  return unflatten_dict(buffers)
+    return path, layer, array.T if transform == "linear" else array
+
+  return stream_params(source, list(to_read), param_shapes(config),
+                       np.dtype(config.weight_dtype), place,
+                       progress=progress, desc="converting text encoder")
 
 
 def read_checkpoint(src, *, dtype="float32", progress=False):

@@ -19,14 +19,13 @@ import pathlib
 import re
 
 import numpy as np
-import tqdm
 from flax import nnx
 
 from astraea_jax.configs import WanConfig
 from astraea_jax.models import wan
-from converters.common import (CheckpointError, KeyMismatch, Source,
-                               flatten_dict, open_safetensors_folder,
-                               unflatten_dict)
+from converters.common import (CheckpointError, Source,
+                               check_keys, flatten_dict,
+                               open_safetensors_folder, stream_params)
 
 # Our parameter path <- original key. Transform names: "linear" = torch
 # (out, in) weight transposed to our (in, out) kernel; "patch" = Conv3d
@@ -267,32 +266,17 @@ def load_params(source: Source, layout: str, config: WanConfig, *,
 
   Raises KeyMismatch listing missing, unexpected and misshapen keys by name.
   """
-  dtype = np.dtype(config.weight_dtype)
-  shapes = param_shapes(config)
-  expected = expected_checkpoint_shapes(config, layout)
-  present = set(source.keys())
-  missing = sorted(set(expected) - present)
-  unexpected = sorted(present - set(expected))
-  misshapen = sorted(
-      f"{k}: checkpoint {tuple(source.shape(k))}, expected {expected[k]}"
-      for k in present & set(expected)
-      if tuple(source.shape(k)) != tuple(expected[k]))
-  if missing or unexpected or misshapen:
-    raise KeyMismatch(missing=missing, unexpected=unexpected,
-                      misshapen=misshapen, layout=layout)
-  buffers = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
-  keys = source.keys()
-  if progress:
-    keys = tqdm.tqdm(keys, desc="converting", unit="tensor")
-  for key in keys:  # one tensor at a time
+  check_keys(source, expected_checkpoint_shapes(config, layout),
+             layout=layout)
+
+  def place(key, array):
     path, layer, transform = locate(to_original_key(key, layout),
                                     config.num_layers)
-    value = to_ours(source.get(key), transform).astype(dtype)
-    if layer is None:
-      buffers[path][...] = value
-    else:
-      buffers[path][layer] = value
-  return unflatten_dict(buffers)
+    return path, layer, to_ours(array, transform)
+
+  return stream_params(source, source.keys(), param_shapes(config),
+                       np.dtype(config.weight_dtype), place,
+                       progress=progress)
 
 
 
