@@ -182,6 +182,7 @@ def measure_config(graphdef, params, noise, ctx2, scheduler, n, budgets,
   """{"dense": s, budget: s, "compile": {...}} per-step times of one setup."""
   gs = jnp.float32(5.0)
   if mesh is not None:
+    mesh = sp.program_mesh(nnx_config(graphdef, params).num_heads)
     params = parallel.replicate(params, mesh)
     ctx2 = parallel.put(ctx2, mesh)
     noise = parallel.put(noise, mesh)
@@ -199,7 +200,7 @@ def measure_config(graphdef, params, noise, ctx2, scheduler, n, budgets,
   # The mesh's step pins its output shardings (no recompile at step 2).
   # pylint: disable=protected-access
   step_fn = (dense._jitted_step if mesh is None
-             else sp_sampler._dense_step_fn(sp))
+             else sp_sampler._dense_step_fn(mesh))
   # pylint: enable=protected-access
   state = {"lat": noise, "st": init_state()}
 

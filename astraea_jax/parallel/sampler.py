@@ -90,18 +90,14 @@ def _replicated(x, mesh):
   return mesh_lib.put(x, mesh)
 
 
-def _replicated_sharding(sp):
-  return NamedSharding(sp.mesh, P())
-
-
 @functools.cache
-def _dense_step_fn(sp: sp_wan.SequenceParallel):
+def _dense_step_fn(mesh: Mesh):
   """The dense sampler's jitted step with results pinned to the mesh.
 
   Pinned output shardings (latents and scheduler state replicated) keep
   every step's inputs placed alike, so the step compiles once.
   """
-  rep = _replicated_sharding(sp)
+  rep = NamedSharding(mesh, P())
   return jax.jit(dense_sampler.guided_step, donate_argnums=(4, 5),
                  out_shardings=(rep, rep, rep))
 
@@ -120,7 +116,8 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
   """
   sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
   _check_data_axis(sp, noise)
-  sp.plan(nnx.merge(model, params).config.num_heads)  # fail before compiling
+  # Fails before compiling; every input goes on the program's one mesh.
+  mesh = sp.program_mesh(nnx.merge(model, params).config.num_heads)
   scheduler = _make_scheduler(scheduler, steps, shift, noise.shape)
   params, latents, context_2b, scheduler = _placed_inputs(
       params, noise, context, negative_context, scheduler, mesh)
@@ -132,7 +129,7 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
         return_trajectory=return_trajectory, progress=progress,
         step_seconds=step_seconds)
   else:
-    step = _dense_step_fn(sp)
+    step = _dense_step_fn(mesh)
     guidance_scale = mesh_lib.put(np.float32(guidance_scale), mesh)
     sched_state = mesh_lib.replicate(scheduler.init(latents), mesh)
     trajectory = []
@@ -172,18 +169,18 @@ def _astraea_step_body(graphdef, params, context_2b, scheduler,
 
 
 @functools.cache
-def _astraea_step_fn(sp: sp_wan.SequenceParallel):
-  rep = _replicated_sharding(sp)
+def _astraea_step_fn(cache_sharding: NamedSharding):
+  rep = NamedSharding(cache_sharding.mesh, P())
   return jax.jit(_astraea_step_body,
                  static_argnames=("num_selected", "config", "sp"),
                  donate_argnums=(5, 6),
-                 out_shardings=(rep, rep, sp_wan.cache_sharding(sp)))
+                 out_shardings=(rep, rep, cache_sharding))
 
 
 def _astraea_step(graphdef, params, context_2b, scheduler, guidance_scale,
                   sched_state, cache, latents, *, num_selected, config, sp):
   """One jitted Astraea CFG step over sp.mesh (compiled once per K)."""
-  return _astraea_step_fn(sp)(
+  return _astraea_step_fn(cache["update"].sharding)(
       graphdef, params, context_2b, scheduler, guidance_scale, sched_state,
       cache, latents, num_selected=num_selected, config=config, sp=sp)
 
@@ -224,6 +221,7 @@ def astraea_sample(model, params, noise, context, negative_context, *,
   n = int(np.prod(grid))
   plan = sp.plan(config.num_heads)
   layout = TokenLayout(n, plan.num_shards)
+  mesh = sp.inner_mesh(plan)  # the program's one mesh (program_mesh)
   params, latents, context_2b, scheduler = _placed_inputs(
       params, noise, context, negative_context, scheduler, mesh)
   cache = sp_wan.init_cache(config, 2 * noise.shape[0], n, sp,

@@ -82,6 +82,15 @@ class SequenceParallel:
                                         plan.ulysses)
     return Mesh(devices, (DATA, *SEQ))
 
+  def program_mesh(self, num_heads: int) -> Mesh:
+    """The mesh every sharding of a parallel program is built on.
+
+    jax >= 0.11 requires one mesh per program, so inputs, outputs and
+    caches are placed on the ("data", "seq_ring", "seq_ulysses") view the
+    shard_map runs on, not on the ("data", "seq") mesh the user gave.
+    """
+    return self.inner_mesh(self.plan(num_heads))
+
 
 # Per-device pieces (inside shard_map) ----------------------------------------
 
@@ -264,13 +273,13 @@ def forward(model: wan.WanDiT, latents, timestep, context, *,
   return (out, {"lse": layout.unshard(lse, axis=3)}) if return_aux else out
 
 
-def cache_sharding(sp: SequenceParallel) -> NamedSharding:
+def cache_sharding(sp: SequenceParallel, num_heads: int) -> NamedSharding:
   """Astraea caches (L, B, rows, ...): batch over data, rows over seq.
 
   On the ("data", "seq") mesh; the same device tiling as the shard_map's
   (data, (seq_ring, seq_ulysses)) view of it, so no data moves between.
   """
-  return NamedSharding(sp.mesh, P(None, DATA, mesh_lib.SEQ))
+  return NamedSharding(sp.program_mesh(num_heads), P(None, DATA, SEQ))
 
 
 def init_cache(config, batch: int, num_tokens: int, sp: SequenceParallel,
@@ -288,7 +297,7 @@ def init_cache(config, batch: int, num_tokens: int, sp: SequenceParallel,
                                 layout.num_shards * layout.slots, config.dim,
                                 selection_config)
 
-  return jax.jit(make, out_shardings=cache_sharding(sp))()
+  return jax.jit(make, out_shardings=cache_sharding(sp, config.num_heads))()
 
 
 def astraea_forward(model: wan.WanDiT, latents, timestep, context, cache, *,
