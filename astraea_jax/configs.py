@@ -23,6 +23,19 @@ def dtype_from_name(name: str):
   return _DTYPES[name]
 
 
+def config_kwargs(cls, d: dict[str, Any], model: str) -> dict[str, Any]:
+  """The constructor arguments of config class `cls` from its `to_dict()`
+  form; raises ValueError for another model's tag or unknown fields."""
+  d = dict(d)
+  tag = d.pop("model", model)
+  if tag != model:
+    raise ValueError(f"not a {model} config ({cls.__name__}): model={tag!r}")
+  unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+  return d
+
+
 @dataclasses.dataclass(frozen=True)
 class WanConfig:
   """Wan2.1 text-to-video DiT (`WanModel` in the original code)."""
@@ -106,14 +119,7 @@ class WanConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "WanConfig":
-    d = dict(d)
-    if d.pop("model", "wan") != "wan":
-      raise ValueError(f"not a Wan config: model={d.get('model')!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown WanConfig fields: {unknown}")
-    return cls(**d)
+    return cls(**config_kwargs(cls, d, "wan"))
 
 
 # OpenSora v1.2 STDiT3-XL/2. Reference: `STDiT3_XL_2` in
@@ -220,15 +226,7 @@ class STDiT3Config:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> STDiT3Config:
-    d = dict(d)
-    model = d.pop("model", "stdit3")
-    if model != "stdit3":
-      raise ValueError(f"not an STDiT3 config: {model=}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown STDiT3Config fields: {unknown}")
-    return cls(**d)
+    return cls(**config_kwargs(cls, d, "stdit3"))
 
 
 PRESETS = {

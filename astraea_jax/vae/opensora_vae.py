@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax.configs import dtype_from_name
+from astraea_jax.configs import config_kwargs, dtype_from_name
 
 F32 = jnp.float32
 
@@ -296,14 +296,7 @@ class OpenSoraVAEConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> OpenSoraVAEConfig:
-    d = dict(d)
-    if d.pop("model", "opensora_vae") != "opensora_vae":
-      raise ValueError(f"not an OpenSora VAE config: model={d.get('model')!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown OpenSoraVAEConfig fields: {unknown}")
-    return cls(**d)
+    return cls(**config_kwargs(cls, d, "opensora_vae"))
 
 
 # Layers -----------------------------------------------------------------------

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax.configs import dtype_from_name
+from astraea_jax.configs import config_kwargs, dtype_from_name
 
 F32 = jnp.float32
 
@@ -168,14 +168,7 @@ class WanVAEConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> WanVAEConfig:
-    d = dict(d)
-    if d.pop("model", "wan_vae") != "wan_vae":
-      raise ValueError(f"not a Wan VAE config: model={d.get('model')!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown WanVAEConfig fields: {unknown}")
-    return cls(**d)
+    return cls(**config_kwargs(cls, d, "wan_vae"))
 
 
 # Layers ----------------------------------------------------------------------

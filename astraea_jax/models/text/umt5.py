@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax.configs import dtype_from_name
+from astraea_jax.configs import config_kwargs, dtype_from_name
 from astraea_jax.models import layers
 
 F32 = jnp.float32
@@ -160,14 +160,7 @@ class UMT5Config:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> UMT5Config:
-    d = dict(d)
-    if d.pop("model", "umt5") != "umt5":
-      raise ValueError(f"not a umT5 config: model={d.get('model')!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown UMT5Config fields: {unknown}")
-    return cls(**d)
+    return cls(**config_kwargs(cls, d, "umt5"))
 
 
 # Relative position buckets ---------------------------------------------------
