@@ -129,6 +129,17 @@ def unflatten_dict(flat):
   return out
 
 
+def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
+  """A PyTorch tensor in our layout: "linear" = (out, in) weight to our
+  (in, out) kernel; "patch" = Conv3d weight (dim, C, pt, ph, pw) with
+  kernel == stride to the (pt*ph*pw*C, dim) patch matmul; else as is."""
+  if transform == "linear":
+    return array.T
+  if transform == "patch":
+    return array.transpose(2, 3, 4, 1, 0).reshape(-1, array.shape[0])
+  return array
+
+
 def check_keys(source, expected: dict, *, layout: str, ignored=()):
   """Raises KeyMismatch naming every missing, unexpected (not in `ignored`)
   and misshapen key of `source` against {key: expected shape}."""

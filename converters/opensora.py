@@ -26,6 +26,7 @@ from astraea_jax.models import stdit3
 from converters.common import (
   check_keys,
   stream_params,
+  to_ours,
   CheckpointError,
   Source,
   flatten_dict,
@@ -152,14 +153,6 @@ def locate(key: str, config: STDiT3Config):
     path, transform = keys[m.group(3)]
     return (m.group(1),) + path, int(m.group(2)), transform
   return None
-
-
-def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
-  if transform == "linear":
-    return array.T
-  if transform == "patch":  # (hidden, C, pt, ph, pw) -> (pt*ph*pw*C, hidden)
-    return array.transpose(2, 3, 4, 1, 0).reshape(-1, array.shape[0])
-  return array
 
 
 def checkpoint_shape(our_shape, transform, config: STDiT3Config):

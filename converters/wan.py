@@ -24,7 +24,7 @@ from flax import nnx
 from astraea_jax.configs import WanConfig
 from astraea_jax.models import wan
 from converters.common import (CheckpointError, Source,
-                               check_keys, flatten_dict,
+                               check_keys, flatten_dict, to_ours,
                                open_safetensors_folder, stream_params)
 
 # Our parameter path <- original key. Transform names: "linear" = torch
@@ -217,14 +217,6 @@ def locate(original_key: str, num_layers: int):
     path, transform = BLOCK_KEYS[m.group(2)]
     return ("blocks",) + path, int(m.group(1)), transform
   return None
-
-
-def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
-  if transform == "linear":
-    return array.T
-  if transform == "patch":  # (dim, C, pt, ph, pw) -> (pt*ph*pw*C, dim)
-    return array.transpose(2, 3, 4, 1, 0).reshape(-1, array.shape[0])
-  return array
 
 
 def checkpoint_shape(our_shape, transform, config: WanConfig):
