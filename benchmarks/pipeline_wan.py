@@ -22,9 +22,16 @@ End to end = text + denoise + decode (steady state, compiles excluded);
 compile times are listed per stage. Peak device memory is read after each
 stage (JAX's peak is cumulative: each value is the peak so far).
 
-diffusers' WanPipeline side by side is not run here (it needs diffusers and
-a CUDA torch in the same process; the GPU machine has no diffusers): the
-JSON says so. Writes benchmarks/results/pipeline_wan_h200.json only after
+`--diffusers`: the same stages of diffusers' `WanPipeline` in the same
+process, on the same GPU, after ours (JAX allocates on demand: run with
+XLA_PYTHON_CLIENT_PREALLOCATE=false): transformers' `UMT5EncoderModel`
+(bfloat16) on the same 512-token input, the CFG step as `WanPipeline`
+runs it (`WanTransformer3DModel` bfloat16 cond + uncond forwards, the
+guidance mix, `UniPCMultistepScheduler.step`), `AutoencoderKLWan.decode`
+(float32, as `WanPipeline` loads it) with its latent de-normalisation.
+Random weights of the same sizes (not the same values: timing only);
+diffusers must be importable (the GPU machine has no diffusers: carry its
+wheel). Writes benchmarks/results/pipeline_wan_h200.json only after
 every measurement succeeded; `--small` writes to a temporary file (or
 `--out`), never into benchmarks/results.
 """
@@ -120,6 +127,8 @@ def main(argv=None):
   parser.add_argument("--time-steps", type=int, default=5,
                       help="dense steps timed (after the compile step)")
   parser.add_argument("--out", type=pathlib.Path)
+  parser.add_argument("--diffusers", action="store_true",
+                      help="also time diffusers' WanPipeline stages")
   args = parser.parse_args(argv)
   out = args.out or (pathlib.Path(tempfile.gettempdir())
                      / "pipeline_wan_small.json" if args.small
@@ -248,11 +257,28 @@ def main(argv=None):
   targets = [{"name": "denoise_speedup_budget_0.4",
               "value": STEPS * t_dense / t_astraea, "op": ">=",
               "target": 2.29}]  # Astraea paper, Wan at mean budget 0.4
+  text_dtype = pipe.text_encoder.config.param_dtype
+  vae_dtype = pipe.vae.config.dtype
+  if args.diffusers:
+    del pipe, estate, params, vstate, video, context_2b, cache, a, run
+    torch_rows = diffusers_stages(args.small, (height, width, frames),
+                                  shape, args)
+    rows.extend(torch_rows)
+    theirs = {r["stage"]: r["s"] for r in torch_rows if "s" in r}
+    total_theirs = theirs["text_encoding"] + theirs["denoise"] + theirs[
+        "vae_decode"]
+    rows.append({"stage": "end_to_end", "method": "diffusers_dense",
+                 "s": total_theirs})
+    targets.append({"name": "end_to_end_dense_vs_diffusers",
+                    "value": total_dense / total_theirs, "op": "<=",
+                    "target": 1.0})
+    print(f"diffusers end to end: {total_theirs:.1f} s (ours dense "
+          f"{total_dense:.1f} s: {total_theirs / total_dense:.2f}x faster)")
   settings = {
       "model": "wan2.1-t2v-1.3b architecture, random weights"
                if not args.small else "tiny configs (smoke run)",
-      "text_encoder": f"umt5 {pipe.text_encoder.config.param_dtype}",
-      "transformer_dtype": config.dtype, "vae_dtype": pipe.vae.config.dtype,
+      "text_encoder": f"umt5 {text_dtype}",
+      "transformer_dtype": config.dtype, "vae_dtype": vae_dtype,
       "video": [frames, height, width], "latent_shape": list(shape),
       "tokens": tokens, "cfg_batch": 2, "steps": STEPS,
       "scheduler": f"unipc shift {SHIFT}", "guidance": GUIDANCE,
@@ -260,10 +286,134 @@ def main(argv=None):
       "extrapolation": "dense: 50 x median step; Astraea: sum over the "
                        "schedule of the per-K median step",
       "peak_memory": "cumulative peak after each stage, in stage order",
-      "diffusers": "not run: the diffusers WanPipeline side by side needs "
-                   "diffusers and CUDA torch in this process (absent on the "
-                   "GPU machine)"}
+      "diffusers": ("stages of diffusers' WanPipeline timed in this "
+                    "process after ours (random weights, same sizes; "
+                    "text bf16, transformer bf16, VAE fp32)"
+                    if args.diffusers else "not run (--diffusers not given)")}
   common.write_results(out, "pipeline_wan", settings, rows, targets)
+
+
+def torch_timed(fn, repeats):
+  """(first-call seconds, median of `repeats` more), CUDA-synchronised."""
+  import torch  # pylint: disable=import-outside-toplevel
+  sync = torch.cuda.synchronize if torch.cuda.is_available() else (
+      lambda: None)
+  times = []
+  for _ in range(repeats + 1):
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+      fn()
+    sync()
+    times.append(time.perf_counter() - t0)
+  return times[0], float(np.median(times[1:]))
+
+
+def keep_fp32(model):
+  """Float32 for the parts diffusers keeps in float32 when it loads a
+  checkpoint with `torch_dtype=bfloat16` (`_keep_in_fp32_modules`)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+  for name, param in model.named_parameters():
+    if keep & set(name.split(".")):
+      param.data = param.data.to(torch.float32)
+
+
+def diffusers_stages(small, video, shape, args):
+  """Rows timing diffusers' WanPipeline stages (module docstring)."""
+  # pylint: disable=import-outside-toplevel
+  import diffusers
+  import torch
+  import transformers
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  bf16 = torch.bfloat16 if not small else torch.float32
+  height, width, frames = video
+  torch.manual_seed(0)
+  if small:
+    text_config = transformers.UMT5Config(
+        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+        num_heads=4, feed_forward_proj="gated-gelu")
+    dit_kwargs = dict(num_attention_heads=2, attention_head_dim=16,
+                      ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32)
+    vae_kwargs = dict(base_dim=8, z_dim=16)
+  else:  # umT5-XXL, Wan2.1-T2V-1.3B, Wan2.1 VAE (published configs)
+    text_config = transformers.UMT5Config(
+        vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+        num_heads=64, relative_attention_num_buckets=32,
+        relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
+    dit_kwargs = dict(num_attention_heads=12, attention_head_dim=128,
+                      ffn_dim=8960, num_layers=30, text_dim=4096,
+                      freq_dim=256)
+    vae_kwargs = {}
+  rows = []
+  # Build on the GPU directly (random init there takes seconds).
+  with torch.device(device):
+    encoder = transformers.UMT5EncoderModel(text_config).to(bf16).eval()
+  length = 512 if not small else 16
+  ids = torch.randint(3, text_config.vocab_size, (1, length), device=device)
+  mask = (torch.arange(length, device=device) < min(PROMPT_TOKENS, length)
+          ).to(torch.int64)[None]
+  first, t_text = torch_timed(lambda: encoder(ids, mask).last_hidden_state,
+                              args.repeats)
+  rows.append({"stage": "text_encoding", "method": "diffusers",
+               "prompts": 2, "s": 2 * t_text, "s_per_prompt": t_text,
+               "first_call_s": first})
+  print(f"diffusers text: {t_text:.3f} s per prompt")
+  del encoder
+  peak_text = torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+  with torch.device(device):
+    dit = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), in_channels=16, out_channels=16,
+        **dit_kwargs).to(bf16).eval()
+  keep_fp32(dit)
+  scheduler = diffusers.UniPCMultistepScheduler(
+      prediction_type="flow_prediction", use_flow_sigmas=True,
+      num_train_timesteps=1000, flow_shift=SHIFT)
+  scheduler.set_timesteps(STEPS, device=device)
+  text_dim = dit_kwargs["text_dim"]
+  cond = torch.randn(1, length, text_dim, device=device, dtype=bf16)
+  uncond = torch.randn(1, length, text_dim, device=device, dtype=bf16)
+  state = {"lat": torch.randn(*shape, device=device), "i": 0}
+
+  def step():  # one CFG step as WanPipeline runs it
+    t = scheduler.timesteps[state["i"] % STEPS]
+    x = state["lat"].to(bf16)
+    tt = t.expand(x.shape[0])
+    pos = dit(x, tt, cond, return_dict=False)[0]
+    neg = dit(x, tt, uncond, return_dict=False)[0]
+    pred = neg + GUIDANCE * (pos - neg)
+    state["lat"] = scheduler.step(pred, t, state["lat"],
+                                  return_dict=False)[0]
+    state["i"] += 1
+
+  first, t_step = torch_timed(step, args.time_steps)
+  rows.append({"stage": "denoise", "method": "diffusers", "steps": STEPS,
+               "s_per_step": t_step, "s": STEPS * t_step,
+               "extrapolated_from_steps": args.time_steps,
+               "first_call_s": first})
+  print(f"diffusers dense: {t_step * 1e3:.1f} ms/step")
+  del dit
+  peak_dit = torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+  with torch.device(device):
+    vae = diffusers.AutoencoderKLWan(**vae_kwargs).to(torch.float32).eval()
+  z = state["lat"].float()
+  mean = torch.tensor(vae.config.latents_mean, device=device).view(
+      1, -1, 1, 1, 1)
+  std = torch.tensor(vae.config.latents_std, device=device).view(
+      1, -1, 1, 1, 1)
+  first, t_vae = torch_timed(
+      lambda: vae.decode(z * std + mean, return_dict=False)[0],
+      max(1, args.repeats - 1))
+  rows.append({"stage": "vae_decode", "method": "diffusers", "s": t_vae,
+               "video": [frames, height, width], "first_call_s": first})
+  print(f"diffusers decode: {t_vae:.2f} s")
+  if device == "cuda":
+    rows.append({"stage": "peak_memory", "method": "diffusers",
+                 "text_gib": gib(peak_text), "denoise_gib": gib(peak_dit),
+                 "decode_gib": gib(torch.cuda.max_memory_allocated())})
+  return rows
 
 
 if __name__ == "__main__":
