@@ -39,7 +39,15 @@ class MLP(nnx.Module):
 
 
 def gelu_tanh(x):
-  return jax.nn.gelu(x, approximate=True)
+  """GELU, tanh approximation, evaluated in float32, returned in x.dtype.
+
+  PyTorch's `F.gelu(x, approximate="tanh")` (original Wan, diffusers, timm's
+  Mlp in OpenSora) computes in float32 for bf16 inputs. Evaluated in bf16,
+  even the polynomial's constants round (0.044715 -> 0.04468, sqrt(2/pi)
+  -> 0.7969) and tanh's argument loses 8 bits. The op is memory-bound and
+  fused with its neighbours, so float32 inside costs no time.
+  """
+  return jax.nn.gelu(x.astype(F32), approximate=True).astype(x.dtype)
 
 
 class Attention(nnx.Module):
