@@ -76,6 +76,10 @@ def load_config(path):
         "create one with `astraea convert SRC DST`")
   doc = json.loads(cfg_file.read_text())
   doc.pop("metadata", None)
+  if doc.get("model") == "opensora_vae":
+    # pylint: disable-next=g-import-not-at-top
+    from astraea_jax.vae.opensora_vae import OpenSoraVAEConfig
+    return OpenSoraVAEConfig.from_dict(doc)
   return configs.config_from_dict(doc)
 
 
@@ -88,16 +92,18 @@ def _abstract_model(config):
   if isinstance(config, configs.STDiT3Config):
     from astraea_jax.models import stdit3
     return stdit3.abstract_model(config)
-  from astraea_jax.vae import wan_vae
+  from astraea_jax.vae import opensora_vae, wan_vae
   if isinstance(config, wan_vae.WanVAEConfig):
     return wan_vae.abstract_model(config)
+  if isinstance(config, opensora_vae.OpenSoraVAEConfig):
+    return opensora_vae.abstract_model(config)
   from astraea_jax.models.text import umt5
   return umt5.abstract_model(config)
 
 
 def load_model(path, *, dtype: str | None = None):
-  """The ready model (WanDiT, STDiT3, UMT5Encoder or WanVAE) from a
-  converted checkpoint folder.
+  """The ready model (WanDiT, STDiT3, UMT5Encoder, WanVAE or OpenSoraVAE)
+  from a converted checkpoint folder.
 
   dtype: optional compute dtype override ("float32" / "bfloat16"); the
   parameters stay in the dtype they were converted to.

@@ -1,5 +1,8 @@
 """`astraea generate`: a video (or latents) from a converted Wan2.1.
 
+A converted OpenSora v1.2 folder (its manifest says so) is sampled by
+`opensora_pipeline.generate`, with the same outputs and report.
+
   astraea generate --model wan-1.3b/ --prompt "A cat baking a cake" \
       --size 832x480 --frames 81 --budget 0.4 --out cat.mp4
   astraea generate wan-dit/ --text-embeddings prompt.safetensors \
@@ -59,12 +62,37 @@ class GenerateConfig:
   steps: int = 50
   guidance_scale: float = 5.0
   shift: float | None = None
-  scheduler: str = "unipc"
+  scheduler: str | None = None  # None: the model's (Wan2.1: unipc)
   seed: int = 0
   budget: float | None = None
   schedule: tuple[float, ...] | None = None
   compare: bool = False
   devices: int | None = None  # N: astraea_jax.parallel over N devices
+
+
+OPENSORA = "opensora-v1.2"
+# `astraea generate` defaults per model (None in the CLI = these).
+WAN_DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50,
+                "guidance": 5.0, "fps": float(video_lib.WAN_FPS),
+                "scheduler": "unipc"}
+
+
+def model_family(model_path) -> str:
+  """"opensora-v1.2" for a converted OpenSora folder, else "wan2.1-t2v"
+  (a Wan folder or a converted transformer alone)."""
+  if pipeline_lib.is_model_folder(model_path):
+    return pipeline_lib.manifest_model(model_path)
+  return "wan2.1-t2v"
+
+
+def defaults_for(model_path) -> dict:
+  """The CLI defaults (size, frames, steps, guidance, fps, scheduler) of
+  the model in `model_path`."""
+  if model_family(model_path) == OPENSORA:
+    # pylint: disable-next=import-outside-toplevel
+    from astraea_jax import opensora_pipeline
+    return dict(opensora_pipeline.DEFAULTS)
+  return dict(WAN_DEFAULTS)
 
 
 def read_text_embeddings(path, text_dim: int):
@@ -154,6 +182,14 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   if (prompt is None) == (embeddings_path is None):
     raise ValueError("give a prompt (--prompt) or text embeddings "
                      "(--text-embeddings), not both")
+  if model_family(model_path) == OPENSORA:
+    # pylint: disable-next=import-outside-toplevel
+    from astraea_jax import opensora_pipeline
+    return opensora_pipeline.generate(
+        model_path, out, config=config, prompt=prompt,
+        embeddings_path=embeddings_path, negative_prompt=negative_prompt,
+        vae_path=vae_path, dtype=dtype, overwrite=overwrite,
+        save_latents=save_latents, fps=fps)
   accelerated = config.budget is not None or config.schedule is not None
   paths = output_paths(out, accelerated=accelerated, compare=config.compare,
                        save_latents=save_latents)
@@ -183,7 +219,8 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   shape = pipe.latent_shape(config.height, config.width, config.frames)  # 3.
   noise = dense_sampler.draw_noise(jax.random.key(config.seed), shape)
   graphdef, params = nnx.split(model)
-  common = dict(scheduler=config.scheduler, steps=config.steps,
+  common = dict(scheduler=config.scheduler or WAN_DEFAULTS["scheduler"],
+                steps=config.steps,
                 guidance_scale=config.guidance_scale, shift=config.shift)
   dense_sample, astraea_sample = dense_sampler.sample, astraea_sampler.sample
   if config.devices is not None:
@@ -220,18 +257,32 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   if pipe.vae is not None:                                           # 5.
     videos = {k: pipe.decode(v, progress=True) for k, v in results.items()}
   if accelerated and config.compare:
-    report["speedup_without_compiles"] = (
-        report["full"]["seconds_without_compiles"]
-        / report["astraea"]["seconds_without_compiles"])
-    a, b = (videos or results)["astraea"], (videos or results)["full"]
-    rng = 2.0 if videos else float(jnp.max(b) - jnp.min(b))
-    report["compared_on"] = "video" if videos else "latents"
-    report["psnr_db"] = float(metrics.psnr(a, b, data_range=rng))
-    if videos:
-      report["ssim"] = float(metrics.ssim(a, b, channel_axis=-3))
+    compare_report(report, results, videos)
   if prompt is not None:
     report["prompt"], report["negative_prompt"] = prompt, negative_prompt or ""
   report["outputs"] = [str(p) for p in paths.values()]
+  write_outputs(out, paths, results, videos, report, overwrite=overwrite,
+                fps=fps)
+  return report
+
+
+def compare_report(report, results, videos):
+  """Adds speedup and PSNR (and SSIM on videos) of Astraea vs the full
+  model to `report` (which holds both runs' "seconds_without_compiles")."""
+  report["speedup_without_compiles"] = (
+      report["full"]["seconds_without_compiles"]
+      / report["astraea"]["seconds_without_compiles"])
+  a, b = (videos or results)["astraea"], (videos or results)["full"]
+  rng = 2.0 if videos else float(jnp.max(b) - jnp.min(b))
+  report["compared_on"] = "video" if videos else "latents"
+  report["psnr_db"] = float(metrics.psnr(a, b, data_range=rng))
+  if videos:
+    report["ssim"] = float(metrics.ssim(a, b, channel_axis=-3))
+
+
+def write_outputs(out, paths, results, videos, report, *, overwrite, fps):
+  """Writes `output_paths`' files (each atomically), or the output folder
+  (atomically as a whole): latents, videos and report.json."""
   latents = {f"latents_{k}": np.asarray(v) for k, v in results.items()}
   if "folder" not in paths:
     for name, path in paths.items():
@@ -239,7 +290,7 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
         safetensors_io.save_file(latents, path)
       else:
         video_lib.write_mp4(path, videos[name], fps=fps)
-    return report
+    return
   with checkpoint.atomic_folder(out, overwrite=overwrite) as tmp:
     tensors = dict(latents)
     tensors.update({f"video_{k}": np.asarray(v) for k, v in videos.items()})
@@ -247,7 +298,6 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
     for k, v in videos.items():
       video_lib.write_mp4(tmp / f"video_{k}.mp4", v, fps=fps)
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  return report
 
 
 def load_schedule(path, steps):

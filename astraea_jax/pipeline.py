@@ -53,6 +53,11 @@ F32 = jnp.float32
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "astraea-jax/wan2.1-t2v"
 MANIFEST_VERSION = 1
+# A converted OpenSora v1.2 folder (converters/opensora_folder.py); its
+# pipeline is astraea_jax/opensora_pipeline.py.
+OPENSORA_MANIFEST_FORMAT = "astraea-jax/opensora-v1.2"
+MANIFEST_MODELS = {MANIFEST_FORMAT: "wan2.1-t2v",
+                   OPENSORA_MANIFEST_FORMAT: "opensora-v1.2"}
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 # Video -> latent factors of the Wan2.1 VAE (used when no VAE is loaded).
 WAN21_TEMPORAL_FACTOR, WAN21_SPATIAL_FACTOR = 4, 8
@@ -61,8 +66,11 @@ WAN21_TEMPORAL_FACTOR, WAN21_SPATIAL_FACTOR = 4, 8
 # Whole-model folders ----------------------------------------------------------
 
 
-def read_manifest(path) -> dict:
-  """The manifest.json of a converted whole-model folder, validated."""
+def read_manifest(path, formats=tuple(MANIFEST_MODELS)) -> dict:
+  """The manifest.json of a converted whole-model folder, validated.
+
+  formats: the manifest formats accepted (default: Wan2.1 and OpenSora).
+  """
   path = pathlib.Path(path)
   file = path / MANIFEST_FILE
   if not file.is_file():
@@ -77,9 +85,9 @@ def read_manifest(path) -> dict:
     manifest = json.loads(file.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{file}: invalid JSON ({e})") from e
-  if manifest.get("format") != MANIFEST_FORMAT:
+  if manifest.get("format") not in formats:
     raise ValueError(f"{file}: format={manifest.get('format')!r}, expected "
-                     f"{MANIFEST_FORMAT!r}")
+                     f"{' or '.join(map(repr, formats))}")
   if manifest.get("version") != MANIFEST_VERSION:
     raise ValueError(f"{file}: version={manifest.get('version')!r}; this "
                      f"astraea-jax reads version {MANIFEST_VERSION}")
@@ -94,6 +102,12 @@ def read_manifest(path) -> dict:
 
 def is_model_folder(path) -> bool:
   return (pathlib.Path(path) / MANIFEST_FILE).is_file()
+
+
+def manifest_model(path) -> str:
+  """"wan2.1-t2v" or "opensora-v1.2": which model a converted whole-model
+  folder holds (after validating its manifest)."""
+  return MANIFEST_MODELS[read_manifest(path)["format"]]
 
 
 # Shapes -----------------------------------------------------------------------
@@ -210,6 +224,10 @@ class WanPipeline(nnx.Module):
     # pylint: disable-next=import-outside-toplevel
     from astraea_jax.models.text import tokenizer as tokenizer_lib
     path = pathlib.Path(path)
+    if manifest_model(path) != MANIFEST_MODELS[MANIFEST_FORMAT]:
+      raise ValueError(f"{path} holds {manifest_model(path)}, not Wan2.1: "
+                       "load it with astraea_jax.opensora_pipeline."
+                       "OpenSoraPipeline")
     manifest = read_manifest(path)
     part = lambda name: path / manifest["components"].get(name, name)
     transformer = checkpoint.load_model(part("transformer"), dtype=dtype)

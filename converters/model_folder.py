@@ -1,5 +1,8 @@
 """A whole Wan2.1 T2V download -> one converted model folder.
 
+(A whole OpenSora v1.2 download is found here too and converted by
+converters/opensora_folder.py, which documents its layout.)
+
   astraea convert Wan2.1-T2V-1.3B/ wan-1.3b/ --allow-pth      # original
   astraea convert Wan2.1-T2V-1.3B-Diffusers/ wan-1.3b/        # diffusers
   astraea convert Wan-AI/Wan2.1-T2V-1.3B-Diffusers wan-1.3b/  # hub repo id
@@ -46,6 +49,7 @@ import tqdm
 from astraea_jax import checkpoint, pipeline
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.models.text.umt5 import UMT5Config
+from converters import opensora_folder
 from converters import umt5 as umt5_converter
 from converters import wan as wan_converter
 from converters import wan_vae as vae_converter
@@ -115,6 +119,9 @@ def find_model_folder(src) -> ModelFolder | None:
   root = pathlib.Path(src)
   if not root.is_dir():
     raise CheckpointError(f"{root} is not a checkpoint folder")
+  opensora = opensora_folder.find_opensora_folder(root)
+  if opensora is not None:  # OpenSora v1.2 (converters/opensora_folder.py)
+    return opensora
   index = root / "model_index.json"
   diffusers_parts = [d for d in ("vae", "text_encoder", "tokenizer")
                      if (root / d).is_dir()]
@@ -391,8 +398,16 @@ def convert(folder: ModelFolder, dst, *, dtype: str = "float32",
 
   dtype: parameter dtype of the transformer and the text encoder (the VAE
   stays float32). text_len: text tokens the DiT pads its context to
-  (default: the checkpoint's, 512 for diffusers).
+  (default: the checkpoint's, 512 for diffusers). An OpenSora v1.2 folder
+  (`find_model_folder` found one) converts with `opensora_folder.convert`.
   """
+  if isinstance(folder, opensora_folder.OpenSoraFolder):
+    if text_len is not None:
+      raise CheckpointError("--text-len applies to Wan models; OpenSora's "
+                            "STDiT3 sets its own (model_max_length)")
+    return opensora_folder.convert(folder, dst, dtype=dtype,
+                                   overwrite=overwrite, progress=progress,
+                                   source_name=source_name)
   if folder.pth_files() and not allow_pth:  # before converting anything
     raise pth_refused(folder.pth_files()[0])
   _, transformer_dir = wan_converter.detect_layout(folder.root)
