@@ -110,6 +110,19 @@ class WanConfig:
     kw.update(overrides)
     return cls(**kw)
 
+  @classmethod
+  def demo(cls, **overrides) -> "WanConfig":
+    """The embedded demo model (astraea_jax/demo_model): pixel space.
+
+    RGB video in [-1, 1] of 16 x 48 x 48, patch (2, 4, 4) -> 8 x 12 x 12 =
+    1152 tokens; 3 heads of 64; text from the demo's 128-wide encoder.
+    """
+    kw = dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6, in_dim=3,
+              out_dim=3, text_dim=128, text_len=16, freq_dim=256,
+              patch_size=(2, 4, 4))
+    kw.update(overrides)
+    return cls(**kw)
+
   # Serialisation (the small JSON written next to converted weights) -------
 
   def to_dict(self) -> dict[str, Any]:

@@ -1,95 +1,198 @@
-"""`astraea demo`: the default model end to end on a CPU.
+"""`astraea demo`: the embedded demo model, full vs Astraea, on a CPU.
 
-Until the project's trained demo model ships, this runs a tiny RANDOM
-Wan2.1-architecture model end to end and says so: a checkpoint written in
-the published layout -> `astraea convert` -> `load_model` -> dense CFG
-sampling and Astraea sampling from the same noise -> a (random) Wan VAE
-decode -> speed ratio and PSNR/SSIM of Astraea against the full model.
-Random weights make the video meaningless; the numbers still show what
-the pipeline does.
+Loads the demo model that ships in the package (astraea_jax/demo_model:
+a small Wan-architecture DiT trained by the project on procedurally
+rendered clips of coloured shapes), generates a video for a prompt with the
+full model and with Astraea from the SAME noise, and writes into --out:
+
+  demo_full.mp4, demo_astraea.mp4   the two videos (frames upscaled 4x,
+                                    nearest neighbour, for viewing)
+  demo_compare.png                  a strip of frames: top row full model,
+                                    bottom row Astraea
+  report.json                       settings, budgets, timings, quality
+
+and prints the speed ratio and PSNR / SSIM (and LPIPS when AlexNet weights
+are found) of Astraea against the full model.
+
+Speed: the ratio of the two samplers' steady-state (compiled) times,
+measured in this process: each step is waited for and timed; the first step
+of each compiled shape (the full model's step, and Astraea's step for each
+distinct token count) includes compilation, so a step's time is the median
+of the other steps with the same token count (`demo_model.compare`;
+`--timing-runs N` times N further whole runs instead).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import pathlib
-import tempfile
-import time
+import struct
+import uuid
+import zlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from astraea_jax import checkpoint, metrics, testing
-from astraea_jax.astraea import sampler as astraea_sampler
-from astraea_jax.configs import WanConfig
-from astraea_jax.sampling import sampler as dense_sampler
-from astraea_jax.vae import WanVAE, WanVAEConfig
-from converters import safetensors_io
-from converters import wan as wan_converter
-
-# 17 frames of 64 x 64 pixels -> latent (16, 5, 8, 8) -> 80 tokens.
-FRAMES, HEIGHT, WIDTH = 17, 64, 64
+UPSCALE = 4  # nearest-neighbour upscaling of the 48 x 48 frames for viewing
+FPS = 8  # 16 frames -> a 2 s clip
+STRIP_FRAMES = 8  # frames shown in the PNG strip (evenly spaced)
 
 
-def main(*, steps: int = 8, budget: float = 0.5, seed: int = 0,
-         out: str = "astraea-demo") -> int:
-  print("astraea demo: no trained demo model is shipped yet, so this runs a "
-        "tiny RANDOM Wan2.1-architecture model end to end (convert -> load "
-        "-> dense and Astraea sampling -> VAE decode). The video is noise; "
-        "the comparison of Astraea with the full model is real.")
-  config = WanConfig.tiny()
-  with tempfile.TemporaryDirectory() as tmp:
-    src = testing.write_wan_checkpoint(pathlib.Path(tmp) / "Wan-tiny",
-                                       config, seed=seed)
-    converted = pathlib.Path(tmp) / "converted"
-    checkpoint.save(converted, *wan_converter.read_checkpoint(src))
-    model = checkpoint.load_model(converted)
-  graphdef, params = nnx.split(model)
-  key_noise, key_text = jax.random.split(jax.random.key(seed))
-  shape = dense_sampler.wan_latent_shape(HEIGHT, WIDTH, FRAMES)
-  noise = dense_sampler.draw_noise(key_noise, shape)
-  context = jax.random.normal(key_text, (1, 12, config.text_dim))
-  negative = jnp.zeros((1, 1, config.text_dim))
-  common = dict(steps=steps, guidance_scale=5.0, shift=3.0, progress=True)
+def main(*, prompt: str | None = None, budget: float | None = 0.5,
+         schedule: str | None = None, steps: int | None = None,
+         seed: int = 0, guidance: float | None = None,
+         out: str = "astraea-demo", weights: str | None = None,
+         timing_runs: int = 0, progress: bool = True) -> int:
+  # pylint: disable=import-outside-toplevel
+  import jax
 
-  t0 = time.perf_counter()
-  full = dense_sampler.sample(graphdef, params, noise, context, negative,
-                              **common)
-  t_full = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  fast, stats = astraea_sampler.sample(graphdef, params, noise, context,
-                                       negative, budget=budget,
-                                       return_stats=True, **common)
-  t_fast = time.perf_counter() - t0
+  from astraea_jax import lpips, metrics, video
+  from astraea_jax.astraea import schedule as schedule_lib
+  from astraea_jax.demo_model import model as demo_model
 
-  vae = WanVAE(WanVAEConfig.tiny(), rngs=nnx.Rngs(seed))
-  video_full = vae.decode(full, clamp=True)
-  video_fast = vae.decode(fast, clamp=True)
+  model = demo_model.load(weights)
+  config, training = demo_model.load_config(weights)
+  prompt = demo_model.DEFAULT_PROMPT if prompt is None else prompt
+  demo_model.encode(model, [prompt])  # checks the words before any work
+  steps = config.steps if steps is None else steps
+  budgets = None
+  if schedule is not None:
+    budgets = schedule_lib.validate(schedule_lib.load(schedule), steps)
+    budget = None
+  print(f"astraea demo: {prompt!r}, {steps} steps, seed {seed}, "
+        f"{config.frames} frames of {config.width}x{config.height} "
+        f"({config.num_tokens} tokens)")
+  run = demo_model.compare(model, prompt, seed=seed, steps=steps,
+                           guidance=guidance, budget=budget,
+                           schedule=budgets, progress=progress,
+                           timing_runs=timing_runs)
+  stats = run["stats"]
+  full = np.clip(np.asarray(run["full"], np.float32), -1, 1)
+  fast = np.clip(np.asarray(run["astraea"], np.float32), -1, 1)
+  quality = {"psnr_db": float(metrics.psnr(fast, full)),
+             "ssim": float(metrics.ssim(fast, full, channel_axis=-3))}
+  frames_full = demo_model.to_uint8(full)[0]  # (F, H, W, 3)
+  frames_fast = demo_model.to_uint8(fast)[0]
+  found = lpips.find_lpips_weights()
+  if found is None:
+    quality["lpips"] = None
+    lpips_note = ("LPIPS: no AlexNet weights found (set "
+                  "ASTRAEA_LPIPS_BACKBONE to torchvision's "
+                  "alexnet-owt-7be5be79.pth, or place it in "
+                  "~/.cache/torch/hub/checkpoints/)")
+  else:
+    lp_weights = lpips.load_lpips_weights(*found, allow_pth=True)
+    # (1, 3, F, H, W) -> (F, 3, H, W) frames.
+    quality["lpips"] = float(lpips.lpips(
+        np.moveaxis(fast[0], 0, 1), np.moveaxis(full[0], 0, 1), lp_weights))
+    lpips_note = f"LPIPS {quality['lpips']:.4f}"
+  speedup = (run["seconds_full"] / run["seconds_astraea"]
+             if run["seconds_astraea"] else None)
   report = {
-      "model": "tiny random Wan2.1 architecture (no trained demo model yet)",
-      "video": [FRAMES, HEIGHT, WIDTH], "latent_shape": list(shape),
-      "tokens": stats.num_tokens, "steps": steps,
+      "model": "astraea demo model (astraea_jax/demo_model/MODEL_CARD.md)",
+      "weights": str(weights or demo_model.WEIGHTS_DIR),
+      "training": {k: training.get(k) for k in ("steps", "final_loss",
+                                                "device")},
+      "prompt": prompt, "seed": seed, "steps": steps,
+      "guidance": config.guidance if guidance is None else guidance,
+      "shift": config.shift,
+      "video": [config.frames, config.height, config.width],
+      "tokens": stats.num_tokens,
       "budget_schedule": [float(b) for b in stats.budgets],
+      "mean_budget": float(np.mean(stats.budgets)),
       "tokens_per_step": stats.num_selected,
-      "seconds_full_incl_compile": t_full,
-      "seconds_astraea_incl_compile": t_fast,
-      "psnr_db": float(metrics.psnr(video_fast, video_full)),
-      "ssim": float(metrics.ssim(video_fast, video_full, channel_axis=-3)),
+      "compiled_token_counts": stats.compiled_k,
+      "seconds_full": run["seconds_full"],
+      "seconds_astraea": run["seconds_astraea"],
+      "seconds_full_first_run_incl_compile": run["seconds_full_first"],
+      "seconds_astraea_first_run_incl_compile": run["seconds_astraea_first"],
+      "speedup": speedup,
+      "timing": f"{run['timing']}; on {jax.devices()[0].device_kind}",
+      **quality,
+      "files": ["demo_full.mp4", "demo_astraea.mp4", "demo_compare.png"],
+      "png_rows": ["full model", "astraea"],
   }
   out = pathlib.Path(out)
-  with checkpoint.atomic_folder(out, overwrite=True) as tmp:
-    safetensors_io.save_file(
-        {"latents_full": np.asarray(full), "latents_astraea": np.asarray(fast),
-         "video_full": np.asarray(video_full),
-         "video_astraea": np.asarray(video_fast)},
-        tmp / "outputs.safetensors")
-    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  print(f"Astraea (mean budget {np.mean(stats.budgets):.2f}, "
-        f"{stats.num_tokens} tokens) vs full model: PSNR "
-        f"{report['psnr_db']:.2f} dB, SSIM {report['ssim']:.4f}. "
-        "Tiny CPU model: the timings include compilation and say nothing "
-        "about GPU speed (see benchmarks/).")
-  print(f"wrote {out}/outputs.safetensors and {out}/report.json")
-  return 0
+  out.mkdir(parents=True, exist_ok=True)
+  video.write_mp4(out / "demo_full.mp4", upscale(frames_full), fps=FPS)
+  video.write_mp4(out / "demo_astraea.mp4", upscale(frames_fast), fps=FPS)
+  write_png(out / "demo_compare.png", comparison_strip(frames_full,
+                                                       frames_fast))
+  _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+  speed = (f"speed ratio {speedup:.2f}x ({run['seconds_full']:.2f} s full, "
+           f"{run['seconds_astraea']:.2f} s Astraea, compiled, on this "
+           "machine)" if speedup else "no timing runs")
+  print(f"Astraea at mean budget {report['mean_budget']:.2f} vs the full "
+        f"model: {speed}; PSNR {quality['psnr_db']:.2f} dB, SSIM "
+        f"{quality['ssim']:.4f}; {lpips_note}")
+  print(f"wrote {out}/demo_full.mp4, demo_astraea.mp4, demo_compare.png "
+        "(top: full, bottom: Astraea), report.json")
+  return 0 if all(math.isfinite(quality[k]) for k in ("psnr_db", "ssim")) \
+      else 1
+
+
+# Images ---------------------------------------------------------------------
+
+
+def upscale(frames: np.ndarray, factor: int = UPSCALE) -> np.ndarray:
+  """(..., H, W, C) -> (..., H * factor, W * factor, C), nearest."""
+  return np.repeat(np.repeat(frames, factor, axis=-3), factor, axis=-2)
+
+
+def comparison_strip(frames_top: np.ndarray, frames_bottom: np.ndarray, *,
+                     count: int = STRIP_FRAMES, factor: int = UPSCALE,
+                     gap: int = 4) -> np.ndarray:
+  """(H', W', 3) uint8: `count` evenly spaced frames of two videos
+  (T, H, W, 3) side by side, top row and bottom row, white gaps."""
+  t = frames_top.shape[0]
+  index = np.linspace(0, t - 1, min(count, t)).round().astype(int)
+
+  def row(frames):
+    tiles = [upscale(frames[i], factor) for i in index]
+    h = tiles[0].shape[0]
+    sep = np.full((h, gap, 3), 255, np.uint8)
+    return np.concatenate(
+        [x for tile in tiles for x in (tile, sep)][:-1], axis=1)
+
+  top, bottom = row(frames_top), row(frames_bottom)
+  sep = np.full((gap, top.shape[1], 3), 255, np.uint8)
+  return np.concatenate([top, sep, bottom], axis=0)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+  """An 8-bit RGB PNG (no filtering, zlib level 9) of (H, W, 3) uint8."""
+  rgb = np.ascontiguousarray(rgb, np.uint8)
+  if rgb.ndim != 3 or rgb.shape[2] != 3:
+    raise ValueError(f"PNG image must be (H, W, 3) uint8; got {rgb.shape}")
+  h, w, _ = rgb.shape
+  raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+  def chunk(kind: bytes, body: bytes) -> bytes:
+    return (struct.pack(">I", len(body)) + kind + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+  header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+          + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def write_png(path, rgb: np.ndarray) -> pathlib.Path:
+  path = pathlib.Path(path)
+  _write_bytes(path, png_bytes(rgb))
+  return path
+
+
+def _write_bytes(path: pathlib.Path, blob: bytes):
+  """Atomic write (temporary name, then rename); permissions per umask."""
+  tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+  try:
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def _write_text(path: pathlib.Path, text: str):
+  _write_bytes(path, text.encode())

@@ -1,0 +1,2 @@
+"""The embedded demo model: a small text-to-video Wan DiT trained on a
+procedural world of coloured shapes (issue #11)."""
