@@ -1,4 +1,6 @@
-"""The `astraea` command: demo, generate, convert, search, bench.
+"""The `astraea` command: demo, train-demo, generate, convert, search, eval.
+
+Benchmarks are the scripts in benchmarks/ (results in benchmarks/results/).
 
   astraea convert SRC DST [--format auto|wan|diffusers|opensora|umt5]
       [--allow-pth] [--dtype float32|bfloat16]
@@ -13,11 +15,6 @@ import argparse
 import pathlib
 import sys
 import time
-
-_NOT_YET = {
-    "bench": "benchmarks; until this subcommand exists run the scripts in "
-             "benchmarks/ directly",
-}
 
 
 def _convert(args) -> int:
@@ -497,16 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(run=_eval)
 
-  for name, what in _NOT_YET.items():
-    p = sub.add_parser(name, help=f"(not available yet) {what}")
-    p.set_defaults(run=lambda args, name=name, what=what: _not_yet(name, what))
   return parser
-
-
-def _not_yet(name, what) -> int:
-  print(f"astraea {name}: not available yet in this version: {what}.",
-        file=sys.stderr)
-  return 2
 
 
 def main(argv=None) -> int:

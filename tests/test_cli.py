@@ -38,12 +38,6 @@ def test_demo_without_weights_says_how_to_train(tmp_path, capsys):
   assert "no demo model weights" in err and "astraea train-demo" in err
 
 
-@pytest.mark.parametrize("command", ["bench"])
-def test_unfinished_commands_say_so(command, capsys):
-  assert cli.main([command]) == 2
-  assert "not available yet" in capsys.readouterr().err
-
-
 def test_unknown_options_are_rejected(capsys):
   with pytest.raises(SystemExit):
     cli.main(["convert", "a", "b", "--no-such-option"])
@@ -54,7 +48,7 @@ def test_console_script_entry_point():
   out = subprocess.run([sys.executable, "-m", "astraea_jax.cli", "--help"],
                        capture_output=True, text=True, check=True).stdout
   for command in ("demo", "train-demo", "generate", "convert", "search",
-                  "bench"):
+                  "eval"):
     assert command in out
 
 
