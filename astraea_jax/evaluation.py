@@ -46,13 +46,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
 import io
 import json
 import math
 import os
 import pathlib
-import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,6 +62,7 @@ import tqdm
 from flax import nnx
 
 from astraea_jax import checkpoint, metrics
+from astraea_jax.provenance import environment
 from astraea_jax import lpips as lpips_lib
 from astraea_jax import pipeline as pipeline_lib
 from astraea_jax.astraea import policies as policies_lib
@@ -620,20 +619,6 @@ def _atomic_write(path, write, *, binary=False):
     else:
       write(f)
   os.replace(tmp, path)
-
-
-def environment() -> dict:
-  """Device, versions, commit and date, as benchmarks/common.py records."""
-  import flax  # pylint: disable=g-import-not-at-top
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=True,
-                            cwd=pathlib.Path(__file__).parent).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = os.environ.get("ASTRAEA_COMMIT", "unknown")
-  return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "flax": flax.__version__, "commit": commit,
-          "date": datetime.date.today().isoformat()}
 
 
 def _json_safe(x):

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import pathlib
-import subprocess
 import tempfile
 import time
 
 import jax
 
+from astraea_jax.provenance import environment  # noqa: F401 (re-exported)
+
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def environment() -> dict:
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=True,
-                            cwd=pathlib.Path(__file__).parent).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = os.environ.get("ASTRAEA_COMMIT", "unknown")
-  import flax
-  return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "flax": flax.__version__, "commit": commit,
-          "date": datetime.date.today().isoformat()}
 
 
 def write_results(path, benchmark: str, settings: dict, rows: list,

@@ -49,6 +49,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
+from astraea_jax import provenance
 from astraea_jax.demo_model import data
 from astraea_jax.demo_model import model as model_lib
 from astraea_jax.models import layers
@@ -563,9 +564,8 @@ def export_from_workdir(workdir, folder, *, extra: dict | None = None):
 
 
 def environment() -> dict:
-  device = jax.devices()[0]
-  return {"device": device.device_kind, "platform": device.platform,
-          "jax": jax.__version__}
+  """`provenance.environment()` plus the platform (cpu / gpu)."""
+  return {**provenance.environment(), "platform": jax.devices()[0].platform}
 
 
 # `astraea train-demo` --------------------------------------------------------
