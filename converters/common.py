@@ -69,6 +69,25 @@ class Source:
     return self._where[key].get(key)
 
 
+class MeteredSource:
+  """A tensor source that advances a progress bar by each tensor's bytes
+  (the whole-model converters meter one bar over all components)."""
+
+  def __init__(self, source, bar):
+    self._source, self._bar = source, bar
+
+  def keys(self):
+    return self._source.keys()
+
+  def shape(self, key):
+    return self._source.shape(key)
+
+  def get(self, key):
+    value = self._source.get(key)
+    self._bar.update(value.nbytes)
+    return value
+
+
 def as_source(tensors):
   """A Source over a mapping of arrays; anything with keys/shape/get as is."""
   if isinstance(tensors, Mapping):

@@ -53,7 +53,8 @@ from converters import opensora_folder
 from converters import umt5 as umt5_converter
 from converters import wan as wan_converter
 from converters import wan_vae as vae_converter
-from converters.common import CheckpointError, open_safetensors_folder
+from converters.common import (CheckpointError, MeteredSource,
+                               open_safetensors_folder)
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 # Names in the original Wan2.1 release (Wan-AI/Wan2.1-T2V-1.3B and -14B).
@@ -273,24 +274,6 @@ def open_weights(path, *, allow_pth: bool):
     raise CheckpointError(f"{path}: {e}") from e
 
 
-class _Metered:
-  """A tensor source that advances a progress bar by each tensor's bytes."""
-
-  def __init__(self, source, bar):
-    self._source, self._bar = source, bar
-
-  def keys(self):
-    return self._source.keys()
-
-  def shape(self, key):
-    return self._source.shape(key)
-
-  def get(self, key):
-    value = self._source.get(key)
-    self._bar.update(value.nbytes)
-    return value
-
-
 def _input_bytes(folder: ModelFolder, transformer_dir: pathlib.Path) -> int:
   files = [*transformer_dir.glob("diffusion_pytorch_model*.safetensors")]
   for part in (folder.vae, folder.text_encoder):
@@ -339,7 +322,7 @@ def read_transformer(folder: ModelFolder, *, dtype, text_len, bar):
     raise CheckpointError(f"{transformer_dir / 'config.json'}: missing field"
                           f" {e.args[0]!r}") from e
   source = open_safetensors_folder(transformer_dir, "diffusion_pytorch_model")
-  params = wan_converter.load_params(_Metered(source, bar), layout, config)
+  params = wan_converter.load_params(MeteredSource(source, bar), layout, config)
   return config, params
 
 
@@ -352,7 +335,7 @@ def read_vae(folder: ModelFolder, *, allow_pth, bar):
     layout, cfg = vae_converter.detect_layout(source.keys()), None
   config = (vae_converter.config_from_diffusers(cfg) if cfg is not None
             else vae_converter.infer_config(source, layout))
-  params = vae_converter.load_params(_Metered(source, bar), config, layout)
+  params = vae_converter.load_params(MeteredSource(source, bar), config, layout)
   return config, params
 
 
@@ -367,7 +350,8 @@ def read_text_encoder(folder: ModelFolder, *, dtype, allow_pth, bar):
     config = umt5_config_from_original(source, dtype=dtype,
                                        param_dtype=dtype)
     layout = "wan"
-  params = umt5_converter.load_params(_Metered(source, bar), config, layout)
+  metered = MeteredSource(source, bar)
+  params = umt5_converter.load_params(metered, config, layout)
   return config, params
 
 

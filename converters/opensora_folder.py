@@ -50,7 +50,8 @@ from astraea_jax.vae.opensora_vae import SpatialVAEConfig, TemporalVAEConfig
 from converters import opensora as stdit3_converter
 from converters import opensora_vae as vae_converter
 from converters import umt5 as t5_converter
-from converters.common import CheckpointError, open_safetensors_folder
+from converters.common import (CheckpointError, MeteredSource,
+                               open_safetensors_folder)
 
 MANIFEST_FORMAT = pipeline.OPENSORA_MANIFEST_FORMAT
 MANIFEST_VERSION = pipeline.MANIFEST_VERSION
@@ -186,24 +187,6 @@ def vae_config(cfg: dict, source) -> vae_converter.OpenSoraVAEConfig:
   return vae_converter._normalisation_from(source, config)
 
 
-class _Metered:
-  """A tensor source that advances a progress bar by each tensor's bytes."""
-
-  def __init__(self, source, bar):
-    self._source, self._bar = source, bar
-
-  def keys(self):
-    return self._source.keys()
-
-  def shape(self, key):
-    return self._source.shape(key)
-
-  def get(self, key):
-    value = self._source.get(key)
-    self._bar.update(value.nbytes)
-    return value
-
-
 def _input_bytes(folder: OpenSoraFolder) -> int:
   files = [f for part in (folder.transformer, folder.vae,
                           folder.text_encoder)
@@ -216,7 +199,8 @@ def read_transformer(folder: OpenSoraFolder, *, dtype, bar):
       _read_json(folder.transformer / "config.json"), param_dtype=dtype,
       dtype=dtype)
   source = open_safetensors_folder(folder.transformer, WEIGHTS_STEM)
-  return config, stdit3_converter.load_params(_Metered(source, bar), config)
+  metered = MeteredSource(source, bar)
+  return config, stdit3_converter.load_params(metered, config)
 
 
 def read_vae(folder: OpenSoraFolder, *, bar):
@@ -230,7 +214,7 @@ def read_vae(folder: OpenSoraFolder, *, bar):
         "expected the OpenSora VAE (spatial_vae.module.*, temporal_vae.*) "
         "of hpcai-tech/OpenSora-VAE-v1.2")
   config = vae_config(cfg, source)
-  return config, vae_converter.load_params(_Metered(source, bar), config,
+  return config, vae_converter.load_params(MeteredSource(source, bar), config,
                                            layout)
 
 
@@ -244,7 +228,7 @@ def read_text_encoder(folder: OpenSoraFolder, *, dtype, bar):
         "OpenSora v1.2 encodes prompts with T5 v1.1 (model_type 't5', "
         "DeepFloyd/t5-v1_1-xxl)")
   source = open_safetensors_folder(folder.text_encoder, WEIGHTS_STEM)
-  return config, t5_converter.load_params(_Metered(source, bar), config,
+  return config, t5_converter.load_params(MeteredSource(source, bar), config,
                                           "diffusers")
 
 
