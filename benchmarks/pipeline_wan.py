@@ -261,8 +261,8 @@ def main(argv=None):
   vae_dtype = pipe.vae.config.dtype
   if args.diffusers:
     del pipe, estate, params, vstate, video, context_2b, cache, a, run
-    torch_rows = diffusers_stages(args.small, (height, width, frames),
-                                  shape, args)
+    torch_rows = diffusers_stages(args.small, config,
+                                  (height, width, frames), shape, args)
     rows.extend(torch_rows)
     theirs = {r["stage"]: r["s"] for r in torch_rows if "s" in r}
     total_theirs = theirs["text_encoding"] + theirs["denoise"] + theirs[
@@ -309,22 +309,14 @@ def torch_timed(fn, repeats):
   return times[0], float(np.median(times[1:]))
 
 
-def keep_fp32(model):
-  """Float32 for the parts diffusers keeps in float32 when it loads a
-  checkpoint with `torch_dtype=bfloat16` (`_keep_in_fp32_modules`)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-  for name, param in model.named_parameters():
-    if keep & set(name.split(".")):
-      param.data = param.data.to(torch.float32)
-
-
-def diffusers_stages(small, video, shape, args):
+def diffusers_stages(small, config, video, shape, args):
   """Rows timing diffusers' WanPipeline stages (module docstring)."""
   # pylint: disable=import-outside-toplevel
   import diffusers
   import torch
   import transformers
+
+  import dense_wan
   device = "cuda" if torch.cuda.is_available() else "cpu"
   bf16 = torch.bfloat16 if not small else torch.float32
   height, width, frames = video
@@ -333,17 +325,12 @@ def diffusers_stages(small, video, shape, args):
     text_config = transformers.UMT5Config(
         vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2,
         num_heads=4, feed_forward_proj="gated-gelu")
-    dit_kwargs = dict(num_attention_heads=2, attention_head_dim=16,
-                      ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32)
     vae_kwargs = dict(base_dim=8, z_dim=16)
-  else:  # umT5-XXL, Wan2.1-T2V-1.3B, Wan2.1 VAE (published configs)
+  else:  # umT5-XXL and the Wan2.1 VAE (published configs)
     text_config = transformers.UMT5Config(
         vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
         num_heads=64, relative_attention_num_buckets=32,
         relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
-    dit_kwargs = dict(num_attention_heads=12, attention_head_dim=128,
-                      ffn_dim=8960, num_layers=30, text_dim=4096,
-                      freq_dim=256)
     vae_kwargs = {}
   rows = []
   # Build on the GPU directly (random init there takes seconds).
@@ -362,16 +349,13 @@ def diffusers_stages(small, video, shape, args):
   del encoder
   peak_text = torch.cuda.max_memory_allocated() if device == "cuda" else None
 
-  with torch.device(device):
-    dit = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), in_channels=16, out_channels=16,
-        **dit_kwargs).to(bf16).eval()
-  keep_fp32(dit)
+  # Our transformer's architecture, built as dense_wan.py builds it.
+  dit = dense_wan.build_diffusers(config, device=device, dtype=bf16, seed=0)
   scheduler = diffusers.UniPCMultistepScheduler(
       prediction_type="flow_prediction", use_flow_sigmas=True,
       num_train_timesteps=1000, flow_shift=SHIFT)
   scheduler.set_timesteps(STEPS, device=device)
-  text_dim = dit_kwargs["text_dim"]
+  text_dim = config.text_dim
   cond = torch.randn(1, length, text_dim, device=device, dtype=bf16)
   uncond = torch.randn(1, length, text_dim, device=device, dtype=bf16)
   state = {"lat": torch.randn(*shape, device=device), "i": 0}
