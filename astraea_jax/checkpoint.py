@@ -1,63 +1,44 @@
 """Converted checkpoints on disk: a folder with `config.json` + `params/`.
 
 `params/` is an orbax checkpoint of the nested dict of parameter arrays
-(our layout). Writes are atomic: everything goes into a hidden sibling
-folder that is renamed into place only when complete.
+(our layout). Writes are atomic (`outputs.atomic_folder`). Reading a
+folder that is not a converted checkpoint (a download that was never
+converted, the demo model's weights, a missing folder) or a damaged one
+raises CheckpointReadError with one line that says which and what to do.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import pathlib
-import shutil
-import uuid
+import re
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from astraea_jax import configs
+from astraea_jax import configs, outputs
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-class CheckpointExistsError(FileExistsError):
-  pass
+class CheckpointReadError(ValueError):
+  """A converted checkpoint that cannot be read: damaged, truncated, or not
+  a converted checkpoint at all."""
 
 
-@contextlib.contextmanager
-def atomic_folder(dst, *, overwrite=False):
-  """Yields a temporary folder that becomes `dst` if the block succeeds."""
-  dst = pathlib.Path(dst).absolute()
-  if dst.exists() and not overwrite:
-    raise CheckpointExistsError(
-        f"{dst} already exists; pass --overwrite (overwrite=True) to replace")
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir()
-  try:
-    yield tmp
-    if dst.exists():
-      old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(dst, old)
-      os.rename(tmp, dst)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, dst)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
+class NotACheckpointError(CheckpointReadError, FileNotFoundError):
+  """A path that holds no converted checkpoint."""
 
 
 def save(dst, config, params: dict, *, overwrite=False,
          metadata: dict | None = None):
   """Writes `config.json` and the orbax `params/` atomically."""
-  with atomic_folder(dst, overwrite=overwrite) as tmp:
+  with outputs.atomic_folder(dst, overwrite=overwrite,
+                             command="convert") as tmp:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
@@ -67,20 +48,90 @@ def save(dst, config, params: dict, *, overwrite=False,
     (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def _not_converted(path: pathlib.Path) -> str | None:
+  """What a folder that is not a converted checkpoint holds, if known."""
+  doc = {}
+  try:
+    doc = json.loads((path / CONFIG_FILE).read_text())
+  except (OSError, ValueError):
+    pass
+  if not isinstance(doc, dict):
+    doc = {}
+  if "_class_name" in doc or "_diffusers_version" in doc:
+    return (f"a model as published ({doc.get('_class_name', 'diffusers')} "
+            "config.json), not converted yet")
+  if (path / "transformer").is_dir() or (path / "model_index.json").is_file():
+    return "a model download as published, not converted yet"
+  if (path / "demo.safetensors").is_file():
+    return ("the demo model's weights folder, which only `astraea demo "
+            "--weights` and `astraea eval --model demo --demo-weights` read")
+  if any(path.glob("*.safetensors")) or any(path.glob("*.pth")):
+    return "weights as published, not converted yet"
+  return None
+
+
 def load_config(path):
+  """The config of a converted checkpoint folder (CheckpointReadError if
+  the folder is not one)."""
   path = pathlib.Path(path)
+  if not path.exists():
+    raise NotACheckpointError(f"{path}: no such folder")
+  if not path.is_dir():
+    raise NotACheckpointError(
+        f"{path} is a file; a converted checkpoint is a folder (create one "
+        "with `astraea convert SRC DST`)")
+  what = _not_converted(path)
+  if what is not None:
+    cure = ("" if "demo" in what else f"; convert it first: `astraea "
+            f"convert {path} DST`, then pass DST")
+    raise NotACheckpointError(f"{path} is {what}{cure}")
   cfg_file = path / CONFIG_FILE
   if not cfg_file.exists():
-    raise FileNotFoundError(
+    raise NotACheckpointError(
         f"{path} is not a converted astraea-jax checkpoint (no {CONFIG_FILE}); "
         "create one with `astraea convert SRC DST`")
-  doc = json.loads(cfg_file.read_text())
+  try:
+    doc = json.loads(cfg_file.read_text())
+  except ValueError as e:
+    raise CheckpointReadError(
+        f"{cfg_file} is damaged (not JSON: {e}); convert the model again") \
+        from e
+  if not isinstance(doc, dict):
+    raise CheckpointReadError(f"{cfg_file} is damaged (not a JSON object); "
+                              "convert the model again")
   doc.pop("metadata", None)
-  if doc.get("model") == "opensora_vae":
-    # pylint: disable-next=g-import-not-at-top
-    from astraea_jax.vae.opensora_vae import OpenSoraVAEConfig
-    return OpenSoraVAEConfig.from_dict(doc)
-  return configs.config_from_dict(doc)
+  try:
+    if doc.get("model") == "opensora_vae":
+      # pylint: disable-next=g-import-not-at-top
+      from astraea_jax.vae.opensora_vae import OpenSoraVAEConfig
+      return OpenSoraVAEConfig.from_dict(doc)
+    return configs.config_from_dict(doc)
+  except (TypeError, ValueError) as e:
+    raise CheckpointReadError(
+        f"{cfg_file} is not the config of a converted checkpoint ({e}); "
+        "convert the model again with `astraea convert SRC DST`") from e
+
+
+# tensorstore's error texts name the damaged array and file like this.
+_TS_ARRAY = re.compile(r'Error reading "([^"/]+)')
+_TS_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def damaged_checkpoint_message(path, error: BaseException) -> str:
+  """One line for an orbax/tensorstore read failure: which parameter, which
+  file, and the cure (convert again)."""
+  text = str(error).split(" [tensorstore_spec=")[0]
+  array = _TS_ARRAY.search(text)
+  files = _TS_FILE.findall(text)
+  parts = ([f"parameter {array.group(1)}"] if array else []) + (
+      [f"file {files[-1]}"] if files else [])
+  where = f" ({', '.join(parts)})" if parts else ""
+  first = text.splitlines()[0] if text else type(error).__name__
+  reason = first.rsplit('": ', 1)[-1]  # after the array and file names
+  return (f"{path}: the converted checkpoint is damaged or incomplete"
+          f"{where}: {reason[:200]}. Convert the model "
+          "again: `astraea convert SRC "
+          f"{path} --overwrite`")
 
 
 def _abstract_model(config):
@@ -116,7 +167,14 @@ def load_model(path, *, dtype: str | None = None):
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
       nnx.to_pure_dict(state))
-  params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+  if not (path / PARAMS_DIR).is_dir():
+    raise CheckpointReadError(
+        f"{path}: {PARAMS_DIR}/ is missing: the conversion did not finish or "
+        "the folder was changed; convert the model again")
+  try:
+    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+  except Exception as e:  # orbax/tensorstore errors have no common base
+    raise CheckpointReadError(damaged_checkpoint_message(path, e)) from e
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 

@@ -24,15 +24,15 @@ of the other steps with the same token count (`demo_model.compare`;
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import pathlib
 import struct
-import uuid
+import sys
 import zlib
 
 import numpy as np
+
+from astraea_jax import outputs
 
 UPSCALE = 4  # nearest-neighbour upscaling of the 48 x 48 frames for viewing
 FPS = 8  # 16 frames -> a 2 s clip
@@ -56,10 +56,14 @@ def main(*, prompt: str | None = None, budget: float | None = 0.5,
   prompt = demo_model.DEFAULT_PROMPT if prompt is None else prompt
   demo_model.encode(model, [prompt])  # checks the words before any work
   steps = config.steps if steps is None else steps
-  budgets = None
   if schedule is not None:
-    budgets = schedule_lib.validate(schedule_lib.load(schedule), steps)
-    budget = None
+    budgets = schedule_lib.load_for_steps(schedule, steps)
+  else:
+    budgets, warning = schedule_lib.for_mean_budget(budget, steps)
+    if warning:
+      print(f"warning: --budget {budget:g} with {steps} steps: {warning}",
+            file=sys.stderr)
+  budget = None
   print(f"astraea demo: {prompt!r}, {steps} steps, seed {seed}, "
         f"{config.frames} frames of {config.width}x{config.height} "
         f"({config.num_tokens} tokens)")
@@ -87,13 +91,11 @@ def main(*, prompt: str | None = None, budget: float | None = 0.5,
     quality["lpips"] = float(lpips.lpips(
         np.moveaxis(fast[0], 0, 1), np.moveaxis(full[0], 0, 1), lp_weights))
     lpips_note = f"LPIPS {quality['lpips']:.4f}"
-  speedup = (run["seconds_full"] / run["seconds_astraea"]
-             if run["seconds_astraea"] else None)
+  speedup = run["seconds_full"] / run["seconds_astraea"]
   report = {
       "model": "astraea demo model (astraea_jax/demo_model/MODEL_CARD.md)",
       "weights": str(weights or demo_model.WEIGHTS_DIR),
-      "training": {k: training.get(k) for k in ("steps", "final_loss",
-                                                "device")},
+      "training": training_summary(training),
       "prompt": prompt, "seed": seed, "steps": steps,
       "guidance": config.guidance if guidance is None else guidance,
       "shift": config.shift,
@@ -114,15 +116,17 @@ def main(*, prompt: str | None = None, budget: float | None = 0.5,
       "png_rows": ["full model", "astraea"],
   }
   out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  video.write_mp4(out / "demo_full.mp4", upscale(frames_full), fps=FPS)
-  video.write_mp4(out / "demo_astraea.mp4", upscale(frames_fast), fps=FPS)
-  write_png(out / "demo_compare.png", comparison_strip(frames_full,
-                                                       frames_fast))
-  _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+  # The folder appears whole at the end; an earlier demo output there is
+  # replaced (the CLI refused anything else before the model loaded).
+  with outputs.atomic_folder(out, overwrite=True, command="demo") as tmp:
+    video.write_mp4(tmp / "demo_full.mp4", upscale(frames_full), fps=FPS)
+    video.write_mp4(tmp / "demo_astraea.mp4", upscale(frames_fast), fps=FPS)
+    write_png(tmp / "demo_compare.png", comparison_strip(frames_full,
+                                                         frames_fast))
+    outputs.write_json(tmp / "report.json", report)
   speed = (f"speed ratio {speedup:.2f}x ({run['seconds_full']:.2f} s full, "
            f"{run['seconds_astraea']:.2f} s Astraea, compiled, on this "
-           "machine)" if speedup else "no timing runs")
+           "machine)")
   print(f"Astraea at mean budget {report['mean_budget']:.2f} vs the full "
         f"model: {speed}; PSNR {quality['psnr_db']:.2f} dB, SSIM "
         f"{quality['ssim']:.4f}; {lpips_note}")
@@ -130,6 +134,18 @@ def main(*, prompt: str | None = None, budget: float | None = 0.5,
         "(top: full, bottom: Astraea), report.json")
   return 0 if all(math.isfinite(quality[k]) for k in ("psnr_db", "ssim")) \
       else 1
+
+
+def training_summary(training: dict) -> dict:
+  """The weights' training record as report.json states it: the steps of
+  every run (the model card's total), the last run's loss and device."""
+  runs = training.get("runs") or [{"steps": training.get("steps")}]
+  steps = [r.get("steps") for r in runs]
+  return {"steps": (sum(steps) if all(isinstance(n, int) for n in steps)
+                    else training.get("steps")),
+          "steps_per_run": steps,
+          "final_loss": training.get("final_loss"),
+          "device": training.get("device")}
 
 
 # Images ---------------------------------------------------------------------
@@ -178,21 +194,4 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 
 def write_png(path, rgb: np.ndarray) -> pathlib.Path:
-  path = pathlib.Path(path)
-  _write_bytes(path, png_bytes(rgb))
-  return path
-
-
-def _write_bytes(path: pathlib.Path, blob: bytes):
-  """Atomic write (temporary name, then rename); permissions per umask."""
-  tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-  try:
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
-def _write_text(path: pathlib.Path, text: str):
-  _write_bytes(path, text.encode())
+  return outputs.write_bytes(path, png_bytes(rgb))

@@ -61,7 +61,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from astraea_jax import checkpoint, metrics
+from astraea_jax import checkpoint, metrics, outputs
 from astraea_jax.provenance import environment
 from astraea_jax import lpips as lpips_lib
 from astraea_jax import pipeline as pipeline_lib
@@ -653,6 +653,7 @@ def write_report(out, problem: Problem, runs, rows, *, benchmark="eval",
   paths = {"csv": out / f"{stem}.csv", "runs_csv": out / f"{stem}_runs.csv",
            "md": out / f"{stem}.md", "json": out / json_name,
            "png": out / f"{stem}.png"}
+  outputs.mark_folder(out, command="eval")
   _atomic_write(paths["csv"], _csv(rows, COLUMNS))
   run_cols = ("method", "label", "prompt", "seed", "speedup_h200",
               "speedup_cpu", "seconds", "psnr", "ssim", "lpips",

@@ -19,7 +19,8 @@ plus NAME.full.mp4 with --compare and NAME.latents.safetensors with
 --save-latents; any other `--out` is a folder with outputs.safetensors
 (latents, and videos when decoded), report.json and video_<run>.mp4 per
 decoded run. Every file is written atomically (temporary name, then
-rename); existing outputs need --overwrite.
+rename); existing outputs need --overwrite, which replaces only earlier
+astraea outputs (`outputs.check_destination`).
 
 Numbered like a diffusers pipeline:
   1. load the converted DiT (with the VAE and text encoder of a whole-model
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax import checkpoint, metrics
+from astraea_jax import checkpoint, metrics, outputs
 from astraea_jax import pipeline as pipeline_lib
 from astraea_jax import video as video_lib
 from astraea_jax.astraea import sampler as astraea_sampler
@@ -118,16 +119,17 @@ def read_text_embeddings(path, text_dim: int):
   return tuple(out)
 
 
-def _steady_seconds(step_seconds, keys):
-  """Sum of per-step times with each compile replaced by a warm median."""
+def steady_seconds(step_seconds, keys) -> float | None:
+  """Sum of per-step times with each compiling step (the first of each
+  key) replaced by the median of that key's later steps; None when some key
+  ran only once (its time would include compilation)."""
   by_key = {}
   for t, k in zip(step_seconds, keys):
     by_key.setdefault(k, []).append(t)
-  total = 0.0
-  for times in by_key.values():
-    warm = times[1:] or times
-    total += np.median(warm) * len(times)
-  return float(total)
+  if any(len(times) < 2 for times in by_key.values()):
+    return None
+  return float(sum(np.median(times[1:]) * len(times)
+                   for times in by_key.values()))
 
 
 def is_video_path(out) -> bool:
@@ -173,15 +175,23 @@ def _load(model_path, *, vae_path, allow_pth, dtype, with_text: bool):
 def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
              vae_path=None, allow_pth=False, dtype=None, overwrite=False,
              prompt=None, negative_prompt=None, save_latents=False,
-             fps: float = video_lib.WAN_FPS):
+             fps: float = video_lib.WAN_FPS, sources=()):
   """Runs the pipeline; returns the report dict (see the module doc).
 
   Give `prompt` (str; needs a whole-model folder) or `embeddings_path`.
-  The report's "outputs" lists the files written.
+  The report's "outputs" lists the files written. sources: other (flag,
+  path) pairs the caller read (e.g. the --schedule file), which the outputs
+  must not overlap either.
   """
   if (prompt is None) == (embeddings_path is None):
     raise ValueError("give a prompt (--prompt) or text embeddings "
                      "(--text-embeddings), not both")
+  accelerated = config.budget is not None or config.schedule is not None
+  paths = output_paths(out, accelerated=accelerated, compare=config.compare,
+                       save_latents=save_latents)
+  check_outputs(paths, out, overwrite=overwrite, sources=[
+      ("--model", model_path), ("--vae", vae_path),
+      ("--text-embeddings", embeddings_path), *sources])
   if model_family(model_path) == OPENSORA:
     # pylint: disable-next=import-outside-toplevel
     from astraea_jax import opensora_pipeline
@@ -190,13 +200,6 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
         embeddings_path=embeddings_path, negative_prompt=negative_prompt,
         vae_path=vae_path, dtype=dtype, overwrite=overwrite,
         save_latents=save_latents, fps=fps)
-  accelerated = config.budget is not None or config.schedule is not None
-  paths = output_paths(out, accelerated=accelerated, compare=config.compare,
-                       save_latents=save_latents)
-  existing = [str(p) for p in paths.values() if p.exists()]
-  if existing and not overwrite:
-    raise checkpoint.CheckpointExistsError(
-        f"{', '.join(existing)} already exists; pass --overwrite to replace")
   whole = pipeline_lib.is_model_folder(model_path)
   if is_video_path(out) and not whole and vae_path is None:
     raise ValueError(f"--out {out} needs a VAE to decode the video: a "
@@ -238,7 +241,7 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
         schedule=config.schedule, return_stats=True, **common)
     report["astraea"] = {
         "seconds": time.perf_counter() - t0,
-        "seconds_without_compiles": _steady_seconds(stats.step_seconds,
+        "seconds_without_compiles": steady_seconds(stats.step_seconds,
                                                     stats.num_selected),
         "schedule": [float(b) for b in stats.budgets],
         "mean_budget": float(np.mean(stats.budgets)),
@@ -251,7 +254,7 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
                                    negative, step_seconds=step_seconds,
                                    **common)
     report["full"] = {"seconds": time.perf_counter() - t0,
-                      "seconds_without_compiles": _steady_seconds(
+                      "seconds_without_compiles": steady_seconds(
                           step_seconds, [0] * len(step_seconds))}
   videos = {}
   if pipe.vae is not None:                                           # 5.
@@ -266,12 +269,25 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   return report
 
 
+def check_outputs(paths, out, *, overwrite, sources):
+  """`outputs.check_destination` for each of `output_paths`' files (or the
+  folder), before anything is loaded."""
+  for name, path in paths.items():
+    outputs.check_destination(
+        path, flag="--out" if path == pathlib.Path(out)
+        else f"--out ({name} output)", overwrite=overwrite,
+        sources=[(f, p) for f, p in sources if p is not None],
+        kind="folder" if name == "folder" else "file")
+
+
 def compare_report(report, results, videos):
   """Adds speedup and PSNR (and SSIM on videos) of Astraea vs the full
   model to `report` (which holds both runs' "seconds_without_compiles")."""
-  report["speedup_without_compiles"] = (
-      report["full"]["seconds_without_compiles"]
-      / report["astraea"]["seconds_without_compiles"])
+  full = report["full"]["seconds_without_compiles"]
+  fast = report["astraea"]["seconds_without_compiles"]
+  # Only from compiled steps: a token count that ran once has no warm time.
+  report["speedup_without_compiles"] = (full / fast if full and fast
+                                        else None)
   a, b = (videos or results)["astraea"], (videos or results)["full"]
   rng = 2.0 if videos else float(jnp.max(b) - jnp.min(b))
   report["compared_on"] = "video" if videos else "latents"
@@ -287,18 +303,21 @@ def write_outputs(out, paths, results, videos, report, *, overwrite, fps):
   if "folder" not in paths:
     for name, path in paths.items():
       if name == "latents":
-        safetensors_io.save_file(latents, path)
+        safetensors_io.save_file(latents, path,
+                                 metadata=outputs.SAFETENSORS_METADATA)
       else:
         video_lib.write_mp4(path, videos[name], fps=fps)
     return
-  with checkpoint.atomic_folder(out, overwrite=overwrite) as tmp:
+  with outputs.atomic_folder(out, overwrite=overwrite,
+                             command="generate") as tmp:
     tensors = dict(latents)
     tensors.update({f"video_{k}": np.asarray(v) for k, v in videos.items()})
-    safetensors_io.save_file(tensors, tmp / "outputs.safetensors")
+    safetensors_io.save_file(tensors, tmp / "outputs.safetensors",
+                             metadata=outputs.SAFETENSORS_METADATA)
     for k, v in videos.items():
       video_lib.write_mp4(tmp / f"video_{k}.mp4", v, fps=fps)
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def load_schedule(path, steps):
-  return tuple(schedule_lib.validate(schedule_lib.load(path), steps))
+  return tuple(schedule_lib.load_for_steps(path, steps))

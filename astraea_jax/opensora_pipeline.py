@@ -368,10 +368,6 @@ def generate(model_path, out, *, config, prompt=None, embeddings_path=None,
   paths = generate_lib.output_paths(out, accelerated=accelerated,
                                     compare=config.compare,
                                     save_latents=save_latents)
-  existing = [str(p) for p in paths.values() if p.exists()]
-  if existing and not overwrite:
-    raise checkpoint.CheckpointExistsError(
-        f"{', '.join(existing)} already exists; pass --overwrite to replace")
   transformer_config, vae_config = read_configs(model_path)
   latent_shape(config.height, config.width, config.frames,  # before loading
                vae_config=vae_config,
@@ -399,8 +395,7 @@ def generate(model_path, out, *, config, prompt=None, embeddings_path=None,
         return_stats=True, **common)
     report["astraea"] = {
         "seconds": time.perf_counter() - t0,
-        # pylint: disable-next=protected-access
-        "seconds_without_compiles": generate_lib._steady_seconds(
+        "seconds_without_compiles": generate_lib.steady_seconds(
             stats.step_seconds, stats.num_selected),
         "schedule": [float(b) for b in stats.budgets],
         "mean_budget": float(np.mean(stats.budgets)),
@@ -413,8 +408,7 @@ def generate(model_path, out, *, config, prompt=None, embeddings_path=None,
                                    step_seconds=step_seconds, **common)
     report["full"] = {
         "seconds": time.perf_counter() - t0,
-        # pylint: disable-next=protected-access
-        "seconds_without_compiles": generate_lib._steady_seconds(
+        "seconds_without_compiles": generate_lib.steady_seconds(
             step_seconds, [0] * len(step_seconds))}
   videos = {k: pipe.decode(v, num_frames=config.frames, progress=True)
             for k, v in results.items()}                              # 5.

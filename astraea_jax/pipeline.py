@@ -203,7 +203,7 @@ class WanPipeline(nnx.Module):
     self.text_encoder = text_encoder
     self.tokenizer = tokenizer
     self.text_len = int(text_len or transformer.config.text_len)
-    if text_encoder is not None:
+    if text_encoder is not None and transformer is not None:
       d, want = text_encoder.config.d_model, transformer.config.text_dim
       if d != want:
         raise ValueError(f"text encoder width {d} != the transformer's "
@@ -239,6 +239,20 @@ class WanPipeline(nnx.Module):
       tokenizer = tokenizer_lib.UMT5Tokenizer.from_folder(part("tokenizer"))
     return cls(transformer, vae, text_encoder, tokenizer,
                text_len=manifest.get("text_len"))
+
+  @classmethod
+  def text_only(cls, path, *, dtype: str | None = None) -> WanPipeline:
+    """Only the text encoder and tokenizer of a converted whole-model
+    folder (`encode_prompt` without loading the DiT and the VAE)."""
+    # pylint: disable-next=import-outside-toplevel
+    from astraea_jax.models.text import tokenizer as tokenizer_lib
+    manifest = read_manifest(path)
+    part = lambda name: pathlib.Path(path) / manifest["components"].get(
+        name, name)
+    return cls(None, None,
+               checkpoint.load_model(part("text_encoder"), dtype=dtype),
+               tokenizer_lib.UMT5Tokenizer.from_folder(part("tokenizer")),
+               text_len=manifest["text_len"])
 
   # 1. Text -------------------------------------------------------------------
 

@@ -10,7 +10,9 @@ libx264, pixel format yuv420p (what players expect), 16 fps by default
 no Python runs between fork and exec in this multithreaded (JAX) process.
 The file appears only when complete: ffmpeg writes a hidden temporary file
 in the same folder, renamed into place at the end (a failure or an
-interrupt leaves nothing under the name).
+interrupt leaves nothing under the name). The file's metadata comment says
+astraea-jax wrote it (how `outputs.check_destination` recognises an earlier
+output that --overwrite may replace).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import subprocess
 import uuid
 
 import numpy as np
+
+from astraea_jax import outputs
 
 WAN_FPS = 16
 # x264 constant rate factor: 0 = lossless ... 51 = worst; 10 is imageio's
@@ -91,6 +95,7 @@ def write_mp4(path, video, *, fps: float = WAN_FPS, crf: int = DEFAULT_CRF,
       "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
       "-framerate", f"{fps:g}", "-i", "pipe:0", "-an", "-c:v", "libx264",
       "-pix_fmt", "yuv420p", "-crf", str(int(crf)),
+      "-metadata", f"comment={outputs.VIDEO_COMMENT}",
       "-movflags", "+faststart", "-f", "mp4", str(tmp)]
   try:
     result = subprocess.run(command, input=frames.tobytes(),

@@ -46,7 +46,7 @@ from collections.abc import Mapping
 import numpy as np
 import tqdm
 
-from astraea_jax import checkpoint, pipeline
+from astraea_jax import checkpoint, outputs, pipeline
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.models.text.umt5 import UMT5Config
 from converters import opensora_folder
@@ -397,7 +397,8 @@ def convert(folder: ModelFolder, dst, *, dtype: str = "float32",
   _, transformer_dir = wan_converter.detect_layout(folder.root)
   rel = lambda p: str(p.relative_to(folder.root)) + ("/" if p.is_dir()
                                                      else "")
-  with checkpoint.atomic_folder(dst, overwrite=overwrite) as tmp, tqdm.tqdm(
+  with outputs.atomic_folder(dst, overwrite=overwrite,
+                             command="convert") as tmp, tqdm.tqdm(
       total=_input_bytes(folder, transformer_dir), unit="B", unit_scale=True,
       unit_divisor=1024, desc="converting", disable=not progress) as bar:
     sub = {}

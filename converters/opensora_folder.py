@@ -44,7 +44,7 @@ import pathlib
 
 import tqdm
 
-from astraea_jax import checkpoint, pipeline
+from astraea_jax import checkpoint, outputs, pipeline
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.vae.opensora_vae import SpatialVAEConfig, TemporalVAEConfig
 from converters import opensora as stdit3_converter
@@ -255,7 +255,8 @@ def convert(folder: OpenSoraFolder, dst, *, dtype: str = "float32",
   # pylint: disable-next=import-outside-toplevel
   from converters.model_folder import copy_tokenizer
   rel = lambda p: str(p.relative_to(folder.root)) + "/"
-  with checkpoint.atomic_folder(dst, overwrite=overwrite) as tmp, tqdm.tqdm(
+  with outputs.atomic_folder(dst, overwrite=overwrite,
+                             command="convert") as tmp, tqdm.tqdm(
       total=_input_bytes(folder), unit="B", unit_scale=True,
       unit_divisor=1024, desc="converting", disable=not progress) as bar:
     bar.set_postfix_str("transformer")

@@ -87,8 +87,7 @@ def test_generate_compare(converted, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--schedule", "SCHED"], "has (2,) entries but sampling runs 3"),
-    (["--budget", "1.5"], "must lie in (0, 1]"),
+    (["--schedule", "SCHED"], "has 2 budgets but --steps is 3"),
     (["--height", "36"], "multiples of 16"),
     (["--text-embeddings", "BADEMB"], "no tensor named 'context'"),
 ])
@@ -104,3 +103,15 @@ def test_generate_bad_input(converted, tmp_path, capsys, extra, message):
   assert cli.main(args) == 1
   assert message in capsys.readouterr().err
   assert not out.exists()
+
+
+def test_generate_budget_out_of_range(converted, tmp_path, capsys):
+  """Refused while the command line is read, naming the flag and range."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["generate", str(converted / "ckpt"), "--text-embeddings",
+              str(converted / "emb.safetensors"), "--out",
+              str(tmp_path / "out"), *GEN, "--budget", "1.5"])
+  assert exit_info.value.code == 2
+  assert "argument --budget: 1.5 is out of range: must be in (0, 1]" in \
+      capsys.readouterr().err
+  assert not (tmp_path / "out").exists()

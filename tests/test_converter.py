@@ -169,16 +169,25 @@ def test_shard_index_lists_absent_file(tmp_path, tensors, capsys):
 
 
 def test_destination_exists_needs_overwrite(tmp_path, tensors, capsys):
+  """--overwrite replaces an earlier conversion, never a folder of the
+  user's (issue #20: it used to delete it)."""
   src = testing.write_wan_checkpoint(tmp_path / "src", CONFIG, tensors)
   dst = tmp_path / "out"
   dst.mkdir()
   (dst / "keep.txt").write_text("mine")
-  assert convert(src, dst) == 1
-  assert "already exists; pass --overwrite" in capsys.readouterr().err
-  assert (dst / "keep.txt").read_text() == "mine"
-  assert convert(src, dst, "--overwrite") == 0
-  assert not (dst / "keep.txt").exists()
-  assert run_model(dst).shape == (1, 16, 2, 4, 6)
+  for extra in ((), ("--overwrite",)):
+    assert convert(src, dst, *extra) == 1
+    assert "is not an astraea-jax output" in capsys.readouterr().err
+    assert (dst / "keep.txt").read_text() == "mine"
+  ours = tmp_path / "ours"
+  assert convert(src, ours) == 0
+  assert convert(src, ours) == 1
+  assert "already exists (an earlier astraea-jax output); pass --overwrite" \
+      in capsys.readouterr().err
+  (ours / "stale.txt").write_text("from the earlier run")
+  assert convert(src, ours, "--overwrite") == 0
+  assert not (ours / "stale.txt").exists()
+  assert run_model(ours).shape == (1, 16, 2, 4, 6)
 
 
 def test_load_model_on_a_plain_folder(tmp_path):

@@ -231,7 +231,7 @@ def test_demo_schedule_file(weights, tmp_path, capsys):
   sched.write_text(json.dumps({"schedule": [1.0, 0.5]}))
   assert cli.main(["demo", "--weights", str(weights), "--schedule",
                    str(sched), "--out", str(out), "--quiet"]) == 1
-  assert "has (2,) entries but sampling runs 4" in capsys.readouterr().err
+  assert "has 2 budgets but --steps is 4" in capsys.readouterr().err
 
 
 # The shipped weights ---------------------------------------------------------

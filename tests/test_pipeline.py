@@ -489,10 +489,11 @@ def test_generate_bad_input(folders, tmp_path, capsys, changes, message):
 def test_generate_refuses_to_overwrite(folders, tmp_path, capsys):
   out = tmp_path / "v.mp4"
   out.write_bytes(b"mine")
-  assert cli.main(["generate", "--model", str(folders["converted"]),
-                   "--prompt", PROMPT, "--out", str(out)]) == 1
-  assert "already exists; pass --overwrite" in capsys.readouterr().err
-  assert out.read_bytes() == b"mine"
+  for extra in ([], ["--overwrite"]):  # not a video astraea wrote
+    assert cli.main(["generate", "--model", str(folders["converted"]),
+                     "--prompt", PROMPT, "--out", str(out), *extra]) == 1
+    assert "is not an astraea-jax output" in capsys.readouterr().err
+    assert out.read_bytes() == b"mine"
 
 
 # MP4 writing ------------------------------------------------------------------

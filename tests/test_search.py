@@ -490,15 +490,25 @@ def test_plot_without_matplotlib_prints_a_note(tmp_path, monkeypatch,
   assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_cli_target_budget_is_checked_with_the_command_line(files, tmp_path,
+                                                           capsys, value):
+  args = search_args(files, tmp_path / "out")
+  args[args.index("--target-budget") + 1] = value
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(args)
+  assert exit_info.value.code == 2
+  assert f"argument --target-budget: {value} is out of range: must be in " \
+      "(0, 1]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change,message", [
-    ({"--target-budget": "0"}, "target_budget=0.0 must lie in (0, 1]"),
-    ({"--target-budget": "1.5"}, "must lie in (0, 1]"),
     ({"--text-embeddings": None}, "no prompts"),
     ({"--text-embeddings": None, "--prompts": "PROMPTS"},
-     "text encoder, which is not available"),
+     "--prompts needs a converted whole-model folder"),
     ({"--text-embeddings": None, "--prompts": "EMPTY"}, "no prompts"),
-    ({"--model": "MISSING"}, "is not a converted astraea-jax checkpoint"),
-    ({"--model": "BROKEN"}, "cannot read the checkpoint"),
+    ({"--model": "MISSING"}, "nowhere: no such folder"),
+    ({"--model": "BROKEN"}, "the converted checkpoint is damaged"),
     ({"--resume": True}, "does not exist"),
     ({"--height": "36"}, "multiples of 16"),
     ({"--samples": "1"}, "must be >= the 2 prompts"),

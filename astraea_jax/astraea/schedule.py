@@ -76,10 +76,62 @@ def save(path, schedule, **metadata):
   os.replace(tmp, path)
 
 
+def for_mean_budget(mean_budget: float,
+                    steps: int) -> tuple[np.ndarray, str | None]:
+  """(`default_schedule`, None), or, where the mean budget cannot pay for
+  a single computed token after the warm-up step (every later step would
+  get 0 or less), every step dense and a warning that says so."""
+  if steps == 1:
+    note = (None if mean_budget == 1.0 else "with one step there is only "
+            "the first, full step (nothing is cached before it): every step "
+            "runs the full model")
+    return np.ones(1), note
+  tenths = int(round(mean_budget * steps * 10))
+  budgets = default_schedule(mean_budget, steps) if tenths > 10 else None
+  if budgets is None or ((budgets == 0).any()
+                         and not ((budgets > 0) & (budgets < 1)).any()):
+    return np.ones(steps), (
+        "the full first (warm-up) step(s) use up the whole budget, so every "
+        f"other step would compute nothing; all {steps} steps run the full "
+        f"model instead (mean budget 1.0). Raise --budget or use more "
+        "--steps")
+  return budgets, None
+
+
 def load(path) -> np.ndarray:
+  """The budgets of a schedule file: JSON {"schedule": [...], ...} (what
+  `save` and `astraea search` write) or a bare JSON list of budgets."""
   try:
     doc = json.loads(pathlib.Path(path).read_text())
-    return np.asarray(doc["schedule"], np.float64)
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(f"{path}: not a schedule file ({e}); expected JSON "
-                     '{"schedule": [budget per step, ...]}') from e
+  except UnicodeDecodeError:
+    raise ValueError(f"{path}: not a schedule file (not text)") from None
+  except OSError as e:
+    raise ValueError(f"{path}: {e.strerror or e}") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not a schedule file (invalid JSON at line "
+                     f"{e.lineno}, column {e.colno}); expected "
+                     '{"schedule": [budget per step, ...]}') from None
+  budgets = doc.get("schedule") if isinstance(doc, dict) else doc
+  if (not isinstance(budgets, list) or not budgets
+      or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                 for b in budgets)):
+    raise ValueError(f"{path}: not a schedule file; expected "
+                     '{"schedule": [budget per step, ...]} or a list of '
+                     "budgets (numbers in [0, 1])")
+  return np.asarray(budgets, np.float64)
+
+
+def load_for_steps(path, steps: int, *, flag: str = "--schedule"):
+  """`load` + `validate`, with the messages naming the flags."""
+  try:
+    budgets = load(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{flag} {e}") from None
+  if budgets.shape[0] != steps:
+    raise ValueError(f"{flag} {path} has {budgets.shape[0]} budgets but "
+                     f"--steps is {steps}: give --steps {budgets.shape[0]} "
+                     "or a schedule with one budget per step")
+  try:
+    return validate(budgets, steps)
+  except ValueError as e:
+    raise ValueError(f"{flag} {path}: {e}") from None

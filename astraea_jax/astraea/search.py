@@ -76,7 +76,7 @@ import tqdm
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from astraea_jax import checkpoint
+from astraea_jax import checkpoint, outputs
 from astraea_jax.astraea import sampler as astraea_sampler
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
@@ -1162,14 +1162,10 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
                      "safetensors file (`context`) per prompt")
   for p in (problem,) + ((proxy,) if proxy else ()):
     dense_sampler.wan_latent_shape(p.height, p.width, p.frames)
-  checkpoint.load_config(model_path)   # not a checkpoint: FileNotFoundError
-  try:
-    model = checkpoint.load_model(model_path, dtype=dtype)
-  except Exception as e:  # orbax/JSON errors of a damaged checkpoint
-    raise ValueError(f"cannot read the checkpoint {model_path}: "
-                     f"{type(e).__name__}: {e}") from e
+  # Not a checkpoint, or a damaged one: checkpoint.CheckpointReadError.
+  model = checkpoint.load_model(model_path, dtype=dtype)
   graphdef, params = nnx.split(model)
-  out.mkdir(parents=True, exist_ok=True)
+  outputs.mark_folder(out, command="search")
 
   def fitness_of(p):
     return TreeFitness(graphdef, params,

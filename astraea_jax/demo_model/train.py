@@ -49,7 +49,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from astraea_jax import provenance
+from astraea_jax import outputs, provenance
 from astraea_jax.demo_model import data
 from astraea_jax.demo_model import model as model_lib
 from astraea_jax.models import layers
@@ -452,7 +452,7 @@ def train(workdir, config: model_lib.DemoConfig, tc: TrainConfig, *,
   deadline = math.inf if minutes is None else t_start + 60.0 * minutes
   workdir = pathlib.Path(workdir)
   _check_run(workdir, config, tc, resume)
-  workdir.mkdir(parents=True, exist_ok=True)
+  outputs.mark_folder(workdir, command="train-demo")
   _write_json(workdir / RUN_FILE, _run_doc(config, tc))
   optimizer = make_optimizer(tc)
   graphdefs, state = init_state(config, tc, optimizer)
