@@ -137,12 +137,19 @@ def tree_fitness(split, noise, contexts, negatives, *, steps, shift,
 
 def run_search(fitness_fn, *, steps, target_budget, population, children,
                generations, seed=0):
-  """(best genome in tenths, its fitness, budget band in tenths)."""
+  """(best genome in tenths, its fitness, budget band in tenths, the
+  initial population as a set of tuples)."""
   config = search_lib.SearchConfig(
       target_budget=target_budget, steps=steps, population=population,
       children=children, generations=generations, seed=seed)
+  # The search draws its initial population from the second half of the
+  # seed's key split (search_lib.search).
+  _, k_init = jax.random.split(jax.random.key(seed))
+  initial = {tuple(g) for g in np.asarray(search_lib.initial_population(
+      k_init, config=config)).tolist()}
   result = search_lib.search(fitness_fn, config, progress=False)
-  return np.asarray(result.genome), result.fitness, config.budget_band()
+  return (np.asarray(result.genome), result.fitness, config.budget_band(),
+          initial)
 
 
 # STDiT3 --------------------------------------------------------------------------
