@@ -191,7 +191,12 @@ def _search_cost(row=None, target=None):
   return PROJECTED, rule
 
 
-RULES = {"astraea_wan": _astraea, "astraea_opensora": _astraea,
+def _kernel_check(row=None, target=None):
+  return MEASURED, ("each case run once (compiled unless interpret) "
+                    "against a float64 NumPy reference")
+
+
+RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea, "astraea_opensora": _astraea,
          "attention": _attention, "demo_agreement": _demo,
          "demo_sampling": _demo, "dense_wan": _dense_wan,
          "eval_quality": _eval_quality, "eval_speed": _eval_speed,
