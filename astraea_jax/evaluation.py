@@ -257,7 +257,7 @@ def load_speed_table(path) -> dict:
   """{"dense": ms, cost_key: ms, ...} per step from eval_speed's JSON."""
   doc = json.loads(pathlib.Path(path).read_text())
   table = {r["cost_key"]: r["ms_per_step"] for r in doc["rows"]
-           if r.get("kind") == "step_config"}
+           if r.get("row", r.get("kind")) == "step_config"}
   if "dense" not in table:
     raise ValueError(f"{path}: no dense step time (rows of kind "
                      "'step_config' with cost_key 'dense')")

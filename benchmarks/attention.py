@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import kinds  # noqa: E402  (benchmarks/kinds.py, next to this script)
 import pallas_kernels  # noqa: E402
 from pallas_kernels import sparse_attention_mosaic as mosaic  # noqa: E402
 from pallas_kernels import sparse_attention_triton as triton  # noqa: E402
@@ -187,6 +188,7 @@ class Results:
 
   def save(self):
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    kinds.label(self.doc)  # measured / composed, benchmarks/kinds.py
     self.path.write_text(json.dumps(self.doc, indent=1))
 
   def error(self, where, exc):

@@ -10,6 +10,8 @@ import time
 
 import jax
 
+import kinds
+
 from astraea_jax.provenance import environment  # noqa: F401 (re-exported)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -17,11 +19,13 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 def write_results(path, benchmark: str, settings: dict, rows: list,
                   targets: list):
-  """Writes the DESIGN.md results format atomically."""
+  """Writes the DESIGN.md results format atomically, every row and target
+  labelled measured/composed/projected by benchmarks/kinds.py."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   doc = {"benchmark": benchmark, **environment(), "settings": settings,
          "rows": rows, "targets": targets}
+  kinds.label(doc)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   with os.fdopen(fd, "w") as f:
     json.dump(doc, f, indent=2)

@@ -26,6 +26,7 @@ import pathlib
 import tempfile
 
 import common
+import kinds
 
 from astraea_jax import evaluation
 from astraea_jax.configs import WanConfig
@@ -75,6 +76,7 @@ def main():
       problem, policies, out, speed_json=speed, lpips_weights=weights,
       progress=not args.quiet, benchmark="eval_quality",
       json_name="eval_demo.json", stem="eval_demo")
+  kinds.relabel(paths["json"])  # measured / projected, benchmarks/kinds.py
   print(evaluation.markdown(rows))
   print("wrote " + ", ".join(paths.values()))
 

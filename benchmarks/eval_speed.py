@@ -16,7 +16,7 @@ its steps' times ("extrapolated" in the JSON), its speedup the dense
 sampler's 50 steps over that. Step caching decides per step at run time,
 so its rows are given per number of computed steps (2..50); `astraea eval
 --speed-json` applies the measured per-key times to the steps each run
-actually computed. Rows of kind "step_config" are that per-key table.
+actually computed. Rows with "row": "step_config" are that per-key table.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def main():
         jax.block_until_ready((latents, carry))
         times.append(time.perf_counter() - t0)
       ms[key] = 1e3 * float(np.median(times[1:]))
-      rows.append({"kind": "step_config", "cost_key": key,
+      rows.append({"row": "step_config", "cost_key": key,
                    "ms_per_step": ms[key], "compile_s": times[0],
                    "runs_ms": [1e3 * t for t in times[1:]],
                    "measured_with": policy.label()})
@@ -141,7 +141,7 @@ def main():
       continue
     total = compose(policy, plans, ms)
     summary[policy.label()] = STEPS * t_dense / total
-    rows.append({"kind": "policy", "label": policy.label(),
+    rows.append({"row": "policy", "label": policy.label(),
                  "method": policy.method, "family": policy.family,
                  "settings": policy.settings(),
                  "cost_keys": [p.cost_key() for p in plans],
@@ -152,11 +152,11 @@ def main():
                        ms["step_cache:reused"])
   for computed in range(2, STEPS + 1):
     total = 2 * full + (computed - 2) * comp + (STEPS - computed) * reuse
-    rows.append({"kind": "step_cache_computed_steps", "family": "step_cache",
+    rows.append({"row": "step_cache_computed_steps", "family": "step_cache",
                  "computed_steps": computed, "extrapolated_s": total / 1e3,
                  "speedup": STEPS * t_dense / total})
   if peak:
-    rows.append({"kind": "peak_memory", "gib": peak / 2**30})
+    rows.append({"row": "peak_memory", "gib": peak / 2**30})
   for label, speedup in summary.items():
     print(f"{label:45s} {speedup:5.2f}x")
 

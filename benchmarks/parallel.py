@@ -24,7 +24,7 @@ its steps ("extrapolated"). Astraea runs `default_schedule(0.4, 50)`.
 Also measured on the n devices: all-to-all and ring-shift (ppermute)
 bandwidth per device at the sizes the model sends. From these and the
 one-GPU step times, a cost model predicts every configuration at 2, 4 and
-8 GPUs (rows with "kind": "prediction"; stated as predictions, never as
+8 GPUs (rows with "row": "prediction"; stated as predictions, never as
 measurements):
     t(P) = t_1GPU / P + layers x bytes_sent_per_device(P) / bandwidth
 (no overlap of communication with compute: an upper bound; the same
@@ -360,7 +360,7 @@ def main():
         bandwidth[n], sent = measure_bandwidth(devices, n_tok, config.dim,
                                                args.repeats)
         for op, bps in bandwidth[n].items():
-          rows.append({"kind": "bandwidth", "devices": n, "op": op,
+          rows.append({"row": "bandwidth", "devices": n, "op": op,
                        "bytes_per_device": sent, "resolution": res,
                        "gb_per_s_per_device": bps / 1e9})
         log(f"  {n} devices: all_to_all {bandwidth[n]['all_to_all'] / 1e9:.0f}"
@@ -372,18 +372,18 @@ def main():
       split = {"devices": n, "config": name, "data": data, "seq": seq,
                "ulysses": getattr(plan, "ulysses", 1),
                "ring": getattr(plan, "ring", 1)}
-      rows.append({"kind": "measured", **base, **split, "method": "dense",
+      rows.append({"row": "measured", **base, **split, "method": "dense",
                    "ms_per_step": 1e3 * times["dense"],
                    "compile_s": comp["dense"]})
       for theta in budgets:
-        rows.append({"kind": "measured", **base, **split,
+        rows.append({"row": "measured", **base, **split,
                      "method": "astraea_step", "budget": theta,
                      "ms_per_step": 1e3 * times[theta],
                      "compile_s": comp[theta]})
       astraea_s = float(sum(times[float(b)] for b in schedule))
       device_seconds = times["dense"] * n  # dense step x devices used
       rows.append({
-          "kind": "measured", **base, **split, "method": "summary",
+          "row": "measured", **base, **split, "method": "summary",
           "dense_50_steps_s": STEPS * times["dense"],
           "astraea_50_steps_s_extrapolated": astraea_s,
           "dense_speedup_over_1gpu_dense": t1_dense / times["dense"],
@@ -419,7 +419,7 @@ def main():
           if len(pred) < 2:
             continue
           measured = results.get((p, name))
-          row = {"kind": "prediction", **base, "devices": p, "config": name,
+          row = {"row": "prediction", **base, "devices": p, "config": name,
                  "bandwidth_from_devices": max(bandwidth),
                  "dense_50_steps_s": pred["dense"][0],
                  "dense_comm_share": pred["dense"][2] / pred["dense"][0],
@@ -457,7 +457,7 @@ def main():
 
 
 def _row_key(row):
-  return tuple(row.get(k) for k in ("kind", "resolution", "devices", "config",
+  return tuple(row.get(k) for k in ("row", "resolution", "devices", "config",
                                     "method", "budget", "op"))
 
 
@@ -469,7 +469,7 @@ def merged_rows(old, new):
 def make_targets(rows):
   """The issue's goals restated with the measured values (best config)."""
   targets = []
-  summaries = [r for r in rows if r["kind"] == "measured"
+  summaries = [r for r in rows if r["row"] == "measured"
                and r["method"] == "summary" and r["devices"] > 1]
   for res in sorted({r["resolution"] for r in summaries}):
     for n in sorted({r["devices"] for r in summaries}):

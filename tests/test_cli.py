@@ -12,18 +12,17 @@ from converters.safetensors_io import SafetensorsFile
 
 
 def test_demo_with_the_packaged_weights(tmp_path, capsys):
-  """`astraea demo` as the README runs it (3 steps to keep CI short); without
-  shipped weights it must say how to train them. The full check of the
-  demo's outputs is tests/test_demo_model.py::test_demo_end_to_end."""
+  """`astraea demo` as the README runs it (3 steps to keep CI short). The
+  package ships the weights, so their absence fails here (it used to pass
+  on the "how to train" message; that message has its own test below).
+  The full check of the demo's outputs is
+  tests/test_demo_model.py::test_demo_end_to_end."""
   from astraea_jax.demo_model import model as demo_model
   out = tmp_path / "demo"
-  shipped = (demo_model.WEIGHTS_DIR / demo_model.WEIGHTS_FILE).is_file()
+  assert (demo_model.WEIGHTS_DIR / demo_model.WEIGHTS_FILE).is_file(), (
+      f"the package must ship the demo weights in {demo_model.WEIGHTS_DIR}")
   code = cli.main(["demo", "--steps", "3", "--out", str(out), "--quiet"])
   captured = capsys.readouterr()
-  if not shipped:
-    assert code == 1 and "astraea train-demo" in captured.err
-    assert not out.exists()
-    return
   assert code == 0 and "PSNR" in captured.out
   report = json.loads((out / "report.json").read_text())
   assert report["tokens_per_step"] == [1152, 346, 230]  # [1.0, 0.3, 0.2]

@@ -45,8 +45,10 @@ from converters import wan as wan_converter
 from converters import wan_vae as vae_converter
 from converters.common import Source
 
-diffusers = pytest.importorskip("diffusers")  # the test extra has it
-transformers = pytest.importorskip("transformers")
+# The test extra (pip install -e ".[test]") has both; a missing extra must
+# fail the suite, not skip the parity tests silently (issue #24).
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
 
 CONFIG = WanConfig.tiny(dim=64, ffn_dim=96, num_heads=2, num_layers=2,
                         text_dim=32, text_len=512, freq_dim=16)
