@@ -48,7 +48,8 @@ from flax import nnx
 
 from astraea_jax import checkpoint
 from astraea_jax import pipeline as pipeline_lib
-from astraea_jax.astraea import stdit3 as astraea_stdit3
+from astraea_jax.astraea import stdit3_tokenwise as astraea_stdit3
+from astraea_jax.sampling import opensora as opensora_sampling
 from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.vae import opensora_vae
 
@@ -246,7 +247,7 @@ class OpenSoraPipeline(nnx.Module):
     if budget is None and schedule is None:
       if return_stats:
         raise ValueError("return_stats needs Astraea (budget or schedule)")
-      return astraea_stdit3.sample_opensora(
+      return opensora_sampling.sample_opensora(
           graphdef, params, noise, y, mask, step_seconds=step_seconds,
           **common)
     extra = {} if selection_config is None else {

@@ -30,9 +30,10 @@ from flax import nnx
 from astraea_jax import testing
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.astraea import stdit3 as astraea
+from astraea_jax.astraea import stdit3_tokenwise as astraea
 from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
+from astraea_jax.sampling import opensora
 from astraea_jax.sampling import sampler as dense
 
 MEAN_BUDGETS = (0.4, 0.5, 0.7)
@@ -96,10 +97,10 @@ def main():
   y = jax.random.normal(jax.random.key(2),
                         (1, 1, caption_len, config.caption_channels))
   y_mask = (jnp.arange(caption_len) < valid).astype(jnp.int32)[None]
-  conditions = astraea.cfg_conditions(module, y, y_mask, fps=24,
+  conditions = opensora.cfg_conditions(module, y, y_mask, fps=24,
                                       height=video["height"],
                                       width=video["width"])
-  scheduler = astraea.opensora_scheduler(STEPS, **video)
+  scheduler = opensora.opensora_scheduler(STEPS, **video)
   gs = jnp.float32(7.0)
   frames, per_frame = astraea.token_grid(config, shape)
   n = frames * per_frame

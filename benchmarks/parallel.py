@@ -72,7 +72,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from astraea_jax import parallel, testing
-from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.configs import WanConfig

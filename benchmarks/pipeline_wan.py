@@ -51,7 +51,7 @@ from flax import nnx
 import common
 from astraea_jax import pipeline as pipeline_lib
 from astraea_jax import testing
-from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.configs import WanConfig

@@ -15,7 +15,7 @@ from flax import nnx
 
 from astraea_jax import evaluation, testing
 from astraea_jax.astraea import policies as P
-from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.configs import WanConfig
 from astraea_jax.sampling import sampler as dense
@@ -51,7 +51,8 @@ def rel_err(a, b):
 
 
 def test_block_forward_is_the_wan_block(model, inputs):
-  """The hooked block equals WanBlock.__call__ exactly, sparse or dense."""
+  """The block with its hooks on equals the plain block exactly, sparse or
+  dense."""
   graphdef, params = model
   wan = nnx.merge(graphdef, params)
   noise, ctx, neg = inputs
@@ -68,12 +69,12 @@ def test_block_forward_is_the_wan_block(model, inputs):
     out = {}
     for name, token_index in (("dense", None), ("sparse", idx)):
       want, want_aux = block(x, e0, c, rope, token_index=token_index)
-      got, aux = P.block_forward(block, x, e0, c, rope,
-                                 token_index=token_index, cross_entropy=True)
+      got, aux = block(x, e0, c, rope, token_index=token_index,
+                       cross_entropy=True, keep_attention_outputs=True)
       out[name] = (want, want_aux["lse"], got, aux)
     aux = out["dense"][3]
-    out["reused"], _ = P.block_forward(
-        block, x, e0, c, rope, self_attn_out=aux["self_attn_out"],
+    out["reused"], _ = block(
+        x, e0, c, rope, self_attn_out=aux["self_attn_out"],
         cross_attn_out=aux["cross_attn_out"])
     return out
 

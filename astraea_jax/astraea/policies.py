@@ -28,12 +28,11 @@ benchmarks/eval_speed.py times each key once on the full-size model, and a
 run's time is the sum of its steps' keys (`Policy.step_costs`).
 
 The pieces are the model's own (`WanDiT.embed / run_blocks / unembed`, the
-blocks' submodules) and Astraea's cache functions (`selection.*`);
-`block_forward` is `WanBlock.__call__` with hooks for reusing attention
-outputs and for the cross-attention entropy (tests/test_policies.py checks
-that it equals the block). Astraea's own steps go through
-`astraea.sampler.forward` unchanged, so the Astraea policy reproduces
-`astraea.sampler.sample`.
+one block forward `WanBlock.__call__` with its hooks for reusing attention
+outputs (PAB) and for the cross-attention entropy (ToCa)) and the one layer
+loop (`layer_loop.run`) with each selector as a select hook. Astraea's own
+steps go through `astraea.wan_tokenwise.forward` unchanged, so the Astraea
+policy reproduces `astraea.wan_tokenwise.sample`.
 """
 
 from __future__ import annotations
@@ -52,76 +51,14 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from astraea_jax.astraea import sampler as astraea_sampler
+from astraea_jax.astraea import layer_loop
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.models import layers, wan
+from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.sampling import schedulers as sched_lib
 
 F32 = jnp.float32
-
-
-# The block with hooks -------------------------------------------------------
-
-
-def attention_entropy(q, k):
-  """Entropy (B, H, Lq) float32 of each query row's softmax over all keys.
-
-  q (B, Lq, H, D), k (B, Lk, H, D); logits scaled by D**-0.5 as the model's
-  attention. ToCa's video score (cross-attention over Lk text tokens).
-  """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=F32) * q.shape[-1] ** -0.5
-  log_p = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
-
-
-def block_forward(block: wan.WanBlock, x, e0, context, rope, *,
-                  token_index=None, self_attn_out=None, cross_attn_out=None,
-                  cross_entropy: bool = False):
-  """`WanBlock.__call__`, op for op, with three hooks.
-
-  token_index: (B, K) rows to compute (as the block's own argument);
-  self_attn_out / cross_attn_out: (B, N, dim) attention outputs (after the
-    output projection, before the gate) to reuse instead of computing (PAB);
-  cross_entropy: also return the cross-attention entropy (ToCa's score).
-
-  Returns (x_out, aux): aux["self_attn_out"], aux["cross_attn_out"] (the
-  outputs used, for caching), aux["lse"] (B, H, K|N) when self-attention
-  ran, aux["cross_entropy"] (B, H, K|N) when asked and cross-attention ran.
-  """
-  if token_index is not None and (self_attn_out is not None
-                                  or cross_attn_out is not None):
-    raise ValueError("token selection and attention reuse do not combine")
-  shift1, scale1, gate1, shift2, scale2, gate2 = block.modulate(e0)
-  aux = {}
-  if self_attn_out is None:
-    h = layers.layer_norm(x, block.eps) * (1 + scale1) + shift1
-    k, v = block.self_attn.key_value(h, rope)
-    rope_q = rope
-    if token_index is not None:
-      x = wan.take_tokens(x, token_index)
-      h = wan.take_tokens(h, token_index)
-      rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
-    out, aux["lse"] = layers.attention(block.self_attn.query(h, rope_q), k,
-                                       v)
-    self_attn_out = block.self_attn.output(out)
-  aux["self_attn_out"] = self_attn_out
-  x = x + self_attn_out.astype(F32) * gate1
-  if cross_attn_out is None:
-    # Attention.__call__(norm3(x), context=context), unrolled for q and k.
-    q = block.cross_attn.query(block.norm3(x))
-    k, v = block.cross_attn.key_value(context)
-    out, _ = layers.attention(q, k, v)
-    cross_attn_out = block.cross_attn.output(out)
-    if cross_entropy:
-      aux["cross_entropy"] = attention_entropy(q, k)
-  aux["cross_attn_out"] = cross_attn_out
-  x = x + cross_attn_out.astype(F32)
-  h = layers.layer_norm(x, block.eps) * (1 + scale2) + shift2
-  x = x + block.ffn(h).astype(F32) * gate2
-  return x, aux
 
 
 # Plans: what one step computes -----------------------------------------------
@@ -173,7 +110,7 @@ class TokenPlan:
   def forward(self, model, latents, timestep, context, carry):
     if self.selector == "score":
       cache = carry["cache"]
-      velocity, cache = astraea_sampler.forward(
+      velocity, cache = wan_tokenwise.forward(
           model, latents, timestep, context, cache,
           num_selected=self.num_selected, config=self.selection)
       return velocity, {**carry, "cache": cache}
@@ -193,38 +130,20 @@ class TokenPlan:
 
 
 def _token_forward(plan: TokenPlan, model, latents, timestep, context, carry):
-  """Token-wise forward with a selector other than Astraea's score."""
+  """Token-wise forward with a selector other than Astraea's score: the one
+  layer loop with this plan's select hook (and ToCa's statistic)."""
   x, e, e0, ctx, rope = model.embed(latents, timestep, context)
-  n, k = x.shape[1], plan.num_selected
-  graphdef, blocks = nnx.split(model.blocks)
   step = carry["step"]
 
-  def statistic(aux):  # what the cache keeps in its "lse" slot, (B, H, K)
-    return aux["cross_entropy"] if plan._entropy else aux["lse"]
+  def select(x, layer_cache, layer, order):
+    return _select(plan, x, layer_cache, layer, step, order)
 
-  def body(state, block_state):
-    x, cache, order, i = state
-    if k == 0:
-      x, cache = selection.reuse_all(cache, i, x)
-      return (x, cache, order, i + 1), None
-    block = nnx.merge(graphdef, block_state)
-    if k == n:
-      x_out, aux = block_forward(block, x, e0, ctx, rope,
-                                 cross_entropy=plan._entropy)
-      x, cache = selection.write_all(cache, i, x, x_out, statistic(aux),
-                                     plan.selection)
-      return (x, cache, order, i + 1), None
-    idx, order = _select(plan, x, selection.layer_cache(cache, i), i, step,
-                         order)
-    x_sel, aux = block_forward(block, x, e0, ctx, rope, token_index=idx,
-                               cross_entropy=plan._entropy)
-    x, cache = selection.write_selected(cache, i, x, idx, x_sel,
-                                        statistic(aux), plan.selection)
-    return (x, cache, order, i + 1), None
-
-  (x, cache, order, _), _ = jax.lax.scan(
-      body, (x, carry["cache"], carry.get("order"), 0), blocks,
-      unroll=model.config.scan_unroll)
+  x, cache, order = wan_tokenwise.run_blocks(
+      model, x, e0, ctx, rope, carry["cache"],
+      mode=layer_loop.mode_for(plan.num_selected, x.shape[1]),
+      config=plan.selection, select=select, state=carry.get("order"),
+      statistic="cross_entropy" if plan._entropy else "lse",
+      cross_entropy=plan._entropy)
   carry = {**carry, "cache": cache}
   if order is not None:
     carry["order"] = order
@@ -286,25 +205,18 @@ class PABPlan:
 
   def forward(self, model, latents, timestep, context, carry):
     x, e, e0, ctx, rope = model.embed(latents, timestep, context)
-    graphdef, blocks = nnx.split(model.blocks)
-    xs = (blocks, carry["self"] if self.reuse_self else None,
-          carry["cross"] if self.reuse_cross else None)
-
-    def body(x, layer):
-      block_state, self_out, cross_out = layer
-      x, aux = block_forward(nnx.merge(graphdef, block_state), x, e0, ctx,
-                             rope, self_attn_out=self_out,
-                             cross_attn_out=cross_out)
-      return x, (None if self.reuse_self else aux["self_attn_out"],
-                 None if self.reuse_cross else aux["cross_attn_out"])
-
-    x, (new_self, new_cross) = jax.lax.scan(body, x, xs,
-                                            unroll=model.config.scan_unroll)
+    reused = {}
+    if self.reuse_self:
+      reused["self_attn_out"] = carry["self"]
+    if self.reuse_cross:
+      reused["cross_attn_out"] = carry["cross"]
+    x, aux = model.run_blocks(x, e0, ctx, rope, per_layer=reused,
+                              keep_attention_outputs=True)
     carry = dict(carry)
     if not self.reuse_self:
-      carry["self"] = new_self.astype(carry["self"].dtype)
+      carry["self"] = aux["self_attn_out"].astype(carry["self"].dtype)
     if not self.reuse_cross:
-      carry["cross"] = new_cross.astype(carry["cross"].dtype)
+      carry["cross"] = aux["cross_attn_out"].astype(carry["cross"].dtype)
     return model.unembed(x, e, latents.shape), carry
 
   def cost_key(self) -> str:
@@ -386,8 +298,7 @@ def step_indicator(model, x, e0, kind: str):
     return e0
   graphdef, blocks = nnx.split(model.blocks)
   block0 = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], blocks))
-  shift1, scale1 = block0.modulate(e0)[:2]
-  return layers.layer_norm(x, block0.eps) * (1 + scale1) + shift1
+  return block0.self_attn_input(x, e0)
 
 
 def relative_l1(current, previous):

@@ -1,7 +1,7 @@
 """Dense and Astraea CFG sampling with a WanDiT spread over a device mesh.
 
 `sample` is `sampling.sample` and `astraea_sample` is
-`astraea.sampler.sample` with one more argument, `mesh` (a
+`astraea.wan_tokenwise.sample` with one more argument, `mesh` (a
 `parallel.make_mesh` mesh): the CFG batch of 2B goes over the "data" axis,
 each video's tokens over "seq". Same arguments, same results (up to float
 summation order; budget 1.0 equals the dense sampler); with seq > 1 Astraea
@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from astraea_jax.astraea import sampler as astraea_sampler
+from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.parallel import mesh as mesh_lib
@@ -201,7 +201,7 @@ def astraea_sample(model, params, noise, context, negative_context, *,
                    selection_config: selection.SelectionConfig = selection
                    .SelectionConfig(), return_trajectory: bool = False,
                    progress: bool = True, return_stats: bool = False):
-  """Astraea CFG sampling over a mesh; `astraea.sampler.sample` plus mesh.
+  """Astraea CFG sampling over a mesh; `astraea.wan_tokenwise.sample` plus mesh.
 
   Each of the P sequence shards computes round(K_t / P) of its own tokens
   at step t (K_t = round(theta_t N)); budget 1.0 steps run the dense
@@ -264,7 +264,7 @@ def astraea_sample(model, params, noise, context, negative_context, *,
 def samplers(num_devices: int, *, batch: int, strategy: str = "auto"):
   """(dense, astraea) samplers over `num_devices` devices.
 
-  Drop-in for (`sampling.sample`, `astraea.sampler.sample`), as `astraea
+  Drop-in for (`sampling.sample`, `astraea.wan_tokenwise.sample`), as `astraea
   generate --devices N` uses them: the CFG batch of `batch` goes over the
   data axis as far as it divides (no communication), the tokens over the
   rest (`default_mesh_shape`); e.g. 2 GPUs -> data 2, 8 GPUs -> 2 x seq 4.

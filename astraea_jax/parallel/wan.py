@@ -1,7 +1,7 @@
 """WanDiT with one video's tokens split over devices (sequence parallel).
 
 `forward` computes `model(latents, timestep, context)` and
-`astraea_forward` computes `astraea.sampler.forward` with the tokens
+`astraea_forward` computes `astraea.wan_tokenwise.forward` with the tokens
 sharded over the mesh's "seq" axis and the batch over "data", inside one
 `shard_map`:
   1. (global) patchify, split the tokens and the RoPE table into the shards
@@ -160,7 +160,7 @@ def _set_layer(tree, i, new):
 
 def _astraea_local(graphdef, params, tokens, timestep, context, rope, cache,
                    *, plan, layout, num_selected, config):
-  """`astraea.sampler.forward` on this device's rows and cache shard."""
+  """`astraea.wan_tokenwise.forward` on this device's rows and cache shard."""
   model = nnx.merge(graphdef, params)
   x, e, e0, ctx = embed_local(model, tokens, timestep, context)
   block_def, blocks = nnx.split(model.blocks)
@@ -303,7 +303,7 @@ def init_cache(config, batch: int, num_tokens: int, sp: SequenceParallel,
 def astraea_forward(model: wan.WanDiT, latents, timestep, context, cache, *,
                     sp: SequenceParallel, num_selected: int,
                     config: selection.SelectionConfig):
-  """`astraea.sampler.forward` with the tokens over `sp.mesh`.
+  """`astraea.wan_tokenwise.forward` with the tokens over `sp.mesh`.
 
   cache from `init_cache` (sharded rows). num_selected: static global K;
   0 < K < N computes round(K / P) rows per shard (local top-K/P); K = N

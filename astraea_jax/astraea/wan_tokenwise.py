@@ -31,12 +31,32 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from astraea_jax.astraea import layer_loop
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.sampling import schedulers as sched_lib
 
 F32 = jnp.float32
+
+
+def run_blocks(model, x, e0, ctx, rope, cache, *, mode: str, config, select=None,
+               state=None, statistic: str = "lse", **hooks):
+  """The WanDiT's blocks through the one layer loop; (x, cache, state).
+
+  hooks: keyword arguments of every `WanBlock.__call__` (attention,
+  cross_entropy); the rest as `layer_loop.run`.
+  """
+
+  def apply(kind, block, x, token_index):
+    del kind
+    return block(x, e0, ctx, rope, token_index=token_index, **hooks)
+
+  x, (cache,), state = layer_loop.run(
+      (model.blocks,), x, (cache,), apply=apply, mode=mode, config=config,
+      select=select, state=state, statistic=statistic,
+      unroll=model.config.scan_unroll)
+  return x, cache, state
 
 
 def forward(model, latents, timestep, context, cache, *, num_selected: int,
@@ -47,31 +67,11 @@ def forward(model, latents, timestep, context, cache, *, num_selected: int,
   num_selected: static K.
   """
   x, e, e0, ctx, rope = model.embed(latents, timestep, context)
-  n = x.shape[1]
-  if not 0 <= num_selected <= n:
-    raise ValueError(f"{num_selected=} must lie in [0, {n}]")
-  graphdef, blocks = nnx.split(model.blocks)
-
-  def body(carry, block_state):
-    x, cache, i = carry
-    if num_selected == 0:
-      x, cache = selection.reuse_all(cache, i, x)
-    else:
-      block = nnx.merge(graphdef, block_state)
-      if num_selected == n:
-        x_out, aux = block(x, e0, ctx, rope)
-        x, cache = selection.write_all(cache, i, x, x_out, aux["lse"], config)
-      else:
-        scores = selection.token_scores(x, selection.layer_cache(cache, i),
-                                        config)
-        idx = selection.select_tokens(scores, num_selected)
-        x_sel, aux = block(x, e0, ctx, rope, token_index=idx)
-        x, cache = selection.write_selected(cache, i, x, idx, x_sel,
-                                            aux["lse"], config)
-    return (x, cache, i + 1), None
-
-  (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), blocks,
-                                  unroll=model.config.scan_unroll)
+  mode = layer_loop.mode_for(num_selected, x.shape[1])
+  x, cache, _ = run_blocks(model, x, e0, ctx, rope, cache, mode=mode,
+                           config=config,
+                           select=layer_loop.score_top_k(num_selected,
+                                                         config))
   return model.unembed(x, e, latents.shape), cache
 
 
@@ -83,32 +83,9 @@ def forward_masked(model, latents, timestep, context, cache, num_selected,
   broken towards lower indices, as `jax.lax.top_k`) keep their new values.
   """
   x, e, e0, ctx, rope = model.embed(latents, timestep, context)
-  n = x.shape[1]
-  graphdef, blocks = nnx.split(model.blocks)
-  num_selected = jnp.asarray(num_selected, jnp.int32)
-
-  def body(carry, block_state):
-    x, cache, i = carry
-    c = selection.layer_cache(cache, i)
-    x_out, aux = nnx.merge(graphdef, block_state)(x, e0, ctx, rope)
-    scores = selection.token_scores(x, c, config)
-    order = jnp.argsort(-scores, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1)
-    keep = (rank < num_selected)
-    keep = jnp.where(num_selected >= n, True, keep)
-    dtype = c["update"].dtype
-    update = jnp.where(keep[..., None], (x_out - x).astype(dtype), c["update"])
-    x_next = jnp.where(keep[..., None], x_out, x + update.astype(F32))
-    new = {"update": update,
-           "input": jnp.where(keep[..., None], x.astype(dtype), c["input"]),
-           "lse": jnp.where(keep, selection.reduce_heads(aux["lse"], config),
-                            c["lse"]),
-           "stale": jnp.where(keep, 0, c["stale"] + 1)}
-    cache = jax.tree.map(lambda a, u: a.at[i].set(u), cache, new)
-    return (x_next, cache, i + 1), None
-
-  (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), blocks,
-                                  unroll=model.config.scan_unroll)
+  keep = layer_loop.score_keep(jnp.asarray(num_selected, jnp.int32), config)
+  x, cache, _ = run_blocks(model, x, e0, ctx, rope, cache, mode="masked",
+                           config=config, select=keep)
   return model.unembed(x, e, latents.shape), cache
 
 
