@@ -76,8 +76,8 @@ from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.configs import WanConfig
-from astraea_jax.parallel import sampler as sp_sampler
-from astraea_jax.parallel import wan as sp_wan
+from astraea_jax.parallel import mesh_sampling as sp_sampler
+from astraea_jax.parallel import sequence_parallel as sp_wan
 from astraea_jax.sampling import sampler as dense
 
 STEPS = 50

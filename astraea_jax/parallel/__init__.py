@@ -23,13 +23,13 @@ from astraea_jax.parallel.mesh import (
     replicate,
     shard_map,
 )
-from astraea_jax.parallel.sampler import (
+from astraea_jax.parallel.mesh_sampling import (
     ParallelSampleStats,
     astraea_sample,
     sample,
     samplers,
 )
-from astraea_jax.parallel.wan import (
+from astraea_jax.parallel.sequence_parallel import (
     SequenceParallel,
     astraea_forward,
     forward,

@@ -5,7 +5,7 @@
 `parallel.make_mesh` mesh): the CFG batch of 2B goes over the "data" axis,
 each video's tokens over "seq". Same arguments, same results (up to float
 summation order; budget 1.0 equals the dense sampler); with seq > 1 Astraea
-selects round(K / P) tokens on each of the P shards (see parallel/wan.py).
+selects round(K / P) tokens on each of the P shards (see parallel/sequence_parallel.py).
 
 Inputs may be host or device arrays and are placed on the mesh
 (replicated); results come back replicated, readable on every process of
@@ -31,7 +31,7 @@ from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.parallel import mesh as mesh_lib
-from astraea_jax.parallel import wan as sp_wan
+from astraea_jax.parallel import sequence_parallel as sp_wan
 from astraea_jax.parallel.layout import TokenLayout
 from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.sampling import schedulers as sched_lib
