@@ -25,7 +25,7 @@ step times over the full model's, each step waited for, compilation
 excluded (a step that compiled takes the median warm time of the same plan
 on the same shapes, from a later run or from running the policy once more).
 "speedup_h200" (with --speed-json) composes the run's
-per-step compute configurations (`PolicyStats.cost_keys`) with their times
+per-step compute configurations (`SampleStats.cost_keys`) with their times
 measured once on one H200 on the full-size Wan2.1-1.3B at 480p x 81
 (benchmarks/eval_speed.py): the speed the same plan has at full size, the
 figure the plot uses when present.

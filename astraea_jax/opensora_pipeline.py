@@ -19,8 +19,8 @@ steps, CFG scale 7.0, fps 24, aes 6.5, timestep transform on):
      caption with the prompt's mask (there is no negative prompt in v1.2);
   2. noise (B, 4, T', H/8, W/8) from `seed`;
   3. rectified-flow Euler sampling with OpenSora's CFG and timestep
-     transform (`astraea.stdit3.sample_opensora`), or Astraea on the STDiT3
-     (`astraea.stdit3.sample`, `budget` / `schedule`);
+     transform (`sampling.opensora.sample_opensora`), or Astraea on the STDiT3
+     (`astraea.stdit3_tokenwise.sample`, `budget` / `schedule`);
   4. the OpenSora VAE decodes the latents: video (B, 3, T, H, W) in [-1, 1].
 
 Video sizes: the VAE is 8x in space (times the 2x2 patch: multiples of 16)

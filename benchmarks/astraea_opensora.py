@@ -126,11 +126,11 @@ def main():
                          targets)
 
   # Dense: our sampler's jitted step.
-  model_fn = astraea.opensora_model_fn(graphdef, params, conditions)
+  model_fn = opensora.opensora_model_fn(graphdef, params, conditions)
   state = {"lat": noise, "st": scheduler.init(noise)}
 
   def dense_step():
-    state["lat"], state["st"], _ = dense._jitted_step(
+    state["lat"], state["st"], _ = dense.step_function()(
         model_fn, scheduler, gs, state["lat"], state["st"], ())
     return state["lat"]
 
@@ -152,9 +152,10 @@ def main():
        "cache": astraea.init_cache(config, 2, n, cfg)}
 
   def astraea_step(k_f, layout):
-    a["lat"], a["st"], a["cache"] = astraea._step(
-        graphdef, params, conditions, scheduler, gs, a["st"], a["cache"],
-        a["lat"], tokens_per_frame=k_f, config=cfg, temporal_sparse=layout)
+    a["lat"], a["st"], a["cache"] = dense.step_function()(
+        astraea.model_fn(graphdef, params, conditions), scheduler, gs,
+        a["lat"], a["st"], a["cache"],
+        plan=astraea.Plan(k_f, cfg, layout))
     return a["lat"]
 
   def time_budget(theta, layout):

@@ -116,9 +116,9 @@ def main():
         state = scheduler.init(noise)
         jax.block_until_ready((state, carry))
         t0 = time.perf_counter()
-        latents, state, carry = policies_lib._step(
-            graphdef, params, ctx2, scheduler, gs, state, carry, noise,
-            plan=plan)
+        latents, state, carry = dense.step_function()(
+            policies_lib.model_fn(graphdef, params, ctx2), scheduler, gs,
+            noise, state, carry, plan=plan)
         jax.block_until_ready((latents, carry))
         times.append(time.perf_counter() - t0)
       ms[key] = 1e3 * float(np.median(times[1:]))

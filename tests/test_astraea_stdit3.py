@@ -33,6 +33,7 @@ from astraea_jax.astraea import selection
 from astraea_jax.astraea import stdit3_tokenwise as astraea
 from astraea_jax.models import stdit3
 from astraea_jax.sampling import opensora as opensora_sampling
+from astraea_jax.sampling import sampler as dense
 from converters import opensora
 from converters.safetensors_io import SafetensorsFile
 
@@ -274,17 +275,17 @@ def test_budget_sets_k_per_frame_and_compiles_once_per_k(split_model,
   frames); one compile per K (at most 3: the budget-1.0 test may have
   compiled K_f = 16 already), none on a second run."""
   sched = [1.0, 0.5, 0.0, 0.5]
-  before = astraea._step._cache_size()
+  before = dense.compiled_count()
   z, stats = run_astraea(split_model, inputs, schedule=sched, steps=STEPS,
                          return_stats=True)
   assert stats.num_tokens == 48
   assert stats.num_selected == [48, 24, 0, 24]
   assert stats.compiled_k == [48, 24, 0]
-  assert astraea._step._cache_size() - before <= 3
-  compiled = astraea._step._cache_size()
+  assert dense.compiled_count() - before <= 3
+  compiled = dense.compiled_count()
   assert rel_err(z, dense_nomask[0]) > 1e-3  # the budget changed the result
   run_astraea(split_model, inputs, schedule=sched, steps=STEPS)
-  assert astraea._step._cache_size() == compiled  # no new compiles
+  assert dense.compiled_count() == compiled  # no new compiles
 
 
 @pytest.mark.parametrize("kwargs,message", [

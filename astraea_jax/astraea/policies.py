@@ -38,17 +38,14 @@ policy reproduces `astraea.wan_tokenwise.sample`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
-import time
 import typing
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from flax import nnx
 
 from astraea_jax.astraea import layer_loop
@@ -56,7 +53,6 @@ from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.sampling import sampler as dense_sampler
-from astraea_jax.sampling import schedulers as sched_lib
 
 F32 = jnp.float32
 
@@ -679,62 +675,18 @@ class StepCache(_Base):
 # The sampler -----------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("plan",), donate_argnums=(5, 6))
-def _step(graphdef, params, context_2b, scheduler, guidance_scale, sched_state,
-          carry, latents, *, plan):
-
-  def model_fn(carry, latents_2b, timesteps_2b):
-    model = nnx.merge(graphdef, params)
-    velocity, carry = plan.forward(model, latents_2b, timesteps_2b,
-                                   context_2b, carry)
-    return velocity, {**carry, "step": carry["step"] + 1}
-
-  return dense_sampler.guided_step(model_fn, scheduler, guidance_scale,
-                                   latents, sched_state, carry)
+def _velocity(graphdef, params, context_2b, carry, latents_2b, timesteps_2b,
+              *, plan):
+  model = nnx.merge(graphdef, params)
+  velocity, carry = plan.forward(model, latents_2b, timesteps_2b, context_2b,
+                                 carry)
+  return velocity, {**carry, "step": carry["step"] + 1}
 
 
-def compiled_count() -> int | None:
-  """Distinct compiled step functions so far (None where jax hides it)."""
-  size = getattr(_step, "_cache_size", None)
-  return size() if size is not None else None
-
-
-@dataclasses.dataclass
-class PolicyStats:
-  """What a run did: one plan, cost key and wall time per step.
-
-  compiled[i]: step i compiled a new step function (its time includes
-  compilation); None when jax does not expose the compile cache.
-  """
-  label: str
-  method: str
-  plans: list
-  cost_keys: list[str]
-  step_seconds: list[float]
-  compiled: list[bool | None]
-  num_tokens: int
-
-  @property
-  def computed_fraction(self) -> float:
-    """Mean over steps of the fraction of the full model's token-blocks
-    computed (attention reuse and residual reuse count as computed)."""
-    total = 0.0
-    for key in self.cost_keys:
-      if key.startswith("tokens:"):
-        total += float(key.split(":")[1])
-      elif key == "step_cache:reused":
-        total += 0.0
-      else:
-        total += 1.0
-    return total / len(self.cost_keys)
-
-
-def make_scheduler(scheduler, steps, shift, noise_shape):
-  if isinstance(scheduler, str):
-    if shift is None:
-      shift = sched_lib.wan_flow_shift(8 * noise_shape[3], 8 * noise_shape[4])
-    return dense_sampler.make_scheduler(scheduler, steps, shift=shift)
-  return scheduler
+def model_fn(graphdef, params, context_2b):
+  """The WanDiT under a policy's plans as a `model_fn` for `sampling.run`
+  (plan: the step's plan; the carry counts the steps)."""
+  return jax.tree_util.Partial(_velocity, graphdef, params, context_2b)
 
 
 def sample(graphdef, params, noise, context, negative_context, *,
@@ -749,50 +701,37 @@ def sample(graphdef, params, noise, context, negative_context, *,
   ToCa(...), PAB(...) or StepCache(...). Every step is waited for when
   progress or return_stats (per-step wall times).
 
-  Returns latents, then PolicyStats if return_stats, then the final carry
+  Returns latents, then `sampling.SampleStats` (label, method, plans,
+  cost_keys, step_seconds, compiled) if return_stats, then the final carry
   (the policy's caches) if return_carry.
   """
-  scheduler = make_scheduler(scheduler, steps, shift, noise.shape)
+  scheduler = dense_sampler.resolve_scheduler(
+      scheduler, steps if isinstance(scheduler, str) else None, shift,
+      noise.shape)
   if context.shape[0] != noise.shape[0]:
     raise ValueError(f"context batch {context.shape[0]} != noise batch "
                      f"{noise.shape[0]}")
   config = nnx.merge(graphdef, params).config
   grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
   n = int(np.prod(grid))
-  b2 = 2 * noise.shape[0]
   timesteps = np.asarray(scheduler.timesteps)
   plans = policy.plans(timesteps, n)
   if len(plans) != len(timesteps):
     raise ValueError(f"{policy.label()} made {len(plans)} plans for "
                      f"{len(timesteps)} steps")
-  carry = policy.init_carry(config, b2, n, noise.shape, len(plans))
-  context_2b = dense_sampler.cfg_context(context, negative_context)
-  latents = jnp.asarray(noise, F32)
-  sched_state = scheduler.init(latents)
-  guidance_scale = jnp.asarray(guidance_scale, F32)
-  seconds, compiled = [], []
-  bar = tqdm.tqdm(plans, disable=not progress, desc=policy.label(),
-                  unit="step")
-  for plan in bar:
-    before = compiled_count()
-    t0 = time.perf_counter()
-    latents, sched_state, carry = _step(
-        graphdef, params, context_2b, scheduler, guidance_scale, sched_state,
-        carry, latents, plan=plan)
-    if progress or return_stats:
-      latents.block_until_ready()
-    seconds.append(time.perf_counter() - t0)
-    after = compiled_count()
-    compiled.append(None if before is None else after > before)
-  out = [latents]
-  if return_stats:
-    out.append(PolicyStats(
-        label=policy.label(), method=policy.method, plans=plans,
-        cost_keys=policy.step_costs(plans, carry), step_seconds=seconds,
-        compiled=compiled, num_tokens=n))
-  if return_carry:
-    out.append(carry)
-  return out[0] if len(out) == 1 else tuple(out)
+  carry = policy.init_carry(config, 2 * noise.shape[0], n, noise.shape,
+                            len(plans))
+  latents, carry, _, stats = dense_sampler.run(
+      model_fn(graphdef, params,
+               dense_sampler.cfg_context(context, negative_context)),
+      jnp.asarray(noise, F32), scheduler=scheduler,
+      guidance_scale=guidance_scale, plans=plans, carry=carry,
+      progress=progress, wait=return_stats, desc=policy.label())
+  stats = dataclasses.replace(
+      stats, label=policy.label(), method=policy.method,
+      cost_keys=policy.step_costs(plans, carry), num_tokens=n)
+  return dense_sampler.pack(latents, (return_stats, stats),
+                            (return_carry, carry))
 
 
 # Specs: "toca:interval=3,ratio=0.3" -> ToCa(interval=3, ratio=0.3) ------------

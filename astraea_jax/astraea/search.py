@@ -23,7 +23,7 @@ vmapped over the children, so one seed gives one result):
 
 Fitness (`TreeFitness`): the MSE between the final latents of the
 accelerated sampler and of the full model, averaged over a few samples
-(prompt, noise). Candidates run through `sampler.forward_masked` (the
+(prompt, noise). Candidates run through `wan_tokenwise.forward_masked` (the
 masked dense simulation of the sparse path: one compile for any budget)
 inside the CFG step `guided_step`, as one vmapped batch of rows
 (candidate x sample), sharded over a "data" mesh axis of all devices (one
@@ -81,7 +81,6 @@ from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.sampling import sampler as dense_sampler
-from astraea_jax.sampling import schedulers as sched_lib
 
 F32 = jnp.float32
 FULL = 10  # a gene of 10 tenths = budget 1.0
@@ -877,11 +876,8 @@ class TreeFitness(PrefixTree):
     if steps < 1:
       raise ValueError(f"{steps=} must be >= 1")
     devices = list(devices if devices is not None else jax.devices())
-    shift = config.shift
-    if shift is None:
-      shift = sched_lib.wan_flow_shift(8 * noise.shape[3], 8 * noise.shape[4])
-    self.scheduler = dense_sampler.make_scheduler(config.scheduler, steps,
-                                                  shift=shift)
+    self.scheduler = dense_sampler.resolve_scheduler(
+        config.scheduler, steps, config.shift, noise.shape)
     model_config = nnx.merge(graphdef, params).config
     grid = [s // p for s, p in zip(noise.shape[2:], model_config.patch_size)]
     self.num_tokens = int(np.prod(grid))

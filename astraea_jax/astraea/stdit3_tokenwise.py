@@ -23,19 +23,16 @@ sampler is `sampling.opensora`.
 
 from __future__ import annotations
 
-import functools
-import time
+import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import tqdm
 from flax import nnx
 
 from astraea_jax.astraea import layer_loop
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.astraea.wan_tokenwise import SampleStats
 from astraea_jax.models import stdit3 as stdit3_lib
 from astraea_jax.sampling import opensora
 from astraea_jax.sampling import sampler as dense_sampler
@@ -162,26 +159,26 @@ def forward_masked(model, latents, timestep, conditions: opensora.Conditions,
   return model.unembed(x, cond, latents.shape), cache
 
 
-def _astraea_velocity(graphdef, params, conditions, tokens_per_frame, config,
-                      temporal_sparse, cache, latents_2b, timesteps_2b):
+class Plan(NamedTuple):
+  """The static plan of one step: K_f and the sparse path's options."""
+  tokens_per_frame: int
+  config: selection.SelectionConfig
+  temporal_sparse: str
+
+
+def _velocity(graphdef, params, conditions, cache, latents_2b, timesteps_2b,
+              *, plan: Plan):
   model = nnx.merge(graphdef, params)
   out, cache = forward(model, latents_2b, timesteps_2b, conditions, cache,
-                       tokens_per_frame=tokens_per_frame, config=config,
-                       temporal_sparse=temporal_sparse)
+                       tokens_per_frame=plan.tokens_per_frame,
+                       config=plan.config,
+                       temporal_sparse=plan.temporal_sparse)
   return out[:, :model.config.in_channels], cache
 
 
-@functools.partial(
-    jax.jit, static_argnames=("tokens_per_frame", "config",
-                              "temporal_sparse"), donate_argnums=(5, 6))
-def _step(graphdef, params, conditions, scheduler, guidance_scale,
-          sched_state, cache, latents, *, tokens_per_frame, config,
-          temporal_sparse):
-  model_fn = functools.partial(_astraea_velocity, graphdef, params,
-                               conditions, tokens_per_frame, config,
-                               temporal_sparse)
-  return dense_sampler.guided_step(model_fn, scheduler, guidance_scale,
-                                   latents, sched_state, cache)
+def model_fn(graphdef, params, conditions: opensora.Conditions):
+  """Astraea's STDiT3 as a `model_fn` for `sampling.run` (plan: `Plan`)."""
+  return jax.tree_util.Partial(_velocity, graphdef, params, conditions)
 
 
 def token_grid(config, latent_shape):
@@ -209,22 +206,19 @@ def sample(model, params, noise, y, y_mask, *, budget=None, schedule=None,
       ("scatter_queries" | "gather_keys", `STDiT3Block`).
     Others as in `sample_opensora`.
 
-  Returns latents, plus the trajectory and/or SampleStats (num_selected:
-  tokens computed per block, T K_f, per step) when asked.
+  Returns latents, plus the trajectory and/or `sampling.SampleStats`
+  (num_selected: tokens computed per block, T K_f, per step) when asked.
   """
-  if (budget is None) == (schedule is None):
-    raise ValueError("give exactly one of `budget` and `schedule`")
-  budgets = schedule_lib.validate(
-      schedule_lib.default_schedule(budget, steps) if schedule is None
-      else schedule, steps)
+  budgets = schedule_lib.resolve(budget, schedule, steps)
   if temporal_sparse not in stdit3_lib.TEMPORAL_SPARSE:
     raise ValueError(f"unknown {temporal_sparse=}; expected one of "
                      f"{stdit3_lib.TEMPORAL_SPARSE}")
   module = nnx.merge(model, params)
   latents = jnp.asarray(noise, F32)
   opensora.check_noise(module, latents)
-  conditions = opensora.cfg_conditions(module, y, y_mask, fps=fps, height=height,
-                              width=width, frame_mask=frame_mask)
+  conditions = opensora.cfg_conditions(module, y, y_mask, fps=fps,
+                                       height=height, width=width,
+                                       frame_mask=frame_mask)
   scheduler = opensora.opensora_scheduler(
       steps, height=height, width=width, num_frames=num_frames,
       frame_mask=conditions.frame_mask,
@@ -232,34 +226,18 @@ def sample(model, params, noise, y, y_mask, *, budget=None, schedule=None,
   frames, per_frame = token_grid(module.config, latents.shape)
   cache = init_cache(module.config, 2 * latents.shape[0], frames * per_frame,
                      selection_config)
-  sched_state = scheduler.init(latents)
-  guidance_scale = jnp.asarray(guidance_scale, F32)
-  stats = SampleStats(budgets=budgets, num_selected=[],
-                      num_tokens=frames * per_frame, compiled_k=[],
-                      step_seconds=[])
-  trajectory = []
-  bar = tqdm.tqdm(budgets, disable=not progress, desc="astraea", unit="step")
-  for theta in bar:
-    k_f = schedule_lib.num_selected(theta, per_frame)
-    if frames * k_f not in stats.compiled_k:
-      stats.compiled_k.append(frames * k_f)
-    if progress:
-      bar.set_postfix(budget=f"{theta:.2f}",
-                      tokens=f"{k_f}/{per_frame} per frame")
-    start = time.perf_counter()
-    latents, sched_state, cache = _step(
-        model, params, conditions, scheduler, guidance_scale, sched_state,
-        cache, latents, tokens_per_frame=k_f, config=selection_config,
-        temporal_sparse=temporal_sparse)
-    if progress or return_stats:
-      latents.block_until_ready()
-    stats.step_seconds.append(time.perf_counter() - start)
-    stats.num_selected.append(frames * k_f)
-    if return_trajectory:
-      trajectory.append(latents)
-  out = [latents]
-  if return_trajectory:
-    out.append(jnp.stack(trajectory))
-  if return_stats:
-    out.append(stats)
-  return out[0] if len(out) == 1 else tuple(out)
+  k_fs = [schedule_lib.num_selected(theta, per_frame) for theta in budgets]
+  latents, _, trajectory, stats = dense_sampler.run(
+      model_fn(model, params, conditions), latents, scheduler=scheduler,
+      guidance_scale=guidance_scale,
+      plans=[Plan(k_f, selection_config, temporal_sparse) for k_f in k_fs],
+      carry=cache, return_trajectory=return_trajectory, progress=progress,
+      wait=return_stats, desc="astraea",
+      postfix=[{"budget": f"{t:.2f}", "tokens": f"{k_f}/{per_frame} per frame"}
+               for t, k_f in zip(budgets, k_fs)])
+  ks = [frames * k_f for k_f in k_fs]
+  stats = dataclasses.replace(stats, budgets=budgets,
+                              num_tokens=frames * per_frame, num_selected=ks,
+                              compiled_k=list(dict.fromkeys(ks)))
+  return dense_sampler.pack(latents, (return_trajectory, trajectory),
+                           (return_stats, stats))

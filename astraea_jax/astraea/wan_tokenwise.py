@@ -22,26 +22,24 @@ budget search can vmap candidates of different budgets without recompiling.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from flax import nnx
 
 from astraea_jax.astraea import layer_loop
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.sampling import sampler as dense_sampler
-from astraea_jax.sampling import schedulers as sched_lib
+from astraea_jax.sampling.sampler import SampleStats  # noqa: F401
 
 F32 = jnp.float32
 
 
-def run_blocks(model, x, e0, ctx, rope, cache, *, mode: str, config, select=None,
-               state=None, statistic: str = "lse", **hooks):
+def run_blocks(model, x, e0, ctx, rope, cache, *, mode: str, config,
+               select=None, state=None, statistic: str = "lse", **hooks):
   """The WanDiT's blocks through the one layer loop; (x, cache, state).
 
   hooks: keyword arguments of every `WanBlock.__call__` (attention,
@@ -89,31 +87,22 @@ def forward_masked(model, latents, timestep, context, cache, num_selected,
   return model.unembed(x, e, latents.shape), cache
 
 
-def _velocity(graphdef, params, context_2b, num_selected, config, cache,
-              latents_2b, timesteps_2b):
+class Plan(NamedTuple):
+  """The static plan of one Astraea step: K and the score's options."""
+  num_selected: int
+  config: selection.SelectionConfig
+
+
+def _velocity(graphdef, params, context_2b, cache, latents_2b, timesteps_2b,
+              *, plan: Plan):
   model = nnx.merge(graphdef, params)
   return forward(model, latents_2b, timesteps_2b, context_2b, cache,
-                 num_selected=num_selected, config=config)
+                 num_selected=plan.num_selected, config=plan.config)
 
 
-@functools.partial(jax.jit, static_argnames=("num_selected", "config"),
-                   donate_argnums=(5, 6))
-def _step(graphdef, params, context_2b, scheduler, guidance_scale, sched_state,
-          cache, latents, *, num_selected, config):
-  model_fn = functools.partial(_velocity, graphdef, params, context_2b,
-                               num_selected, config)
-  return dense_sampler.guided_step(model_fn, scheduler, guidance_scale,
-                                   latents, sched_state, cache)
-
-
-@dataclasses.dataclass
-class SampleStats:
-  """What a run did: budgets, K per step, compiles, wall time per step."""
-  budgets: np.ndarray
-  num_selected: list[int]
-  num_tokens: int
-  compiled_k: list[int]
-  step_seconds: list[float]
+def model_fn(graphdef, params, context_2b):
+  """Astraea's WanDiT as a `model_fn` for `sampling.run` (plan: `Plan`)."""
+  return jax.tree_util.Partial(_velocity, graphdef, params, context_2b)
 
 
 def sample(model, params, noise, context, negative_context, *, budget=None,
@@ -132,49 +121,28 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
 
   Returns latents, plus the trajectory and/or SampleStats when asked.
   """
-  if (budget is None) == (schedule is None):
-    raise ValueError("give exactly one of `budget` and `schedule`")
-  if isinstance(scheduler, str):
-    if shift is None:
-      shift = sched_lib.wan_flow_shift(8 * noise.shape[3], 8 * noise.shape[4])
-    scheduler = dense_sampler.make_scheduler(scheduler, steps, shift=shift)
-  steps = scheduler.num_steps
-  budgets = schedule_lib.validate(
-      schedule_lib.default_schedule(budget, steps) if schedule is None
-      else schedule, steps)
+  scheduler = dense_sampler.resolve_scheduler(
+      scheduler, steps if isinstance(scheduler, str) else None, shift,
+      noise.shape)
+  budgets = schedule_lib.resolve(budget, schedule, scheduler.num_steps)
   config = nnx.merge(model, params).config
   grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
   n = int(np.prod(grid))
-  b2 = 2 * noise.shape[0]
-  context_2b = dense_sampler.cfg_context(context, negative_context)
-  cache = selection.init_cache(config.num_layers, b2, n, config.dim,
-                               selection_config)
-  latents = jnp.asarray(noise, F32)
-  sched_state = scheduler.init(latents)
-  guidance_scale = jnp.asarray(guidance_scale, F32)
-  stats = SampleStats(budgets=budgets, num_selected=[], num_tokens=n,
-                      compiled_k=[], step_seconds=[])
-  trajectory = []
-  bar = tqdm.tqdm(budgets, disable=not progress, desc="astraea", unit="step")
-  for theta in bar:
-    k = schedule_lib.num_selected(theta, n)
-    if k not in stats.compiled_k:
-      stats.compiled_k.append(k)
-    if progress:
-      bar.set_postfix(budget=f"{theta:.2f}", tokens=f"{k}/{n}")
-    t0 = time.perf_counter()
-    latents, sched_state, cache = _step(
-        model, params, context_2b, scheduler, guidance_scale, sched_state,
-        cache, latents, num_selected=k, config=selection_config)
-    if progress or return_stats:
-      latents.block_until_ready()
-    stats.step_seconds.append(time.perf_counter() - t0)
-    stats.num_selected.append(k)
-    if return_trajectory:
-      trajectory.append(latents)
-  out = [latents]
-  if return_trajectory:
-    out.append(jnp.stack(trajectory))
-  if return_stats:
-    out.append(stats)
-  return out[0] if len(out) == 1 else tuple(out)
+  ks = [schedule_lib.num_selected(theta, n) for theta in budgets]
+  cache = selection.init_cache(config.num_layers, 2 * noise.shape[0], n,
+                               config.dim, selection_config)
+  latents, _, trajectory, stats = dense_sampler.run(
+      model_fn(model, params,
+               dense_sampler.cfg_context(context, negative_context)),
+      jnp.asarray(noise, F32), scheduler=scheduler,
+      guidance_scale=guidance_scale,
+      plans=[Plan(k, selection_config) for k in ks], carry=cache,
+      return_trajectory=return_trajectory, progress=progress,
+      wait=return_stats, desc="astraea",
+      postfix=[{"budget": f"{t:.2f}", "tokens": f"{k}/{n}"}
+               for t, k in zip(budgets, ks)])
+  stats = dataclasses.replace(stats, budgets=budgets, num_tokens=n,
+                              num_selected=ks,
+                              compiled_k=list(dict.fromkeys(ks)))
+  return dense_sampler.pack(latents, (return_trajectory, trajectory),
+                           (return_stats, stats))

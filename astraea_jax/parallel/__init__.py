@@ -24,7 +24,6 @@ from astraea_jax.parallel.mesh import (
     shard_map,
 )
 from astraea_jax.parallel.mesh_sampling import (
-    ParallelSampleStats,
     astraea_sample,
     sample,
     samplers,
@@ -41,7 +40,6 @@ from astraea_jax.parallel.sequence_parallel import (
 __all__ = [
     "STRATEGIES",
     "AttentionPlan",
-    "ParallelSampleStats",
     "SequenceParallel",
     "TokenLayout",
     "astraea_forward",

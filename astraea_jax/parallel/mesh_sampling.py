@@ -5,7 +5,9 @@
 `parallel.make_mesh` mesh): the CFG batch of 2B goes over the "data" axis,
 each video's tokens over "seq". Same arguments, same results (up to float
 summation order; budget 1.0 equals the dense sampler); with seq > 1 Astraea
-selects round(K / P) tokens on each of the P shards (see parallel/sequence_parallel.py).
+selects round(K / P) tokens on each of the P shards (see
+parallel/sequence_parallel.py). Both run the one host loop (`sampling.run`)
+with the step's results pinned to the mesh.
 
 Inputs may be host or device arrays and are placed on the mesh
 (replicated); results come back replicated, readable on every process of
@@ -16,25 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.parallel import mesh as mesh_lib
 from astraea_jax.parallel import sequence_parallel as sp_wan
 from astraea_jax.parallel.layout import TokenLayout
 from astraea_jax.sampling import sampler as dense_sampler
-from astraea_jax.sampling import schedulers as sched_lib
 
 F32 = jnp.float32
 
@@ -50,19 +48,6 @@ def wan_model_fn(graphdef, params, context_2b, sp: sp_wan.SequenceParallel):
   """`sampling.wan_model_fn` with the model sequence-parallel over sp.mesh."""
   return jax.tree_util.Partial(_dense_velocity, graphdef, params, context_2b,
                                sp)
-
-
-def _make_scheduler(scheduler, steps, shift, noise_shape):
-  if isinstance(scheduler, str):
-    if steps is None:
-      raise ValueError(f"{scheduler=} needs `steps`")
-    if shift is None:
-      shift = sched_lib.wan_flow_shift(8 * noise_shape[3], 8 * noise_shape[4])
-    return dense_sampler.make_scheduler(scheduler, steps, shift=shift)
-  if steps is not None and steps != scheduler.num_steps:
-    raise ValueError(
-        f"{steps=} disagrees with the scheduler's {scheduler.num_steps} steps")
-  return scheduler
 
 
 def _placed_inputs(params, noise, context, negative_context, scheduler, mesh):
@@ -90,18 +75,6 @@ def _replicated(x, mesh):
   return mesh_lib.put(x, mesh)
 
 
-@functools.cache
-def _dense_step_fn(mesh: Mesh):
-  """The dense sampler's jitted step with results pinned to the mesh.
-
-  Pinned output shardings (latents and scheduler state replicated) keep
-  every step's inputs placed alike, so the step compiles once.
-  """
-  rep = NamedSharding(mesh, P())
-  return jax.jit(dense_sampler.guided_step, donate_argnums=(4, 5),
-                 out_shardings=(rep, rep, rep))
-
-
 def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
            strategy: str = "auto", ulysses: int | None = None,
            scheduler: str | Any = "unipc", steps: int | None = 50,
@@ -118,79 +91,49 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
   _check_data_axis(sp, noise)
   # Fails before compiling; every input goes on the program's one mesh.
   mesh = sp.program_mesh(nnx.merge(model, params).config.num_heads)
-  scheduler = _make_scheduler(scheduler, steps, shift, noise.shape)
+  scheduler = dense_sampler.resolve_scheduler(scheduler, steps, shift,
+                                               noise.shape)
   params, latents, context_2b, scheduler = _placed_inputs(
       params, noise, context, negative_context, scheduler, mesh)
   model_fn = wan_model_fn(model, params, context_2b, sp)
-  if loop != "python":
-    latents, _, trajectory = dense_sampler.denoise(
-        model_fn, latents, scheduler=scheduler,
-        guidance_scale=guidance_scale, loop=loop,
-        return_trajectory=return_trajectory, progress=progress,
-        step_seconds=step_seconds)
-  else:
-    step = _dense_step_fn(mesh)
-    guidance_scale = mesh_lib.put(np.float32(guidance_scale), mesh)
-    sched_state = mesh_lib.replicate(scheduler.init(latents), mesh)
-    trajectory = []
-    for _ in tqdm.trange(scheduler.num_steps, disable=not progress,
-                         desc="sampling", unit="step"):
-      start = time.perf_counter()
-      latents, sched_state, _ = step(model_fn, scheduler, guidance_scale,
-                                     latents, sched_state, ())
-      if progress or step_seconds is not None:
-        latents.block_until_ready()
-      if step_seconds is not None:
-        step_seconds.append(time.perf_counter() - start)
-      if return_trajectory:
-        trajectory.append(latents)
-    trajectory = jnp.stack(trajectory) if return_trajectory else None
-  latents = _replicated(latents, mesh)
+  rep = NamedSharding(mesh, P())
+  # Pinned output shardings (latents and scheduler state replicated) keep
+  # every step's inputs placed alike, so the step compiles once.
+  latents, _, trajectory, stats = dense_sampler.run(
+      model_fn, latents, scheduler=scheduler,
+      guidance_scale=mesh_lib.put(np.float32(guidance_scale), mesh),
+      sched_state=mesh_lib.replicate(scheduler.init(latents), mesh),
+      out_shardings=(rep, rep, rep), loop=loop,
+      return_trajectory=return_trajectory, progress=progress,
+      wait=step_seconds is not None)
+  if step_seconds is not None:
+    step_seconds.extend(stats.step_seconds)
   if return_trajectory:
-    return latents, _replicated(trajectory, mesh)
-  return latents
+    trajectory = _replicated(trajectory, mesh)
+  return dense_sampler.pack(_replicated(latents, mesh),
+                            (return_trajectory, trajectory))
 
 
-def _astraea_velocity(graphdef, params, context_2b, num_selected, config, sp,
-                      cache, latents_2b, timesteps_2b):
+class Plan(NamedTuple):
+  """The static plan of one Astraea step over the mesh."""
+  num_selected: int
+  config: selection.SelectionConfig
+  sp: sp_wan.SequenceParallel
+
+
+def _astraea_velocity(graphdef, params, context_2b, cache, latents_2b,
+                      timesteps_2b, *, plan: Plan):
   model = nnx.merge(graphdef, params)
   return sp_wan.astraea_forward(model, latents_2b, timesteps_2b, context_2b,
-                                cache, sp=sp, num_selected=num_selected,
-                                config=config)
+                                cache, sp=plan.sp,
+                                num_selected=plan.num_selected,
+                                config=plan.config)
 
 
-def _astraea_step_body(graphdef, params, context_2b, scheduler,
-                       guidance_scale, sched_state, cache, latents, *,
-                       num_selected, config, sp):
-  model_fn = functools.partial(_astraea_velocity, graphdef, params,
-                               context_2b, num_selected, config, sp)
-  return dense_sampler.guided_step(model_fn, scheduler, guidance_scale,
-                                   latents, sched_state, cache)
-
-
-@functools.cache
-def _astraea_step_fn(cache_sharding: NamedSharding):
-  rep = NamedSharding(cache_sharding.mesh, P())
-  return jax.jit(_astraea_step_body,
-                 static_argnames=("num_selected", "config", "sp"),
-                 donate_argnums=(5, 6),
-                 out_shardings=(rep, rep, cache_sharding))
-
-
-def _astraea_step(graphdef, params, context_2b, scheduler, guidance_scale,
-                  sched_state, cache, latents, *, num_selected, config, sp):
-  """One jitted Astraea CFG step over sp.mesh (compiled once per K)."""
-  return _astraea_step_fn(cache["update"].sharding)(
-      graphdef, params, context_2b, scheduler, guidance_scale, sched_state,
-      cache, latents, num_selected=num_selected, config=config, sp=sp)
-
-
-@dataclasses.dataclass
-class ParallelSampleStats(astraea_sampler.SampleStats):
-  """`SampleStats` plus the split: tokens each shard computed per step."""
-  num_shards: int = 1
-  plan: str = ""
-  selected_per_shard: list[int] = dataclasses.field(default_factory=list)
+def astraea_model_fn(graphdef, params, context_2b):
+  """Astraea over the mesh as a `model_fn` for `sampling.run`."""
+  return jax.tree_util.Partial(_astraea_velocity, graphdef, params,
+                               context_2b)
 
 
 def astraea_sample(model, params, noise, context, negative_context, *,
@@ -207,15 +150,12 @@ def astraea_sample(model, params, noise, context, negative_context, *,
   at step t (K_t = round(theta_t N)); budget 1.0 steps run the dense
   blocks. Stats (return_stats) count the tokens computed over all shards.
   """
-  if (budget is None) == (schedule is None):
-    raise ValueError("give exactly one of `budget` and `schedule`")
   sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
   _check_data_axis(sp, noise)
-  scheduler = _make_scheduler(scheduler, steps, shift, noise.shape)
-  steps = scheduler.num_steps
-  budgets = schedule_lib.validate(
-      schedule_lib.default_schedule(budget, steps) if schedule is None
-      else schedule, steps)
+  scheduler = dense_sampler.resolve_scheduler(
+      scheduler, steps if isinstance(scheduler, str) else None, shift,
+      noise.shape)
+  budgets = schedule_lib.resolve(budget, schedule, scheduler.num_steps)
   config = nnx.merge(model, params).config
   grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
   n = int(np.prod(grid))
@@ -226,39 +166,32 @@ def astraea_sample(model, params, noise, context, negative_context, *,
       params, noise, context, negative_context, scheduler, mesh)
   cache = sp_wan.init_cache(config, 2 * noise.shape[0], n, sp,
                             selection_config)
-  sched_state = mesh_lib.replicate(scheduler.init(latents), mesh)
-  guidance_scale = mesh_lib.put(np.float32(guidance_scale), mesh)
-  stats = ParallelSampleStats(
-      budgets=budgets, num_selected=[], num_tokens=n, compiled_k=[],
-      step_seconds=[], num_shards=plan.num_shards,
-      plan=f"{plan.name} (ulysses {plan.ulysses} x ring {plan.ring})")
-  trajectory = []
-  bar = tqdm.tqdm(budgets, disable=not progress, desc="astraea", unit="step")
-  for theta in bar:
-    k = schedule_lib.num_selected(theta, n)
-    per_shard = sp_wan.local_num_selected(k, layout)
-    computed = n if k == n else per_shard * plan.num_shards
-    if k not in stats.compiled_k:
-      stats.compiled_k.append(k)
-    if progress:
-      bar.set_postfix(budget=f"{theta:.2f}", tokens=f"{computed}/{n}")
-    t0 = time.perf_counter()
-    latents, sched_state, cache = _astraea_step(
-        model, params, context_2b, scheduler, guidance_scale, sched_state,
-        cache, latents, num_selected=k, config=selection_config, sp=sp)
-    if progress or return_stats:
-      latents.block_until_ready()
-    stats.step_seconds.append(time.perf_counter() - t0)
-    stats.num_selected.append(computed)
-    stats.selected_per_shard.append(per_shard)
-    if return_trajectory:
-      trajectory.append(latents)
-  out = [_replicated(latents, mesh)]
+  ks = [schedule_lib.num_selected(theta, n) for theta in budgets]
+  per_shard = [sp_wan.local_num_selected(k, layout) for k in ks]
+  computed = [n if k == n else p * plan.num_shards
+              for k, p in zip(ks, per_shard)]
+  rep = NamedSharding(mesh, P())
+  latents, _, trajectory, stats = dense_sampler.run(
+      astraea_model_fn(model, params, context_2b), latents,
+      scheduler=scheduler,
+      guidance_scale=mesh_lib.put(np.float32(guidance_scale), mesh),
+      sched_state=mesh_lib.replicate(scheduler.init(latents), mesh),
+      out_shardings=(rep, rep, cache["update"].sharding),
+      plans=[Plan(k, selection_config, sp) for k in ks], carry=cache,
+      return_trajectory=return_trajectory, progress=progress,
+      wait=return_stats, desc="astraea",
+      postfix=[{"budget": f"{t:.2f}", "tokens": f"{c}/{n}"}
+               for t, c in zip(budgets, computed)])
+  stats = dataclasses.replace(
+      stats, budgets=budgets, num_selected=computed, num_tokens=n,
+      compiled_k=list(dict.fromkeys(ks)), num_shards=plan.num_shards,
+      plan=f"{plan.name} (ulysses {plan.ulysses} x ring {plan.ring})",
+      selected_per_shard=per_shard)
   if return_trajectory:
-    out.append(_replicated(jnp.stack(trajectory), mesh))
-  if return_stats:
-    out.append(stats)
-  return out[0] if len(out) == 1 else tuple(out)
+    trajectory = _replicated(trajectory, mesh)
+  return dense_sampler.pack(_replicated(latents, mesh),
+                            (return_trajectory, trajectory),
+                            (return_stats, stats))
 
 
 def samplers(num_devices: int, *, batch: int, strategy: str = "auto"):
