@@ -33,7 +33,6 @@ from astraea_jax.astraea import layer_loop
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.sampling import sampler as dense_sampler
-from astraea_jax.sampling.sampler import SampleStats  # noqa: F401
 
 F32 = jnp.float32
 
