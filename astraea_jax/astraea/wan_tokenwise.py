@@ -104,6 +104,21 @@ def model_fn(graphdef, params, context_2b):
   return jax.tree_util.Partial(_velocity, graphdef, params, context_2b)
 
 
+def resolve_steps(graphdef, params, noise, *, budget, schedule, scheduler,
+                  steps, shift):
+  """(scheduler, budgets, model config, N, K per step) of a Wan Astraea run;
+  a scheduler pytree keeps its own step count."""
+  scheduler = dense_sampler.resolve_scheduler(
+      scheduler, steps if isinstance(scheduler, str) else None, shift,
+      noise.shape)
+  budgets = schedule_lib.resolve(budget, schedule, scheduler.num_steps)
+  config = nnx.merge(graphdef, params).config
+  grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
+  n = int(np.prod(grid))
+  ks = [schedule_lib.num_selected(theta, n) for theta in budgets]
+  return scheduler, budgets, config, n, ks
+
+
 def sample(model, params, noise, context, negative_context, *, budget=None,
            schedule=None, scheduler="unipc", steps: int = 50,
            guidance_scale: float = 5.0, shift: float | None = None,
@@ -120,14 +135,9 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
 
   Returns latents, plus the trajectory and/or SampleStats when asked.
   """
-  scheduler = dense_sampler.resolve_scheduler(
-      scheduler, steps if isinstance(scheduler, str) else None, shift,
-      noise.shape)
-  budgets = schedule_lib.resolve(budget, schedule, scheduler.num_steps)
-  config = nnx.merge(model, params).config
-  grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
-  n = int(np.prod(grid))
-  ks = [schedule_lib.num_selected(theta, n) for theta in budgets]
+  scheduler, budgets, config, n, ks = resolve_steps(
+      model, params, noise, budget=budget, schedule=schedule,
+      scheduler=scheduler, steps=steps, shift=shift)
   cache = selection.init_cache(config.num_layers, 2 * noise.shape[0], n,
                                config.dim, selection_config)
   latents, _, trajectory, stats = dense_sampler.run(

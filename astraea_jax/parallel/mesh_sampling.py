@@ -27,8 +27,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
+from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.parallel import mesh as mesh_lib
 from astraea_jax.parallel import sequence_parallel as sp_wan
 from astraea_jax.parallel.layout import TokenLayout
@@ -152,13 +152,9 @@ def astraea_sample(model, params, noise, context, negative_context, *,
   """
   sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
   _check_data_axis(sp, noise)
-  scheduler = dense_sampler.resolve_scheduler(
-      scheduler, steps if isinstance(scheduler, str) else None, shift,
-      noise.shape)
-  budgets = schedule_lib.resolve(budget, schedule, scheduler.num_steps)
-  config = nnx.merge(model, params).config
-  grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
-  n = int(np.prod(grid))
+  scheduler, budgets, config, n, ks = wan_tokenwise.resolve_steps(
+      model, params, noise, budget=budget, schedule=schedule,
+      scheduler=scheduler, steps=steps, shift=shift)
   plan = sp.plan(config.num_heads)
   layout = TokenLayout(n, plan.num_shards)
   mesh = sp.inner_mesh(plan)  # the program's one mesh (program_mesh)
@@ -166,7 +162,6 @@ def astraea_sample(model, params, noise, context, negative_context, *,
       params, noise, context, negative_context, scheduler, mesh)
   cache = sp_wan.init_cache(config, 2 * noise.shape[0], n, sp,
                             selection_config)
-  ks = [schedule_lib.num_selected(theta, n) for theta in budgets]
   per_shard = [sp_wan.local_num_selected(k, layout) for k in ks]
   computed = [n if k == n else p * plan.num_shards
               for k, p in zip(ks, per_shard)]
