@@ -718,7 +718,7 @@ def _add_eval(sub, common):
                       "astraea:budget=0.4 astraea:budget=0.5,ablation=random "
                       "toca:interval=3,ratio=0.3 pab:self=2,cross=4 "
                       "step_cache:threshold=0.1 (see astraea_jax/astraea/"
-                      "policies.py parse_policy)")
+                      "policy_specs.py parse_policy)")
   p.add_argument("--schedule", nargs="+", default=None, metavar="FILE",
                  help="searched schedule.json files to add (astraea search)")
   p.add_argument("--budgets", nargs="+", type=BUDGET,

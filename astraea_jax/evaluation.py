@@ -25,7 +25,7 @@ step times over the full model's, each step waited for, compilation
 excluded (a step that compiled takes the median warm time of the same plan
 on the same shapes, from a later run or from running the policy once more).
 "speedup_h200" (with --speed-json) composes the run's
-per-step compute configurations (`PolicyStats.cost_keys`) with their times
+per-step compute configurations (`SampleStats.cost_keys`) with their times
 measured once on one H200 on the full-size Wan2.1-1.3B at 480p x 81
 (benchmarks/eval_speed.py): the speed the same plan has at full size, the
 figure the plot uses when present.
@@ -66,6 +66,7 @@ from astraea_jax.provenance import environment
 from astraea_jax import lpips as lpips_lib
 from astraea_jax import pipeline as pipeline_lib
 from astraea_jax.astraea import policies as policies_lib
+from astraea_jax.astraea import policy_specs
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.sampling import sampler as dense_sampler
 
@@ -680,15 +681,15 @@ def write_report(out, problem: Problem, runs, rows, *, benchmark="eval",
 def resolve_policies(specs: Sequence[str], *, schedules=(),
                      budgets=(0.3, 0.4, 0.5, 0.7),
                      ablation_budget: float = 0.5) -> list:
-  """Specs -> policies; "default" expands to `policies.default_sweep`,
+  """Specs -> policies; "default" expands to `policy_specs.default_sweep`,
   searched schedule files join it as `astraea:schedule=FILE`."""
   out = []
   for spec in specs:
     if spec == "default":
-      out += policies_lib.default_sweep(budgets=budgets,
+      out += policy_specs.default_sweep(budgets=budgets,
                                         ablation_budget=ablation_budget)
     else:
-      out.append(policies_lib.parse_policy(spec))
+      out.append(policy_specs.parse_policy(spec))
   for path in schedules:
     out.append(policies_lib.Astraea(
         schedule=tuple(schedule_lib.load(path)), schedule_name="searched"))

@@ -49,7 +49,7 @@ from flax import nnx
 from astraea_jax import checkpoint, metrics, outputs
 from astraea_jax import pipeline as pipeline_lib
 from astraea_jax import video as video_lib
-from astraea_jax.astraea import sampler as astraea_sampler
+from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.sampling import sampler as dense_sampler
 from converters import safetensors_io

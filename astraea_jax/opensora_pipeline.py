@@ -19,8 +19,8 @@ steps, CFG scale 7.0, fps 24, aes 6.5, timestep transform on):
      caption with the prompt's mask (there is no negative prompt in v1.2);
   2. noise (B, 4, T', H/8, W/8) from `seed`;
   3. rectified-flow Euler sampling with OpenSora's CFG and timestep
-     transform (`astraea.stdit3.sample_opensora`), or Astraea on the STDiT3
-     (`astraea.stdit3.sample`, `budget` / `schedule`);
+     transform (`sampling.opensora.sample_opensora`), or Astraea on the STDiT3
+     (`astraea.stdit3_tokenwise.sample`, `budget` / `schedule`);
   4. the OpenSora VAE decodes the latents: video (B, 3, T, H, W) in [-1, 1].
 
 Video sizes: the VAE is 8x in space (times the 2x2 patch: multiples of 16)
@@ -48,7 +48,8 @@ from flax import nnx
 
 from astraea_jax import checkpoint
 from astraea_jax import pipeline as pipeline_lib
-from astraea_jax.astraea import stdit3 as astraea_stdit3
+from astraea_jax.astraea import stdit3_tokenwise as astraea_stdit3
+from astraea_jax.sampling import opensora as opensora_sampling
 from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.vae import opensora_vae
 
@@ -246,7 +247,7 @@ class OpenSoraPipeline(nnx.Module):
     if budget is None and schedule is None:
       if return_stats:
         raise ValueError("return_stats needs Astraea (budget or schedule)")
-      return astraea_stdit3.sample_opensora(
+      return opensora_sampling.sample_opensora(
           graphdef, params, noise, y, mask, step_seconds=step_seconds,
           **common)
     extra = {} if selection_config is None else {

@@ -45,7 +45,7 @@ import tqdm
 from flax import nnx
 
 from astraea_jax import checkpoint
-from astraea_jax.astraea import sampler as astraea_sampler
+from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.vae import wan_vae
 

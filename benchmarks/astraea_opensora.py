@@ -30,9 +30,10 @@ from flax import nnx
 from astraea_jax import testing
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.astraea import stdit3 as astraea
+from astraea_jax.astraea import stdit3_tokenwise as astraea
 from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
+from astraea_jax.sampling import opensora
 from astraea_jax.sampling import sampler as dense
 
 MEAN_BUDGETS = (0.4, 0.5, 0.7)
@@ -96,10 +97,10 @@ def main():
   y = jax.random.normal(jax.random.key(2),
                         (1, 1, caption_len, config.caption_channels))
   y_mask = (jnp.arange(caption_len) < valid).astype(jnp.int32)[None]
-  conditions = astraea.cfg_conditions(module, y, y_mask, fps=24,
+  conditions = opensora.cfg_conditions(module, y, y_mask, fps=24,
                                       height=video["height"],
                                       width=video["width"])
-  scheduler = astraea.opensora_scheduler(STEPS, **video)
+  scheduler = opensora.opensora_scheduler(STEPS, **video)
   gs = jnp.float32(7.0)
   frames, per_frame = astraea.token_grid(config, shape)
   n = frames * per_frame
@@ -125,11 +126,11 @@ def main():
                          targets)
 
   # Dense: our sampler's jitted step.
-  model_fn = astraea.opensora_model_fn(graphdef, params, conditions)
+  model_fn = opensora.opensora_model_fn(graphdef, params, conditions)
   state = {"lat": noise, "st": scheduler.init(noise)}
 
   def dense_step():
-    state["lat"], state["st"], _ = dense._jitted_step(
+    state["lat"], state["st"], _ = dense.step_function()(
         model_fn, scheduler, gs, state["lat"], state["st"], ())
     return state["lat"]
 
@@ -151,9 +152,10 @@ def main():
        "cache": astraea.init_cache(config, 2, n, cfg)}
 
   def astraea_step(k_f, layout):
-    a["lat"], a["st"], a["cache"] = astraea._step(
-        graphdef, params, conditions, scheduler, gs, a["st"], a["cache"],
-        a["lat"], tokens_per_frame=k_f, config=cfg, temporal_sparse=layout)
+    a["lat"], a["st"], a["cache"] = dense.step_function()(
+        astraea.model_fn(graphdef, params, conditions), scheduler, gs,
+        a["lat"], a["st"], a["cache"],
+        plan=astraea.Plan(k_f, cfg, layout))
     return a["lat"]
 
   def time_budget(theta, layout):

@@ -22,7 +22,7 @@ import numpy as np
 
 import common
 from astraea_jax import testing
-from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.configs import WanConfig
@@ -80,7 +80,7 @@ def main():
   state = {"lat": noise, "st": scheduler.init(noise)}
 
   def dense_step():
-    state["lat"], state["st"], _ = dense._jitted_step(
+    state["lat"], state["st"], _ = dense.step_function()(
         model_fn, scheduler, gs, state["lat"], state["st"], ())
     return state["lat"]
 
@@ -101,11 +101,12 @@ def main():
                    reverse=True)
   cache = selection.init_cache(config.num_layers, 2, n, config.dim, cfg)
   a = {"lat": noise, "st": scheduler.init(noise), "cache": cache}
+  astraea_fn = astraea.model_fn(graphdef, params, ctx2)
 
   def astraea_step(k):
-    a["lat"], a["st"], a["cache"] = astraea._step(
-        graphdef, params, ctx2, scheduler, gs, a["st"], a["cache"], a["lat"],
-        num_selected=k, config=cfg)
+    a["lat"], a["st"], a["cache"] = dense.step_function()(
+        astraea_fn, scheduler, gs, a["lat"], a["st"], a["cache"],
+        plan=astraea.Plan(k, cfg))
     return a["lat"]
 
   for theta in budgets:  # 1.0 first: fills the cache

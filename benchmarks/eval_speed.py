@@ -5,7 +5,7 @@
 
 Random bf16 weights at 480p x 81 frames (latent 16x21x60x104 = 32,760
 tokens), CFG batch 2, UniPC, 50 steps, shift 3.0. The policies are those of
-`policies.default_sweep()` (docs/baselines.md): Astraea at mean budgets
+`policy_specs.default_sweep()` (docs/baselines.md): Astraea at mean budgets
 0.3/0.4/0.5/0.7, its ablations at 0.5, step caching, ToCa and PAB.
 
 A 50-step run is not timed end to end. Every policy is a list of per-step
@@ -32,6 +32,7 @@ import numpy as np
 
 from astraea_jax import testing
 from astraea_jax.astraea import policies as policies_lib
+from astraea_jax.astraea import policy_specs, step_plans
 from astraea_jax.configs import WanConfig
 from astraea_jax.sampling import sampler as dense
 
@@ -47,7 +48,7 @@ def measurements(sweep, timesteps, num_tokens):
   out = {}
   for policy in sweep:
     for plan in policy.plans(timesteps, num_tokens):
-      if isinstance(plan, policies_lib.StepCachePlan) and plan.mode == (
+      if isinstance(plan, step_plans.StepCachePlan) and plan.mode == (
           "cached"):
         out.setdefault("step_cache:computed", (policy, plan, 0.0))
         out.setdefault("step_cache:reused", (policy, plan, 1e30))
@@ -95,7 +96,7 @@ def main():
   timesteps = np.asarray(scheduler.timesteps)
   gs = jnp.float32(GUIDANCE)
   n = int(np.prod([s // p for s, p in zip(shape[2:], config.patch_size)]))
-  sweep = policies_lib.default_sweep()
+  sweep = policy_specs.default_sweep()
   todo = measurements(sweep, timesteps, n)
   print(f"{len(sweep)} policy settings, {len(todo)} distinct step "
         f"configurations to time ({n} tokens)")
@@ -116,9 +117,9 @@ def main():
         state = scheduler.init(noise)
         jax.block_until_ready((state, carry))
         t0 = time.perf_counter()
-        latents, state, carry = policies_lib._step(
-            graphdef, params, ctx2, scheduler, gs, state, carry, noise,
-            plan=plan)
+        latents, state, carry = dense.step_function()(
+            policies_lib.model_fn(graphdef, params, ctx2), scheduler, gs,
+            noise, state, carry, plan=plan)
         jax.block_until_ready((latents, carry))
         times.append(time.perf_counter() - t0)
       ms[key] = 1e3 * float(np.median(times[1:]))

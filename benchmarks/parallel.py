@@ -72,12 +72,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from astraea_jax import parallel, testing
-from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.configs import WanConfig
-from astraea_jax.parallel import sampler as sp_sampler
-from astraea_jax.parallel import wan as sp_wan
+from astraea_jax.parallel import mesh_sampling as sp_sampler
+from astraea_jax.parallel import sequence_parallel as sp_wan
 from astraea_jax.sampling import sampler as dense
 
 STEPS = 50
@@ -198,10 +198,8 @@ def measure_config(graphdef, params, noise, ctx2, scheduler, n, budgets,
     return st if mesh is None else parallel.replicate(st, mesh)
 
   # The mesh's step pins its output shardings (no recompile at step 2).
-  # pylint: disable=protected-access
-  step_fn = (dense._jitted_step if mesh is None
-             else sp_sampler._dense_step_fn(mesh))
-  # pylint: enable=protected-access
+  rep = None if mesh is None else jax.sharding.NamedSharding(mesh, P())
+  step_fn = dense.step_function(None if mesh is None else (rep, rep, rep))
   state = {"lat": noise, "st": init_state()}
 
   def dense_step():
@@ -221,16 +219,19 @@ def measure_config(graphdef, params, noise, ctx2, scheduler, n, budgets,
     cache = sp_wan.init_cache(model_config, 2, n, sp, config)
   a = {"lat": noise, "st": init_state(), "cache": cache}
 
+  if mesh is None:
+    astraea_fn = astraea.model_fn(graphdef, params, ctx2)
+    astraea_step_fn = dense.step_function()
+  else:
+    astraea_fn = sp_sampler.astraea_model_fn(graphdef, params, ctx2)
+    astraea_step_fn = dense.step_function(
+        (rep, rep, cache["update"].sharding))
+
   def astraea_step(k):
-    if mesh is None:
-      out = astraea._step(  # pylint: disable=protected-access
-          graphdef, params, ctx2, scheduler, gs, a["st"], a["cache"],
-          a["lat"], num_selected=k, config=config)
-    else:
-      out = sp_sampler._astraea_step(  # pylint: disable=protected-access
-          graphdef, params, ctx2, scheduler, gs, a["st"], a["cache"],
-          a["lat"], num_selected=k, config=config, sp=sp)
-    a["lat"], a["st"], a["cache"] = out
+    plan = (astraea.Plan(k, config) if mesh is None
+            else sp_sampler.Plan(k, config, sp))
+    a["lat"], a["st"], a["cache"] = astraea_step_fn(
+        astraea_fn, scheduler, gs, a["lat"], a["st"], a["cache"], plan=plan)
     return a["lat"]
 
   for theta in budgets:  # 1.0 first: fills the cache

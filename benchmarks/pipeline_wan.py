@@ -51,7 +51,7 @@ from flax import nnx
 import common
 from astraea_jax import pipeline as pipeline_lib
 from astraea_jax import testing
-from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.configs import WanConfig
@@ -177,8 +177,7 @@ def main(argv=None):
   run = {"lat": noise, "st": scheduler.init(noise)}
 
   def dense_step():
-    # pylint: disable-next=protected-access
-    run["lat"], run["st"], _ = dense._jitted_step(
+    run["lat"], run["st"], _ = dense.step_function()(
         model_fn, scheduler, guidance, run["lat"], run["st"], ())
     return run["lat"]
 
@@ -199,10 +198,9 @@ def main(argv=None):
   a = {"lat": noise, "st": scheduler.init(noise), "cache": cache}
 
   def astraea_step(k):
-    # pylint: disable-next=protected-access
-    a["lat"], a["st"], a["cache"] = astraea._step(
-        tgraph, params, context_2b, scheduler, guidance, a["st"], a["cache"],
-        a["lat"], num_selected=k, config=sel)
+    a["lat"], a["st"], a["cache"] = dense.step_function()(
+        astraea.model_fn(tgraph, params, context_2b), scheduler, guidance,
+        a["lat"], a["st"], a["cache"], plan=astraea.Plan(k, sel))
     return a["lat"]
 
   per_budget = {}

@@ -76,7 +76,7 @@ def main(argv=None):
   from flax import nnx
 
   from astraea_jax import checkpoint, configs, sampling, testing
-  from astraea_jax.astraea import sampler as astraea
+  from astraea_jax.astraea import wan_tokenwise as astraea
   # pylint: enable=g-import-not-at-top
 
   main_process = jax.process_index() == 0

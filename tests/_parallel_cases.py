@@ -20,6 +20,7 @@ from flax import nnx
 from astraea_jax import parallel, testing
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
+from astraea_jax.models import wan
 from astraea_jax.sampling import sampler as dense
 
 TOL = 1e-5
@@ -191,3 +192,29 @@ def test_generate_devices_matches_one_device(tmp_path):
 def checkpoint_model(path):
   from astraea_jax import checkpoint  # pylint: disable=g-import-not-at-top
   return nnx.split(checkpoint.load_model(path))
+
+
+def test_sequence_parallel_runs_the_one_block(model, monkeypatch):
+  """2-device sequence parallelism (dense and Astraea) runs the model's own
+  WanBlock, with the sequence-parallel attention as its attention hook
+  (tests/test_one_block.py checks the one-device paths)."""
+  calls = []
+  call = wan.WanBlock.__call__
+
+  def recorded(self, *args, **kwargs):
+    calls.append((kwargs.get("token_index") is not None,
+                  kwargs.get("attention") is not None))
+    return call(self, *args, **kwargs)
+
+  monkeypatch.setattr(wan.WanBlock, "__call__", recorded)
+  latents, timestep, context = _model_inputs(ref.SHAPE_36)
+  sp = parallel.SequenceParallel(parallel.make_mesh(2), "auto")
+  jax.make_jaxpr(lambda *a: parallel.forward(model, *a, sp=sp))(
+      latents, timestep, context)
+  assert calls and all(c == (False, True) for c in calls)
+  calls.clear()
+  cache = parallel.init_cache(ref.CONFIG, 2, 36, sp, ref.SELECTION)
+  jax.make_jaxpr(lambda *a: parallel.astraea_forward(
+      model, *a, sp=sp, num_selected=18, config=ref.SELECTION))(
+          latents, timestep, context, cache)
+  assert calls and all(c == (True, True) for c in calls)

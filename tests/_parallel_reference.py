@@ -1,6 +1,6 @@
 """Single-device references for the multi-device tests (not collected).
 
-`reference_forward` is `astraea.sampler.forward` (the model's own sparse
+`reference_forward` is `astraea.wan_tokenwise.forward` (the model's own sparse
 block, WanBlock(token_index=...)) with the selection that sequence
 parallelism makes: the top round(K / P) tokens of each of the P shards
 (`parallel.select_tokens_per_shard`) instead of the global top K. It shares

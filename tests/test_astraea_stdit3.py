@@ -30,8 +30,10 @@ from flax import nnx
 
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.astraea import stdit3 as astraea
+from astraea_jax.astraea import stdit3_tokenwise as astraea
 from astraea_jax.models import stdit3
+from astraea_jax.sampling import opensora as opensora_sampling
+from astraea_jax.sampling import sampler as dense
 from converters import opensora
 from converters.safetensors_io import SafetensorsFile
 
@@ -73,7 +75,7 @@ def inputs(io):
 
 
 def run_dense(split_model, inputs, steps=STEPS, **kwargs):
-  return astraea.sample_opensora(*split_model, **inputs, steps=steps,
+  return opensora_sampling.sample_opensora(*split_model, **inputs, steps=steps,
                                  guidance_scale=7.0, progress=False,
                                  **kwargs)
 
@@ -137,7 +139,7 @@ def block_inputs(split_model, inputs, frame_mask=True):
   """Tokens and Conditioning of the CFG batch, with a frame mask (x_mask)
   so that per-frame modulation is exercised."""
   model = nnx.merge(*split_model)
-  conditions = astraea.cfg_conditions(
+  conditions = opensora_sampling.cfg_conditions(
       model, inputs["y"], inputs["y_mask"], fps=inputs["fps"],
       height=inputs["height"], width=inputs["width"],
       frame_mask=np.array([[0.0, 1, 1], [1, 1, 0]]) if frame_mask else None)
@@ -160,7 +162,7 @@ def test_sparse_block_rows_equal_dense_rows(split_model, inputs,
 
   @jax.jit
   def dense_and_sparse(x, t, positions):
-    tokens, cond = model.embed(x, t, **astraea.model_inputs(conditions, t))
+    tokens, cond = model.embed(x, t, **opensora_sampling.model_inputs(conditions, t))
     out = {}
     for kind in astraea.BLOCK_KINDS:
       block = stdit3.layer(getattr(model, f"{kind}_blocks"), 1)
@@ -253,7 +255,7 @@ def test_cache_after_full_step_holds_the_dense_lse_and_update(split_model,
     cache = astraea.init_cache(model.config, 4, 48, SELECTION)
     out, cache = astraea.forward(model, x, t, conditions, cache,
                                  tokens_per_frame=16, config=SELECTION)
-    kwargs = astraea.model_inputs(conditions, t)
+    kwargs = opensora_sampling.model_inputs(conditions, t)
     tokens, cond = model.embed(x, t, **kwargs)
     first, _ = stdit3.layer(model.spatial_blocks, 0)(tokens, cond, (3, 16))
     return out, cache, model(x, t, **kwargs, return_aux=True), first - tokens
@@ -273,17 +275,17 @@ def test_budget_sets_k_per_frame_and_compiles_once_per_k(split_model,
   frames); one compile per K (at most 3: the budget-1.0 test may have
   compiled K_f = 16 already), none on a second run."""
   sched = [1.0, 0.5, 0.0, 0.5]
-  before = astraea._step._cache_size()
+  before = dense.compiled_count()
   z, stats = run_astraea(split_model, inputs, schedule=sched, steps=STEPS,
                          return_stats=True)
   assert stats.num_tokens == 48
   assert stats.num_selected == [48, 24, 0, 24]
   assert stats.compiled_k == [48, 24, 0]
-  assert astraea._step._cache_size() - before <= 3
-  compiled = astraea._step._cache_size()
+  assert dense.compiled_count() - before <= 3
+  compiled = dense.compiled_count()
   assert rel_err(z, dense_nomask[0]) > 1e-3  # the budget changed the result
   run_astraea(split_model, inputs, schedule=sched, steps=STEPS)
-  assert astraea._step._cache_size() == compiled  # no new compiles
+  assert dense.compiled_count() == compiled  # no new compiles
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -25,11 +25,12 @@ import pytest
 from flax import nnx
 
 from astraea_jax import checkpoint, cli, opensora_pipeline, pipeline
-from astraea_jax.astraea import stdit3 as astraea_stdit3
+from astraea_jax.astraea import stdit3_tokenwise as astraea_stdit3
 from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.models.text.umt5 import T5Config, T5Encoder
+from astraea_jax.sampling import opensora as opensora_sampling
 from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.vae import opensora_vae
 from astraea_jax.vae.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
@@ -251,7 +252,7 @@ def direct_video(converted, budget=None):
   common = dict(steps=STEPS, guidance_scale=7.0, fps=24.0, height=HEIGHT,
                 width=WIDTH, num_frames=FRAMES, progress=False)
   if budget is None:
-    latents = astraea_stdit3.sample_opensora(graphdef, params, noise, y,
+    latents = opensora_sampling.sample_opensora(graphdef, params, noise, y,
                                              jnp.asarray(mask), **common)
   else:
     latents = astraea_stdit3.sample(graphdef, params, noise, y,

@@ -15,8 +15,10 @@ from flax import nnx
 
 from astraea_jax import evaluation, testing
 from astraea_jax.astraea import policies as P
-from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import policy_specs as specs
+from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea import step_plans as plans_lib
 from astraea_jax.configs import WanConfig
 from astraea_jax.sampling import sampler as dense
 
@@ -51,7 +53,8 @@ def rel_err(a, b):
 
 
 def test_block_forward_is_the_wan_block(model, inputs):
-  """The hooked block equals WanBlock.__call__ exactly, sparse or dense."""
+  """The block with its hooks on equals the plain block exactly, sparse or
+  dense."""
   graphdef, params = model
   wan = nnx.merge(graphdef, params)
   noise, ctx, neg = inputs
@@ -68,12 +71,12 @@ def test_block_forward_is_the_wan_block(model, inputs):
     out = {}
     for name, token_index in (("dense", None), ("sparse", idx)):
       want, want_aux = block(x, e0, c, rope, token_index=token_index)
-      got, aux = P.block_forward(block, x, e0, c, rope,
-                                 token_index=token_index, cross_entropy=True)
+      got, aux = block(x, e0, c, rope, token_index=token_index,
+                       cross_entropy=True, keep_attention_outputs=True)
       out[name] = (want, want_aux["lse"], got, aux)
     aux = out["dense"][3]
-    out["reused"], _ = P.block_forward(
-        block, x, e0, c, rope, self_attn_out=aux["self_attn_out"],
+    out["reused"], _ = block(
+        x, e0, c, rope, self_attn_out=aux["self_attn_out"],
         cross_attn_out=aux["cross_attn_out"])
     return out
 
@@ -153,11 +156,11 @@ def test_fixed_token_set_stays_fixed(model, inputs):
 
 def test_random_selection_picks_exactly_k_distinct_tokens(model, inputs):
   k = schedule_lib.num_selected(0.5, N)
-  plan = P.TokenPlan(budget=0.5, num_selected=k, selector="random", seed=3)
+  plan = plans_lib.TokenPlan(budget=0.5, num_selected=k, selector="random", seed=3)
   x = jnp.zeros((2, N, 4))
   sets = []
   for step, layer in ((0, 0), (0, 1), (1, 0)):
-    idx, _ = P._select(plan, x, None, layer, step, None)
+    idx, _ = plans_lib._select(plan, x, None, layer, step, None)
     idx = np.asarray(idx)
     assert idx.shape == (2, k)
     for row in idx:
@@ -174,10 +177,10 @@ def test_random_selection_picks_exactly_k_distinct_tokens(model, inputs):
 
 def test_step_cache_rule():
   changes = [9.0, 0.05, 0.05, 0.05, 0.3, 0.01, 0.01, 0.0]
-  assert P.step_cache_decisions(changes, 0.1) == [
+  assert plans_lib.step_cache_decisions(changes, 0.1) == [
       True, False, True, False, True, False, False, True]
-  assert all(P.step_cache_decisions(changes, 0.0))
-  assert P.step_cache_decisions(changes, 1e9) == [True] + [False] * 6 + [True]
+  assert all(plans_lib.step_cache_decisions(changes, 0.0))
+  assert plans_lib.step_cache_decisions(changes, 1e9) == [True] + [False] * 6 + [True]
 
 
 def test_step_cache_computes_the_steps_its_rule_says(model, inputs):
@@ -190,7 +193,7 @@ def test_step_cache_computes_the_steps_its_rule_says(model, inputs):
                                  policy=P.StepCache(threshold=threshold),
                                  **KW)
     computed = [bool(c) for c in np.asarray(carry["computed"])]
-    assert computed == P.step_cache_decisions(
+    assert computed == plans_lib.step_cache_decisions(
         np.asarray(carry["changes"]), threshold)
     assert computed[0] and computed[-1]
     assert stats.cost_keys[1:-1] == [
@@ -211,11 +214,11 @@ def test_toca_interval_pattern():
 
 
 def test_toca_scores_prefer_stale_and_uncertain_tokens():
-  score = P.TocaScore(importance="cross_entropy", frequency_weight=0.25,
+  score = plans_lib.TocaScore(importance="cross_entropy", frequency_weight=0.25,
                       interval=3)
   cache = {"lse": jnp.asarray([[0.5, 2.0, 0.5, 0.5]]),
            "stale": jnp.asarray([[0, 0, 2, 0]], jnp.int32)}
-  s = np.asarray(P.toca_scores(cache, score, jax.random.key(0)))[0]
+  s = np.asarray(plans_lib.toca_scores(cache, score, jax.random.key(0)))[0]
   norm = np.linalg.norm([1.5, 3.0, 1.5, 1.5])
   np.testing.assert_allclose(s, np.array([1.5, 3.0, 1.5, 1.5]) / norm
                              + [0, 0, 0.25 * 2 / 3, 0], rtol=1e-6)
@@ -252,26 +255,26 @@ def test_step_level_pattern_matches_the_mean_budget(budget):
 
 
 def test_parse_policy_specs(tmp_path):
-  assert P.parse_policy("dense") == P.Dense()
-  assert P.parse_policy("toca:interval=4,ratio=0.2") == P.ToCa(4, 0.2)
-  assert P.parse_policy("pab:self=3,cross=6,window=50/900") == P.PAB(
+  assert specs.parse_policy("dense") == P.Dense()
+  assert specs.parse_policy("toca:interval=4,ratio=0.2") == P.ToCa(4, 0.2)
+  assert specs.parse_policy("pab:self=3,cross=6,window=50/900") == P.PAB(
       3, 6, (50.0, 900.0))
-  a = P.parse_policy("astraea:budget=0.5,ablation=no_lse")
+  a = specs.parse_policy("astraea:budget=0.5,ablation=no_lse")
   assert a.budget == 0.5 and not a.selection.use_lse
   assert a.method == "astraea (no-lse)"
-  assert P.parse_policy("astraea:budget=0.4,ablation=random").selector == (
+  assert specs.parse_policy("astraea:budget=0.4,ablation=random").selector == (
       "random")
   path = tmp_path / "schedule.json"
   schedule_lib.save(path, [1.0, 0.5, 0.5, 0.0], fitness_mse=0.1,
                     target_budget=0.5)
-  s = P.parse_policy(f"astraea:schedule={path}")
+  s = specs.parse_policy(f"astraea:schedule={path}")
   assert s.schedule == (1.0, 0.5, 0.5, 0.0) and s.method == (
       "astraea (searched)")
   with pytest.raises(ValueError, match="no setting 'ratoi'"):
-    P.parse_policy("toca:ratoi=0.3")
+    specs.parse_policy("toca:ratoi=0.3")
   with pytest.raises(ValueError, match="unknown policy"):
-    P.parse_policy("teacache")
-  labels = [p.label() for p in P.default_sweep()]
+    specs.parse_policy("teacache")
+  labels = [p.label() for p in specs.default_sweep()]
   assert len(labels) == len(set(labels))
 
 

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from astraea_jax import checkpoint, cli, testing
-from astraea_jax.astraea import sampler as astraea
+from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import search
 from astraea_jax.configs import WanConfig

@@ -17,383 +17,37 @@ a plan says what each block computes at that step:
   StepCache  the whole step skipped while the timestep-modulated input has
              changed little (TeaCache, Liu et al. 2024; Delta-DiT).
 
-A plan is a small frozen dataclass and a static argument of the jitted step
-(`_step`): one compile per distinct plan. `plan.forward(model, latents_2b,
-timesteps_2b, context_2b, carry) -> (velocity_2b, carry)` runs the model;
-the carry (the policy's caches, a dict with a "step" counter) is threaded
-through the steps and donated. Data-dependent decisions (StepCache's skip)
-are taken inside the step with `jax.lax.cond`, so a run never waits on the
-host. `plan.cost_key` names the step's compute configuration:
-benchmarks/eval_speed.py times each key once on the full-size model, and a
-run's time is the sum of its steps' keys (`Policy.step_costs`).
-
-The pieces are the model's own (`WanDiT.embed / run_blocks / unembed`, the
-blocks' submodules) and Astraea's cache functions (`selection.*`);
-`block_forward` is `WanBlock.__call__` with hooks for reusing attention
-outputs and for the cross-attention entropy (tests/test_policies.py checks
-that it equals the block). Astraea's own steps go through
-`astraea.sampler.forward` unchanged, so the Astraea policy reproduces
-`astraea.sampler.sample`.
+A plan (`step_plans`) is what one step computes, a static argument of the
+one jitted step (`sampling.run`): one compile per distinct plan. A run's
+time is the sum of its steps' cost keys (`Policy.step_costs`), each timed
+once on the full-size model by benchmarks/eval_speed.py. Policies by name
+and the default sweep: `policy_specs`. The Astraea policy reproduces
+`astraea.wan_tokenwise.sample`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import pathlib
-import time
 import typing
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from flax import nnx
 
-from astraea_jax.astraea import sampler as astraea_sampler
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.models import layers, wan
+from astraea_jax.astraea.step_plans import (
+    DensePlan,
+    PABPlan,
+    StepCachePlan,
+    TocaScore,
+    TokenPlan,
+)
 from astraea_jax.sampling import sampler as dense_sampler
-from astraea_jax.sampling import schedulers as sched_lib
 
 F32 = jnp.float32
-
-
-# The block with hooks -------------------------------------------------------
-
-
-def attention_entropy(q, k):
-  """Entropy (B, H, Lq) float32 of each query row's softmax over all keys.
-
-  q (B, Lq, H, D), k (B, Lk, H, D); logits scaled by D**-0.5 as the model's
-  attention. ToCa's video score (cross-attention over Lk text tokens).
-  """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=F32) * q.shape[-1] ** -0.5
-  log_p = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
-
-
-def block_forward(block: wan.WanBlock, x, e0, context, rope, *,
-                  token_index=None, self_attn_out=None, cross_attn_out=None,
-                  cross_entropy: bool = False):
-  """`WanBlock.__call__`, op for op, with three hooks.
-
-  token_index: (B, K) rows to compute (as the block's own argument);
-  self_attn_out / cross_attn_out: (B, N, dim) attention outputs (after the
-    output projection, before the gate) to reuse instead of computing (PAB);
-  cross_entropy: also return the cross-attention entropy (ToCa's score).
-
-  Returns (x_out, aux): aux["self_attn_out"], aux["cross_attn_out"] (the
-  outputs used, for caching), aux["lse"] (B, H, K|N) when self-attention
-  ran, aux["cross_entropy"] (B, H, K|N) when asked and cross-attention ran.
-  """
-  if token_index is not None and (self_attn_out is not None
-                                  or cross_attn_out is not None):
-    raise ValueError("token selection and attention reuse do not combine")
-  shift1, scale1, gate1, shift2, scale2, gate2 = block.modulate(e0)
-  aux = {}
-  if self_attn_out is None:
-    h = layers.layer_norm(x, block.eps) * (1 + scale1) + shift1
-    k, v = block.self_attn.key_value(h, rope)
-    rope_q = rope
-    if token_index is not None:
-      x = wan.take_tokens(x, token_index)
-      h = wan.take_tokens(h, token_index)
-      rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
-    out, aux["lse"] = layers.attention(block.self_attn.query(h, rope_q), k,
-                                       v)
-    self_attn_out = block.self_attn.output(out)
-  aux["self_attn_out"] = self_attn_out
-  x = x + self_attn_out.astype(F32) * gate1
-  if cross_attn_out is None:
-    # Attention.__call__(norm3(x), context=context), unrolled for q and k.
-    q = block.cross_attn.query(block.norm3(x))
-    k, v = block.cross_attn.key_value(context)
-    out, _ = layers.attention(q, k, v)
-    cross_attn_out = block.cross_attn.output(out)
-    if cross_entropy:
-      aux["cross_entropy"] = attention_entropy(q, k)
-  aux["cross_attn_out"] = cross_attn_out
-  x = x + cross_attn_out.astype(F32)
-  h = layers.layer_norm(x, block.eps) * (1 + scale2) + shift2
-  x = x + block.ffn(h).astype(F32) * gate2
-  return x, aux
-
-
-# Plans: what one step computes -----------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DensePlan:
-  """The full model."""
-
-  def forward(self, model, latents, timestep, context, carry):
-    return model(latents, timestep, context), carry
-
-  def cost_key(self) -> str:
-    return "dense"
-
-
-@dataclasses.dataclass(frozen=True)
-class TocaScore:
-  """ToCa's score (`ToCa` below): importance + weight * stale / interval."""
-  importance: str = "cross_entropy"  # "cross_entropy" | "lse" | "random"
-  frequency_weight: float = 0.25
-  interval: int = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenPlan:
-  """K tokens per block run the block; the others reuse their cached update.
-
-  budget: theta (K / N, for the cost key); selector: "score" (Astraea's
-  S = S_LSE * Delta + penalty, `selection.token_scores`), "random" (K
-  uniformly random distinct tokens per block and CFG half), "fixed" (the
-  ranking frozen at the step with freeze=True, then its first K), "toca"
-  (`TocaScore`). K = N computes every token and refreshes the cache; K = 0
-  reuses every cached update (Astraea's semantics for both).
-  """
-  budget: float
-  num_selected: int
-  selector: str = "score"
-  selection: selection.SelectionConfig = dataclasses.field(
-      default_factory=selection.SelectionConfig)
-  freeze: bool = False
-  seed: int = 0
-  toca: TocaScore | None = None
-
-  @property
-  def _entropy(self) -> bool:
-    return self.toca is not None and self.toca.importance == "cross_entropy"
-
-  def forward(self, model, latents, timestep, context, carry):
-    if self.selector == "score":
-      cache = carry["cache"]
-      velocity, cache = astraea_sampler.forward(
-          model, latents, timestep, context, cache,
-          num_selected=self.num_selected, config=self.selection)
-      return velocity, {**carry, "cache": cache}
-    return _token_forward(self, model, latents, timestep, context, carry)
-
-  def cost_key(self) -> str:
-    if self.num_selected == 0:
-      return "tokens:0.000"
-    suffix = {"score": "score", "random": "random",
-              "fixed": "fixed-freeze" if self.freeze else "fixed"}.get(
-                  self.selector, "toca")
-    if self._entropy:
-      suffix = "toca-xent"
-    if self.budget >= 1.0:
-      return "tokens:1.000" + (":xent" if self._entropy else "")
-    return f"tokens:{self.budget:.3f}:{suffix}"
-
-
-def _token_forward(plan: TokenPlan, model, latents, timestep, context, carry):
-  """Token-wise forward with a selector other than Astraea's score."""
-  x, e, e0, ctx, rope = model.embed(latents, timestep, context)
-  n, k = x.shape[1], plan.num_selected
-  graphdef, blocks = nnx.split(model.blocks)
-  step = carry["step"]
-
-  def statistic(aux):  # what the cache keeps in its "lse" slot, (B, H, K)
-    return aux["cross_entropy"] if plan._entropy else aux["lse"]
-
-  def body(state, block_state):
-    x, cache, order, i = state
-    if k == 0:
-      x, cache = selection.reuse_all(cache, i, x)
-      return (x, cache, order, i + 1), None
-    block = nnx.merge(graphdef, block_state)
-    if k == n:
-      x_out, aux = block_forward(block, x, e0, ctx, rope,
-                                 cross_entropy=plan._entropy)
-      x, cache = selection.write_all(cache, i, x, x_out, statistic(aux),
-                                     plan.selection)
-      return (x, cache, order, i + 1), None
-    idx, order = _select(plan, x, selection.layer_cache(cache, i), i, step,
-                         order)
-    x_sel, aux = block_forward(block, x, e0, ctx, rope, token_index=idx,
-                               cross_entropy=plan._entropy)
-    x, cache = selection.write_selected(cache, i, x, idx, x_sel,
-                                        statistic(aux), plan.selection)
-    return (x, cache, order, i + 1), None
-
-  (x, cache, order, _), _ = jax.lax.scan(
-      body, (x, carry["cache"], carry.get("order"), 0), blocks,
-      unroll=model.config.scan_unroll)
-  carry = {**carry, "cache": cache}
-  if order is not None:
-    carry["order"] = order
-  return model.unembed(x, e, latents.shape), carry
-
-
-def _random_key(seed, step, layer):
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step),
-                            layer)
-
-
-def _select(plan: TokenPlan, x, layer_cache, layer, step, order):
-  """(token_index (B, K) sorted, order) for one block."""
-  k = plan.num_selected
-  if plan.selector == "random":
-    u = jax.random.uniform(_random_key(plan.seed, step, layer), x.shape[:2])
-    return selection.select_tokens(u, k), order
-  if plan.selector == "fixed":
-    if plan.freeze:
-      scores = selection.token_scores(x, layer_cache, plan.selection)
-      # Stable: ties go to lower indices, as top_k breaks them, so the
-      # freezing step picks exactly Astraea's tokens.
-      ranking = jnp.argsort(-scores, axis=-1, stable=True).astype(jnp.int32)
-      order = order.at[layer].set(ranking)
-    return jnp.sort(order[layer][:, :k], axis=-1), order
-  if plan.selector == "toca":
-    return selection.select_tokens(
-        toca_scores(layer_cache, plan.toca, _random_key(plan.seed, step,
-                                                        layer)), k), order
-  raise ValueError(f"unknown selector {plan.selector!r}")
-
-
-def toca_scores(layer_cache, toca: TocaScore, key):
-  """ToCa's caching score (B, N); the highest are recomputed.
-
-  importance + frequency_weight * stale / interval, where importance is the
-  L2-normalised (over tokens) statistic of the token's last computation:
-  1 + cross-attention entropy (ToCa's video score), or the self-attention
-  LSE; or uniform random numbers (ToCa's "random" type). `stale` counts the
-  steps since the token was last computed (ToCa's cache frequency s3).
-  """
-  stat = layer_cache["lse"]
-  if toca.importance == "random":
-    importance = jax.random.uniform(key, stat.shape)
-  else:
-    if toca.importance == "cross_entropy":
-      stat = 1.0 + stat
-    importance = stat / (jnp.linalg.norm(stat, axis=-1, keepdims=True)
-                         + 1e-12)
-  return importance + toca.frequency_weight * (
-      layer_cache["stale"].astype(F32) / toca.interval)
-
-
-@dataclasses.dataclass(frozen=True)
-class PABPlan:
-  """Self-/cross-attention outputs reused from the cache when set."""
-  reuse_self: bool = False
-  reuse_cross: bool = False
-
-  def forward(self, model, latents, timestep, context, carry):
-    x, e, e0, ctx, rope = model.embed(latents, timestep, context)
-    graphdef, blocks = nnx.split(model.blocks)
-    xs = (blocks, carry["self"] if self.reuse_self else None,
-          carry["cross"] if self.reuse_cross else None)
-
-    def body(x, layer):
-      block_state, self_out, cross_out = layer
-      x, aux = block_forward(nnx.merge(graphdef, block_state), x, e0, ctx,
-                             rope, self_attn_out=self_out,
-                             cross_attn_out=cross_out)
-      return x, (None if self.reuse_self else aux["self_attn_out"],
-                 None if self.reuse_cross else aux["cross_attn_out"])
-
-    x, (new_self, new_cross) = jax.lax.scan(body, x, xs,
-                                            unroll=model.config.scan_unroll)
-    carry = dict(carry)
-    if not self.reuse_self:
-      carry["self"] = new_self.astype(carry["self"].dtype)
-    if not self.reuse_cross:
-      carry["cross"] = new_cross.astype(carry["cross"].dtype)
-    return model.unembed(x, e, latents.shape), carry
-
-  def cost_key(self) -> str:
-    return (f"pab:self={'reuse' if self.reuse_self else 'compute'},"
-            f"cross={'reuse' if self.reuse_cross else 'compute'}")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepCachePlan:
-  """mode "full": compute (first and last steps); "cached": compute only
-  when the accumulated indicator change reaches the threshold (in the
-  carry), else reuse (see `StepCache`)."""
-  mode: str = "full"
-  indicator: str = "modulated_input"
-  reuse: str = "residual"
-  rescale: tuple[float, ...] = ()
-
-  def forward(self, model, latents, timestep, context, carry):
-    x, e, e0, ctx, rope = model.embed(latents, timestep, context)
-    indicator = step_indicator(model, x, e0, self.indicator)
-    change = relative_l1(indicator, carry["indicator"])
-    if self.rescale:
-      change = jnp.polyval(jnp.asarray(self.rescale, F32), change)
-    if self.mode == "full":
-      compute, accumulated = jnp.bool_(True), jnp.zeros((), F32)
-    else:
-      accumulated = carry["accumulated"] + change
-      compute = accumulated >= carry["threshold"]
-      accumulated = jnp.where(compute, 0.0, accumulated)
-
-    def computed(_):
-      y, _ = model.run_blocks(x, e0, ctx, rope)
-      velocity = model.unembed(y, e, latents.shape)
-      return velocity, (y - x if self.reuse == "residual" else velocity)
-
-    def reused(_):
-      memo = carry["memo"]
-      if self.reuse == "velocity":
-        return memo, memo
-      return model.unembed(x + memo, e, latents.shape), memo
-
-    if self.mode == "full":
-      velocity, memo = computed(None)
-    else:
-      velocity, memo = jax.lax.cond(compute, computed, reused, None)
-    return velocity, {
-        **carry, "memo": memo, "indicator": indicator,
-        "accumulated": accumulated,
-        "computed": carry["computed"].at[carry["step"]].set(compute),
-        "changes": carry["changes"].at[carry["step"]].set(change)}
-
-  def cost_key(self) -> str:
-    return "step_cache:full" if self.mode == "full" else "step_cache:cached"
-
-
-def step_cache_decisions(changes, threshold: float) -> list[bool]:
-  """Which steps StepCache computes, given each step's (rescaled)
-  indicator change from the previous step: the first and last always; in
-  between, a step computes when the changes summed since the last computed
-  step (its own included) reach `threshold`. The rule `StepCachePlan`
-  applies inside the jitted step, written out for checking."""
-  out, accumulated = [], 0.0
-  for i, change in enumerate(changes):
-    if i in (0, len(changes) - 1):
-      out.append(True)
-      accumulated = 0.0
-      continue
-    accumulated += float(change)
-    out.append(accumulated >= threshold)
-    if out[-1]:
-      accumulated = 0.0
-  return out
-
-
-def step_indicator(model, x, e0, kind: str):
-  """What StepCache watches: block 0's modulated input LN(x)(1 + scale) +
-  shift (B, N, dim), or the projected timestep embedding e0 (B, 6, dim)."""
-  if kind == "timestep_embedding":
-    return e0
-  graphdef, blocks = nnx.split(model.blocks)
-  block0 = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], blocks))
-  shift1, scale1 = block0.modulate(e0)[:2]
-  return layers.layer_norm(x, block0.eps) * (1 + scale1) + shift1
-
-
-def relative_l1(current, previous):
-  """mean |current - previous| / mean |previous| (TeaCache's distance)."""
-  return (jnp.mean(jnp.abs(current - previous))
-          / (jnp.mean(jnp.abs(previous)) + 1e-12))
 
 
 # Policies: a plan per step ---------------------------------------------------
@@ -768,62 +422,18 @@ class StepCache(_Base):
 # The sampler -----------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("plan",), donate_argnums=(5, 6))
-def _step(graphdef, params, context_2b, scheduler, guidance_scale, sched_state,
-          carry, latents, *, plan):
-
-  def model_fn(carry, latents_2b, timesteps_2b):
-    model = nnx.merge(graphdef, params)
-    velocity, carry = plan.forward(model, latents_2b, timesteps_2b,
-                                   context_2b, carry)
-    return velocity, {**carry, "step": carry["step"] + 1}
-
-  return dense_sampler.guided_step(model_fn, scheduler, guidance_scale,
-                                   latents, sched_state, carry)
+def _velocity(graphdef, params, context_2b, carry, latents_2b, timesteps_2b,
+              *, plan):
+  model = nnx.merge(graphdef, params)
+  velocity, carry = plan.forward(model, latents_2b, timesteps_2b, context_2b,
+                                 carry)
+  return velocity, {**carry, "step": carry["step"] + 1}
 
 
-def compiled_count() -> int | None:
-  """Distinct compiled step functions so far (None where jax hides it)."""
-  size = getattr(_step, "_cache_size", None)
-  return size() if size is not None else None
-
-
-@dataclasses.dataclass
-class PolicyStats:
-  """What a run did: one plan, cost key and wall time per step.
-
-  compiled[i]: step i compiled a new step function (its time includes
-  compilation); None when jax does not expose the compile cache.
-  """
-  label: str
-  method: str
-  plans: list
-  cost_keys: list[str]
-  step_seconds: list[float]
-  compiled: list[bool | None]
-  num_tokens: int
-
-  @property
-  def computed_fraction(self) -> float:
-    """Mean over steps of the fraction of the full model's token-blocks
-    computed (attention reuse and residual reuse count as computed)."""
-    total = 0.0
-    for key in self.cost_keys:
-      if key.startswith("tokens:"):
-        total += float(key.split(":")[1])
-      elif key == "step_cache:reused":
-        total += 0.0
-      else:
-        total += 1.0
-    return total / len(self.cost_keys)
-
-
-def make_scheduler(scheduler, steps, shift, noise_shape):
-  if isinstance(scheduler, str):
-    if shift is None:
-      shift = sched_lib.wan_flow_shift(8 * noise_shape[3], 8 * noise_shape[4])
-    return dense_sampler.make_scheduler(scheduler, steps, shift=shift)
-  return scheduler
+def model_fn(graphdef, params, context_2b):
+  """The WanDiT under a policy's plans as a `model_fn` for `sampling.run`
+  (plan: the step's plan; the carry counts the steps)."""
+  return jax.tree_util.Partial(_velocity, graphdef, params, context_2b)
 
 
 def sample(graphdef, params, noise, context, negative_context, *,
@@ -838,171 +448,34 @@ def sample(graphdef, params, noise, context, negative_context, *,
   ToCa(...), PAB(...) or StepCache(...). Every step is waited for when
   progress or return_stats (per-step wall times).
 
-  Returns latents, then PolicyStats if return_stats, then the final carry
+  Returns latents, then `sampling.SampleStats` (label, method, plans,
+  cost_keys, step_seconds, compiled) if return_stats, then the final carry
   (the policy's caches) if return_carry.
   """
-  scheduler = make_scheduler(scheduler, steps, shift, noise.shape)
+  scheduler = dense_sampler.resolve_scheduler(
+      scheduler, steps if isinstance(scheduler, str) else None, shift,
+      noise.shape)
   if context.shape[0] != noise.shape[0]:
     raise ValueError(f"context batch {context.shape[0]} != noise batch "
                      f"{noise.shape[0]}")
   config = nnx.merge(graphdef, params).config
   grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
   n = int(np.prod(grid))
-  b2 = 2 * noise.shape[0]
   timesteps = np.asarray(scheduler.timesteps)
   plans = policy.plans(timesteps, n)
   if len(plans) != len(timesteps):
     raise ValueError(f"{policy.label()} made {len(plans)} plans for "
                      f"{len(timesteps)} steps")
-  carry = policy.init_carry(config, b2, n, noise.shape, len(plans))
-  context_2b = dense_sampler.cfg_context(context, negative_context)
-  latents = jnp.asarray(noise, F32)
-  sched_state = scheduler.init(latents)
-  guidance_scale = jnp.asarray(guidance_scale, F32)
-  seconds, compiled = [], []
-  bar = tqdm.tqdm(plans, disable=not progress, desc=policy.label(),
-                  unit="step")
-  for plan in bar:
-    before = compiled_count()
-    t0 = time.perf_counter()
-    latents, sched_state, carry = _step(
-        graphdef, params, context_2b, scheduler, guidance_scale, sched_state,
-        carry, latents, plan=plan)
-    if progress or return_stats:
-      latents.block_until_ready()
-    seconds.append(time.perf_counter() - t0)
-    after = compiled_count()
-    compiled.append(None if before is None else after > before)
-  out = [latents]
-  if return_stats:
-    out.append(PolicyStats(
-        label=policy.label(), method=policy.method, plans=plans,
-        cost_keys=policy.step_costs(plans, carry), step_seconds=seconds,
-        compiled=compiled, num_tokens=n))
-  if return_carry:
-    out.append(carry)
-  return out[0] if len(out) == 1 else tuple(out)
-
-
-# Specs: "toca:interval=3,ratio=0.3" -> ToCa(interval=3, ratio=0.3) ------------
-
-FAMILIES = {"dense": Dense, "astraea": Astraea, "toca": ToCa, "pab": PAB,
-            "step_cache": StepCache}
-
-# Astraea's ablations by name (the `ablation=` key of an astraea spec).
-ABLATIONS = {
-    "step_level": {"schedule_kind": "step_level"},
-    "uniform": {"schedule_kind": "uniform"},
-    "fixed": {"selector": "fixed"},
-    "random": {"selector": "random"},
-    "no_penalty": {"selection": {"use_penalty": False}},
-    "no_lse": {"selection": {"use_lse": False}},
-    "no_delta": {"selection": {"use_delta": False}},
-}
-_SELECTION_FIELDS = {f.name: f for f in dataclasses.fields(
-    selection.SelectionConfig)}
-
-
-def _parse_value(text: str, default: Any):
-  text = text.strip()
-  if isinstance(default, bool):
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"{text!r} is not a boolean")
-    return text.lower() in ("true", "1")
-  if isinstance(default, tuple) or "/" in text:
-    return tuple(float(v) for v in text.split("/") if v)
-  if isinstance(default, int) and not isinstance(default, bool):
-    return int(text)
-  if isinstance(default, float) or default is None:
-    try:
-      return float(text)
-    except ValueError:
-      return text
-  return text
-
-
-def parse_policy(spec: str):
-  """A policy from "family[:key=value,...]".
-
-    dense
-    astraea:budget=0.4                    astraea:budget=0.5,ablation=random
-    astraea:schedule=search/schedule.json (a searched schedule file)
-    astraea:budget=0.5,use_lse=false      (any SelectionConfig field)
-    toca:interval=3,ratio=0.3[,importance=lse|random]
-    pab:self=2,cross=4[,window=100/800]
-    step_cache:threshold=0.1[,indicator=timestep_embedding,reuse=velocity]
-
-  Tuples are written with "/" (window=100/800, rescale=a/b/c).
-  """
-  family, _, rest = spec.strip().partition(":")
-  if family not in FAMILIES:
-    raise ValueError(f"unknown policy {family!r} in {spec!r}; choose from "
-                     f"{sorted(FAMILIES)}")
-  cls = FAMILIES[family]
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  aliases = {"self": "self_range", "cross": "cross_range"}
-  kwargs, selection_kw = {}, {}
-  for item in filter(None, (s.strip() for s in rest.split(","))):
-    key, eq, value = item.partition("=")
-    key = aliases.get(key.strip(), key.strip())
-    if not eq:
-      raise ValueError(f"{spec!r}: {item!r} is not key=value")
-    if family == "astraea" and key == "ablation":
-      if value not in ABLATIONS:
-        raise ValueError(f"{spec!r}: unknown ablation {value!r}; choose "
-                         f"from {sorted(ABLATIONS)}")
-      for k, v in ABLATIONS[value].items():
-        if k == "selection":
-          selection_kw.update(v)
-        else:
-          kwargs[k] = v
-    elif family == "astraea" and key == "schedule":
-      kwargs["schedule"] = tuple(schedule_lib.load(value))
-      kwargs.setdefault("schedule_name", _schedule_name(value))
-      kwargs["budget"] = None
-    elif family == "astraea" and key in _SELECTION_FIELDS:
-      selection_kw[key] = _parse_value(
-          value, _SELECTION_FIELDS[key].default)
-    elif key in fields and key != "selection":
-      kwargs[key] = _parse_value(value, fields[key].default)
-    else:
-      raise ValueError(f"{spec!r}: {family} has no setting {key!r}; "
-                       f"settings: {sorted(set(fields) | set(aliases))}")
-  if selection_kw:
-    kwargs["selection"] = selection.SelectionConfig(**selection_kw)
-  try:
-    return cls(**kwargs)
-  except TypeError as e:
-    raise ValueError(f"{spec!r}: {e}") from e
-
-
-def _schedule_name(path) -> str:
-  """"searched" for a file written by `astraea search`, else its stem."""
-  try:
-    doc = json.loads(pathlib.Path(path).read_text())
-  except (OSError, json.JSONDecodeError):
-    return pathlib.Path(path).stem
-  searched = any(k in doc for k in ("searched_with", "fitness_mse",
-                                     "target_budget"))
-  return "searched" if searched else pathlib.Path(path).stem
-
-
-def default_sweep(*, budgets=(0.3, 0.4, 0.5, 0.7), ablation_budget=0.5,
-                  schedules=()) -> list:
-  """The comparison of docs/baselines.md: each method over a range of
-  speeds, the ablations at one mean budget, searched schedules if given."""
-  sweep = [Dense()]
-  sweep += [Astraea(budget=b) for b in budgets]
-  sweep += [Astraea(schedule=tuple(s), schedule_name="searched")
-            for s in schedules]
-  for name in ABLATIONS:
-    sweep.append(parse_policy(
-        f"astraea:budget={ablation_budget},ablation={name}"))
-  sweep += [StepCache(threshold=t) for t in (0.05, 0.1, 0.2, 0.3, 0.5)]
-  sweep += [ToCa(interval=n, ratio=r)
-            for n, r in ((2, 0.3), (3, 0.3), (4, 0.2), (5, 0.1))]
-  sweep += [PAB(self_range=s, cross_range=c)
-            for s, c in ((2, 4), (3, 6), (4, 8))]
-  # Beyond PAB's published window, to extend its front to higher speeds.
-  sweep.append(PAB(self_range=4, cross_range=8, window=(0.0, 1000.0)))
-  return sweep
+  carry = policy.init_carry(config, 2 * noise.shape[0], n, noise.shape,
+                            len(plans))
+  latents, carry, _, stats = dense_sampler.run(
+      model_fn(graphdef, params,
+               dense_sampler.cfg_context(context, negative_context)),
+      jnp.asarray(noise, F32), scheduler=scheduler,
+      guidance_scale=guidance_scale, plans=plans, carry=carry,
+      progress=progress, wait=return_stats, desc=policy.label())
+  stats = dataclasses.replace(
+      stats, label=policy.label(), method=policy.method,
+      cost_keys=policy.step_costs(plans, carry), num_tokens=n)
+  return dense_sampler.pack(latents, (return_stats, stats),
+                            (return_carry, carry))

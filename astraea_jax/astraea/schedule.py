@@ -65,6 +65,15 @@ def default_schedule(mean_budget: float, steps: int,
   return np.concatenate([np.ones(warmup), per_step / 10])
 
 
+def resolve(budget, schedule, steps: int) -> np.ndarray:
+  """The per-step budgets of a sampler given exactly one of a mean `budget`
+  (-> `default_schedule`) and a `schedule`, validated."""
+  if (budget is None) == (schedule is None):
+    raise ValueError("give exactly one of `budget` and `schedule`")
+  return validate(default_schedule(budget, steps) if schedule is None
+                  else schedule, steps)
+
+
 def save(path, schedule, **metadata):
   """schedule.json written atomically: {"schedule": [...], ...metadata}."""
   path = pathlib.Path(path)

@@ -143,6 +143,34 @@ def write_all(cache, layer, x, x_out, lse, config: SelectionConfig):
   }
 
 
+def write_masked(cache, layer, x, x_out, lse, keep, config: SelectionConfig):
+  """The masked form: block `layer` computed ALL tokens; the `keep` ones
+  (B, N) bool take their output and refresh their cache, the others add
+  their cached update (the same numbers as `write_selected` on the kept
+  rows). Returns (x_next, cache)."""
+  c = layer_cache(cache, layer)
+  dtype = c["update"].dtype
+  k3 = keep[..., None]
+  update = jnp.where(k3, (x_out - x).astype(dtype), c["update"])
+  x_next = jnp.where(k3, x_out, x + update.astype(F32))
+  new = {"update": update,
+         "input": jnp.where(k3, x.astype(dtype), c["input"]),
+         "lse": jnp.where(keep, reduce_heads(lse, config), c["lse"]),
+         "stale": jnp.where(keep, 0, c["stale"] + 1)}
+  return x_next, jax.tree.map(lambda a, u: a.at[layer].set(u), cache, new)
+
+
+def keep_top(scores, k):
+  """(B, ..., N) bool: the k best scores of each row (k may be traced).
+
+  Ties go to lower indices, as `jax.lax.top_k` breaks them, so the masked
+  form keeps exactly the tokens `select_tokens` picks.
+  """
+  order = jnp.argsort(-scores, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  return jnp.where(k >= scores.shape[-1], True, rank < k)
+
+
 def reuse_all(cache, layer, x):
   """Budget 0: every token of block `layer` reuses its cached update."""
   return x + cache["update"][layer].astype(F32), {

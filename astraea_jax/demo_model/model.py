@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax import outputs
-from astraea_jax.astraea import sampler as astraea_sampler
+from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.configs import WanConfig
 from astraea_jax.demo_model import data
 from astraea_jax.demo_model import text as text_lib

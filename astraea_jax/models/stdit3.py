@@ -165,7 +165,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.proj = layers.linear(c.hidden_size, c.hidden_size, **kw)
 
-  def __call__(self, x, rope=None):
+  def __call__(self, x, rope=None, attention=layers.attention):
     """x (B', L, C) -> (out (B', L, C), lse (B', H, L) float32)."""
     b, length, _ = x.shape
     qkv = self.qkv(x).reshape(b, length, 3, self.num_heads, -1)
@@ -174,7 +174,7 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:  # after the norm, as the original (not legacy)
       q, k = layers.apply_rope(q, rope), layers.apply_rope(k, rope)
-    out, lse = layers.attention(q, k, v)
+    out, lse = attention(q, k, v)
     return self.proj(out.reshape(b, length, -1)), lse
 
   # The sparse path (Astraea) projects queries and keys/values of different
@@ -313,7 +313,7 @@ class STDiT3Block(nnx.Module):
                    activation=gelu_tanh, dtype=c.compute_dtype,
                    param_dtype=c.weight_dtype, rngs=rngs)
 
-  def self_attention(self, h, rope):
+  def self_attention(self, h, rope, attention=layers.attention):
     """h (B, T, S, C) -> (out (B, T, S, C), lse (B, H, T*S) float32).
 
     Spatial: frames folded into the batch, (B*T, S, C). Temporal: positions
@@ -321,17 +321,19 @@ class STDiT3Block(nnx.Module):
     """
     b, t, s, c = h.shape
     if self.temporal:
-      out, lse = self.attn(h.transpose(0, 2, 1, 3).reshape(b * s, t, c), rope)
+      out, lse = self.attn(h.transpose(0, 2, 1, 3).reshape(b * s, t, c), rope,
+                           attention)
       out = out.reshape(b, s, t, c).transpose(0, 2, 1, 3)
       lse = lse.reshape(b, s, self.num_heads, t).transpose(0, 2, 3, 1)
     else:
-      out, lse = self.attn(h.reshape(b * t, s, c))
+      out, lse = self.attn(h.reshape(b * t, s, c), None, attention)
       out = out.reshape(b, t, s, c)
       lse = lse.reshape(b, t, self.num_heads, s).transpose(0, 2, 1, 3)
     return out, lse.reshape(b, self.num_heads, t * s)
 
   def sparse_self_attention(self, h, token_index, rope,
-                            temporal_sparse="scatter_queries"):
+                            temporal_sparse="scatter_queries",
+                            attention=layers.attention):
     """Self-attention rows of the selected tokens only (Astraea).
 
     h (B, T, S, C): the modulated input of ALL tokens (keys and values
@@ -359,7 +361,7 @@ class STDiT3Block(nnx.Module):
     if not self.temporal:
       k, v = self.attn.key_value(h.reshape(b * t, s, c))
       q = self.attn.query(h_sel.reshape(b * t, k_f, c))
-      out, lse = layers.attention(q, k, v)  # lse (B*T, H, K_f)
+      out, lse = attention(q, k, v)  # lse (B*T, H, K_f)
       lse = lse.reshape(b, t, heads, k_f).transpose(0, 2, 1, 3)
       out = self.attn.output(out).reshape(b, t, k_f, c)
       return out, lse.reshape(b, heads, t * k_f)
@@ -376,7 +378,7 @@ class STDiT3Block(nnx.Module):
       q_dense = jax.vmap(lambda z, i, u: z.at[i, frames].set(
           u, unique_indices=True))(
               jnp.zeros((b, s, t) + q.shape[3:], q.dtype), token_index, q)
-      out, lse = layers.attention(q_dense.reshape(b * s, t, heads, -1), k, v)
+      out, lse = attention(q_dense.reshape(b * s, t, heads, -1), k, v)
       pick = jax.vmap(lambda a, i: a[i, frames])  # (S, T, ...) -> (T, K_f)
       out = pick(out.reshape(b, s, t, heads, -1), token_index)
       lse = pick(lse.reshape(b, s, heads, t).transpose(0, 1, 3, 2),
@@ -389,9 +391,9 @@ class STDiT3Block(nnx.Module):
           a.reshape(b, t, s, heads, -1).transpose(0, 2, 1, 3, 4),
           token_index.reshape(b, t * k_f)[:, :, None, None, None], axis=1)
       k, v = columns(k), columns(v)
-      out, lse = layers.attention(q.reshape(b * t * k_f, 1, heads, -1),
-                                  k.reshape(b * t * k_f, t, heads, -1),
-                                  v.reshape(b * t * k_f, t, heads, -1))
+      out, lse = attention(q.reshape(b * t * k_f, 1, heads, -1),
+                           k.reshape(b * t * k_f, t, heads, -1),
+                           v.reshape(b * t * k_f, t, heads, -1))
       out = out.reshape(b, t, k_f, heads, -1)
       lse = lse.reshape(b, t, k_f, heads)
     else:
@@ -401,9 +403,10 @@ class STDiT3Block(nnx.Module):
     return out, lse.transpose(0, 3, 1, 2).reshape(b, heads, t * k_f)
 
   def __call__(self, x, cond: Conditioning, grid, token_index=None, *,
-               temporal_sparse: str = "scatter_queries"):
+               temporal_sparse: str = "scatter_queries", attention=None):
     """x (B, N, C) float32; grid (T, S) with N = T * S (static).
 
+    The one STDiT3 block forward, dense and token-wise.
     token_index: optional (B, T, K_f) int, sorted positions in [0, S) of
     the tokens to compute in each frame, the same count K_f in every frame
     (Astraea's token selection). Queries, cross-attention and the MLP run
@@ -414,7 +417,9 @@ class STDiT3Block(nnx.Module):
     tokens, in token order (token (f, token_index[b, f, j]) at row
     f*K_f + j); aux["lse"] (B, H, N or T*K_f), the self-attention
     log-sum-exp of each computed token. temporal_sparse: the layout of the
-    sparse temporal attention (`sparse_self_attention`).
+    sparse temporal attention (`sparse_self_attention`); attention: the
+    self-attention function `(q, k, v) -> (out, lse)`, None =
+    `layers.attention`.
     """
     b, n, c = x.shape
     t, s = grid
@@ -423,34 +428,22 @@ class STDiT3Block(nnx.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = modulation_tables(
         self.scale_shift_table, emb, emb0, cond.x_mask)
     x = x.reshape(b, t, s, c)
-    if token_index is not None:
-      return self._sparse(x, cond, token_index, temporal_sparse,
-                          (shift1, scale1, gate1, shift2, scale2, gate2))
     h = layers.layer_norm(x, self.eps) * (1 + scale1) + shift1
-    out, lse = self.self_attention(h, cond.rope)
+    attention = attention or layers.attention
+    if token_index is None:
+      out, lse = self.self_attention(h, cond.rope, attention)
+    else:
+      out, lse = self.sparse_self_attention(h, token_index, cond.rope,
+                                            temporal_sparse, attention)
+      x = jnp.take_along_axis(x, token_index[..., None], axis=2)
+    k = x.shape[2]  # S, or K_f computed tokens per frame
+    # Per-frame tables (B, T or 1, 1, C) broadcast over (B, T, k, C).
     x = x + out.astype(F32) * gate1
-    y = self.cross_attn(x.reshape(b, n, c), cond.y, cond.y_mask)
-    x = x + y.astype(F32).reshape(b, t, s, c)
+    y = self.cross_attn(x.reshape(b, t * k, c), cond.y, cond.y_mask)
+    x = x + y.astype(F32).reshape(b, t, k, c)
     h = layers.layer_norm(x, self.eps) * (1 + scale2) + shift2
     x = x + self.mlp(h).astype(F32) * gate2
-    return x.reshape(b, n, c), {"lse": lse}
-
-  def _sparse(self, x, cond, token_index, temporal_sparse, tables):
-    """The block on the selected tokens; x (B, T, S, C), see __call__."""
-    shift1, scale1, gate1, shift2, scale2, gate2 = tables
-    b, t, _, c = x.shape
-    k_f = token_index.shape[-1]
-    h = layers.layer_norm(x, self.eps) * (1 + scale1) + shift1
-    out, lse = self.sparse_self_attention(h, token_index, cond.rope,
-                                          temporal_sparse)
-    # Per-frame tables (B, T or 1, 1, C) broadcast over (B, T, K_f, C).
-    x = jnp.take_along_axis(x, token_index[..., None], axis=2)
-    x = x + out.astype(F32) * gate1
-    y = self.cross_attn(x.reshape(b, t * k_f, c), cond.y, cond.y_mask)
-    x = x + y.astype(F32).reshape(b, t, k_f, c)
-    h = layers.layer_norm(x, self.eps) * (1 + scale2) + shift2
-    x = x + self.mlp(h).astype(F32) * gate2
-    return x.reshape(b, t * k_f, c), {"lse": lse}
+    return x.reshape(b, t * k, c), {"lse": lse}
 
 
 class FinalLayer(nnx.Module):

@@ -121,32 +121,84 @@ class WanBlock(nnx.Module):
     m = self.modulation[...].astype(F32) + e0
     return tuple(m[:, i:i + 1] for i in range(6))
 
-  def __call__(self, x, e0, context, rope, token_index=None):
+  def self_attn_input(self, x, e0):
+    """The self-attention's input LN(x)(1 + scale1) + shift1 (B, N, dim)
+    (what StepCache watches at block 0)."""
+    shift1, scale1 = self.modulate(e0)[:2]
+    return self._modulated(x, shift1, scale1)
+
+  def _modulated(self, x, shift, scale):
+    return layers.layer_norm(x, self.eps) * (1 + scale) + shift
+
+  def __call__(self, x, e0, context, rope, token_index=None, *,
+               attention=None, self_attn_out=None,
+               cross_attn_out=None, keep_attention_outputs: bool = False,
+               cross_entropy: bool = False):
     """x (B, N, dim) f32; e0 (B, 6, dim) f32; context (B, text_len, dim).
 
+    The one Wan block forward: the dense model, Astraea, every baseline
+    policy and sequence parallelism run it, each through its hooks.
+
     token_index: optional (B, K) sorted rows of x to compute (Astraea's
-    token selection). Keys/values always come from ALL N tokens, so every
-    computed attention row is exact; queries, cross-attention and the FFN
-    run on the K selected tokens only.
+      token selection). Keys/values always come from ALL N tokens, so every
+      computed attention row is exact; queries, cross-attention and the FFN
+      run on the K selected tokens only.
+    attention: the self-attention function `(q, k, v) -> (out, lse)`;
+      None = `layers.attention` (sequence parallelism passes its own).
+    self_attn_out / cross_attn_out: (B, N, dim) attention outputs (after
+      the output projection, before the gate) to reuse instead of computing
+      them (PAB's broadcast); they do not combine with token_index.
+    keep_attention_outputs: also return the attention outputs computed
+      here (not those given).
+    cross_entropy: also return the cross-attention entropy (ToCa's score).
 
     Returns (x_out, aux): x_out (B, K or N, dim) f32 for the computed tokens;
     aux["lse"] (B, H, K or N) is the self-attention log-sum-exp that
-    Astraea's token scores read.
+    Astraea's token scores read (when self-attention ran);
+    aux["self_attn_out"], aux["cross_attn_out"] when computed and kept;
+    aux["cross_entropy"] (B, H, K or N) when asked.
     """
+    if token_index is not None and (self_attn_out is not None
+                                    or cross_attn_out is not None):
+      raise ValueError("token selection and attention reuse do not combine")
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulate(e0)
-    h = layers.layer_norm(x, self.eps) * (1 + scale1) + shift1
-    k, v = self.self_attn.key_value(h, rope)
-    rope_q = rope
-    if token_index is not None:
-      x, h = take_tokens(x, token_index), take_tokens(h, token_index)
-      rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
-    out, lse = layers.attention(self.self_attn.query(h, rope_q), k, v)
-    x = x + self.self_attn.output(out).astype(F32) * gate1
-    y, _ = self.cross_attn(self.norm3(x), context=context)
-    x = x + y.astype(F32)
-    h = layers.layer_norm(x, self.eps) * (1 + scale2) + shift2
-    x = x + self.ffn(h).astype(F32) * gate2
-    return x, {"lse": lse}
+    aux, computed = {}, {}
+    if self_attn_out is None:
+      h = self._modulated(x, shift1, scale1)
+      k, v = self.self_attn.key_value(h, rope)
+      rope_q = rope
+      if token_index is not None:
+        x, h = take_tokens(x, token_index), take_tokens(h, token_index)
+        rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
+      attention = attention or layers.attention
+      out, aux["lse"] = attention(self.self_attn.query(h, rope_q), k, v)
+      self_attn_out = computed["self_attn_out"] = self.self_attn.output(out)
+    x = x + self_attn_out.astype(F32) * gate1
+    if cross_attn_out is None:
+      q = self.cross_attn.query(self.norm3(x))
+      k, v = self.cross_attn.key_value(context)
+      out, _ = layers.attention(q, k, v)
+      cross_attn_out = computed["cross_attn_out"] = self.cross_attn.output(
+          out)
+      if cross_entropy:
+        aux["cross_entropy"] = attention_entropy(q, k)
+    x = x + cross_attn_out.astype(F32)
+    x = x + self.ffn(self._modulated(x, shift2, scale2)).astype(F32) * gate2
+    if keep_attention_outputs:
+      aux.update(computed)
+    return x, aux
+
+
+def attention_entropy(q, k):
+  """Entropy (B, H, Lq) float32 of each query row's softmax over all keys.
+
+  q (B, Lq, H, D), k (B, Lk, H, D); logits scaled by D**-0.5 as the model's
+  attention. ToCa's video score (cross-attention over Lk text tokens).
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                      preferred_element_type=F32) * q.shape[-1] ** -0.5
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
 def take_tokens(x, token_index):
@@ -230,24 +282,42 @@ class WanDiT(nnx.Module):
     """Inputs -> (x (B, L, dim) f32, e (B, dim), e0 (B, 6, dim), ctx, rope)."""
     c = self.config
     self.check_inputs(latents, timestep, context)
-    x = self.patch_embedding(patchify(latents, c.patch_size)).astype(F32)
-    e = self.time_embedding(layers.timestep_embedding(timestep, c.freq_dim))
-    e0 = self.time_projection(jax.nn.silu(e)).reshape(-1, 6, c.dim)
-    pad = c.text_len - context.shape[1]
-    ctx = jnp.pad(context, ((0, 0), (0, pad), (0, 0)))
-    ctx = self.text_embedding(ctx)
+    x = self.embed_tokens(patchify(latents, c.patch_size))
+    e, e0, ctx = self.embed_conditions(timestep, context)
     rope = layers.rope_table(self.grid(latents.shape), c.head_dim,
                              c.rope_theta)
     return x, e, e0, ctx, rope
 
-  def run_blocks(self, x, e0, ctx, rope):
-    """All blocks under `jax.lax.scan`; returns (x, aux stacked by layer)."""
+  def embed_tokens(self, patches):
+    """Patchified latents (B, L, patch_dim) -> tokens (B, L, dim) f32."""
+    return self.patch_embedding(patches).astype(F32)
+
+  def embed_conditions(self, timestep, context):
+    """(e (B, dim), e0 (B, 6, dim), ctx (B, text_len, dim)); the context is
+    zero-padded to text_len first, as the original does."""
+    c = self.config
+    e = self.time_embedding(layers.timestep_embedding(timestep, c.freq_dim))
+    e0 = self.time_projection(jax.nn.silu(e)).reshape(-1, 6, c.dim)
+    pad = c.text_len - context.shape[1]
+    ctx = jnp.pad(context, ((0, 0), (0, pad), (0, 0)))
+    return e, e0, self.text_embedding(ctx)
+
+  def run_blocks(self, x, e0, ctx, rope, *, per_layer=None, **hooks):
+    """All blocks under `jax.lax.scan`; returns (x, aux stacked by layer).
+
+    hooks: keyword arguments of every `WanBlock.__call__` (attention,
+    keep_attention_outputs, ...); per_layer: a dict of (num_layers, ...)
+    block arguments, one slice per block (PAB's reused attention outputs).
+    """
     graphdef, state = nnx.split(self.blocks)
 
-    def body(x, layer_state):
-      return nnx.merge(graphdef, layer_state)(x, e0, ctx, rope)
+    def body(x, layer):
+      layer_state, layer_hooks = layer
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, e0, ctx, rope, **hooks, **layer_hooks)
 
-    return jax.lax.scan(body, x, state, unroll=self.config.scan_unroll)
+    return jax.lax.scan(body, x, (state, per_layer or {}),
+                        unroll=self.config.scan_unroll)
 
   def unembed(self, x, e, latents_shape):
     c = self.config

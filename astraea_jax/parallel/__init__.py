@@ -23,13 +23,12 @@ from astraea_jax.parallel.mesh import (
     replicate,
     shard_map,
 )
-from astraea_jax.parallel.sampler import (
-    ParallelSampleStats,
+from astraea_jax.parallel.mesh_sampling import (
     astraea_sample,
     sample,
     samplers,
 )
-from astraea_jax.parallel.wan import (
+from astraea_jax.parallel.sequence_parallel import (
     SequenceParallel,
     astraea_forward,
     forward,
@@ -41,7 +40,6 @@ from astraea_jax.parallel.wan import (
 __all__ = [
     "STRATEGIES",
     "AttentionPlan",
-    "ParallelSampleStats",
     "SequenceParallel",
     "TokenLayout",
     "astraea_forward",

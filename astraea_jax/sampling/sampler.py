@@ -25,12 +25,14 @@ on the H200: benchmarks/sampling_loop.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 from flax import nnx
 
@@ -117,13 +119,82 @@ def guided_step(model_fn, scheduler, guidance_scale, latents, sched_state,
   return latents, sched_state, carry
 
 
-# The sched_state and carry are donated: their buffers (Astraea's caches)
-# are reused in place. The latents are not, so trajectories stay valid.
-@functools.partial(jax.jit, donate_argnums=(4, 5))
-def _jitted_step(model_fn, scheduler, guidance_scale, latents, sched_state,
-                 carry):
+# The host loop ---------------------------------------------------------------
+
+
+def _plan_step(model_fn, scheduler, guidance_scale, latents, sched_state,
+               carry, *, plan=None):
+  if plan is not None:
+    model_fn = functools.partial(model_fn, plan=plan)
   return guided_step(model_fn, scheduler, guidance_scale, latents,
                      sched_state, carry)
+
+
+_STEP_FUNCTIONS = {}  # out_shardings -> the jitted step for that placement
+
+
+def step_function(out_shardings=None):
+  """THE jitted CFG step, static in its plan: one compile per distinct plan.
+
+  The sched_state and carry are donated: their buffers (Astraea's caches)
+  are reused in place. The latents are not, so trajectories stay valid.
+  out_shardings (a mesh program's pinned result placement) gives a jitted
+  function of its own.
+  """
+  if out_shardings not in _STEP_FUNCTIONS:
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    _STEP_FUNCTIONS[out_shardings] = jax.jit(
+        _plan_step, static_argnames=("plan",), donate_argnums=(4, 5), **kw)
+  return _STEP_FUNCTIONS[out_shardings]
+
+
+def compiled_count() -> int | None:
+  """Step functions compiled so far, over every placement (None where jax
+  hides its compile cache)."""
+  sizes = [getattr(f, "_cache_size", None) for f in _STEP_FUNCTIONS.values()]
+  if any(size is None for size in sizes):
+    return None
+  return sum(size() for size in sizes)
+
+
+@dataclasses.dataclass
+class SampleStats:
+  """What a sampling run did, step by step: the one record every sampler
+  returns (a field a sampler has no use for keeps its default).
+
+  step_seconds: wall time per step (the first of each plan includes its
+    compilation); compiled: step i compiled a new step function (None where
+    jax hides it); plans: the static plan each step ran.
+  Token-wise samplers: num_tokens N, budgets (one per step), num_selected
+  (tokens computed per block, per step), compiled_k (distinct token counts,
+  each a compile). Sequence parallel: num_shards, plan (the attention plan),
+  selected_per_shard. Policies: label, method, cost_keys.
+  """
+  step_seconds: list[float] = dataclasses.field(default_factory=list)
+  compiled: list[bool | None] = dataclasses.field(default_factory=list)
+  plans: list = dataclasses.field(default_factory=list)
+  num_tokens: int = 0
+  budgets: np.ndarray | None = None
+  num_selected: list[int] = dataclasses.field(default_factory=list)
+  compiled_k: list[int] = dataclasses.field(default_factory=list)
+  num_shards: int = 1
+  plan: str = ""
+  selected_per_shard: list[int] = dataclasses.field(default_factory=list)
+  label: str = ""
+  method: str = ""
+  cost_keys: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def computed_fraction(self) -> float:
+    """Mean over steps of the fraction of the full model's token-blocks
+    computed (attention reuse and residual reuse count as computed)."""
+    total = 0.0
+    for key in self.cost_keys:
+      if key.startswith("tokens:"):
+        total += float(key.split(":")[1])
+      elif key != "step_cache:reused":
+        total += 1.0
+    return total / len(self.cost_keys)
 
 
 @functools.partial(jax.jit, static_argnames=("return_trajectory",),
@@ -141,10 +212,75 @@ def _scanned_loop(model_fn, scheduler, guidance_scale, latents, sched_state,
   return latents, sched_state, carry, trajectory
 
 
+def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
+        carry=(), sched_state=None, out_shardings=None, loop: str = "python",
+        return_trajectory: bool = False, progress: bool = True,
+        wait: bool = False, desc: str = "sampling", postfix=None):
+  """THE host sampling loop: every sampler (dense, Astraea on Wan and
+  STDiT3, the policies, the mesh samplers) runs its steps here.
+
+  Args:
+    model_fn: `model_fn(carry, latents_2b, timesteps_2b[, plan=plan]) ->
+      (velocity_2b, carry)`, a pytree (`jax.tree_util.Partial`) so that its
+      arrays are traced arguments of the jitted step.
+    plans: one static, hashable plan per step, passed to model_fn as
+      `plan=` (Astraea: the step's token count); None = one plan-less step
+      for all `scheduler.num_steps` steps. One compile per distinct plan.
+    carry: pytree threaded through model_fn (caches); consumed (donated).
+    sched_state: the scheduler's state (default `scheduler.init(latents)`).
+    out_shardings: the jitted step's result placement (mesh samplers).
+    loop: "python" (a jitted step per step, progress bar) or "scan" (the
+      whole loop compiled as `jax.lax.scan`; plans must be None).
+    wait: wait for every step, so step_seconds are its run time (also
+      done with a progress bar).
+    desc, postfix: the progress bar's title and per-step postfix dicts.
+
+  Returns (latents, carry, trajectory or None, SampleStats with
+  step_seconds, compiled and plans).
+  """
+  if loop not in LOOPS:
+    raise ValueError(f"{loop=} must be one of {LOOPS}")
+  guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
+  if sched_state is None:
+    sched_state = scheduler.init(latents)
+  stats = SampleStats()
+  if loop == "scan":
+    if plans is not None:
+      raise ValueError("loop='scan' runs one plan; got a plan per step")
+    latents, _, carry, trajectory = _scanned_loop(
+        model_fn, scheduler, guidance_scale, latents, sched_state, carry,
+        return_trajectory=return_trajectory)
+    return latents, carry, trajectory, stats
+  if plans is None:
+    plans = [None] * scheduler.num_steps
+  step = step_function(out_shardings)
+  trajectory = []
+  bar = tqdm.tqdm(plans, disable=not progress, desc=desc, unit="step")
+  for i, plan in enumerate(bar):
+    if progress and postfix is not None:
+      bar.set_postfix(postfix[i])
+    before = compiled_count()
+    start = time.perf_counter()
+    latents, sched_state, carry = step(model_fn, scheduler, guidance_scale,
+                                       latents, sched_state, carry,
+                                       plan=plan)
+    if progress or wait:  # wait for the step to finish
+      latents.block_until_ready()
+    stats.step_seconds.append(time.perf_counter() - start)
+    after = compiled_count()
+    stats.compiled.append(None if before is None else after > before)
+    stats.plans.append(plan)
+    if return_trajectory:
+      trajectory.append(latents)
+  trajectory = jnp.stack(trajectory) if return_trajectory else None
+  return latents, carry, trajectory, stats
+
+
 def denoise(model_fn, latents, *, scheduler, guidance_scale, carry=(),
             loop: str = "python", return_trajectory: bool = False,
             progress: bool = True, step_seconds: list | None = None):
-  """Runs all `scheduler.num_steps` CFG steps from `latents`.
+  """Runs all `scheduler.num_steps` CFG steps from `latents` (`run` with
+  one plan).
 
   Args:
     model_fn: `model_fn(carry, latents_2b, timesteps_2b) -> (velocity_2b,
@@ -164,30 +300,38 @@ def denoise(model_fn, latents, *, scheduler, guidance_scale, carry=(),
     (latents, carry, trajectory): trajectory (num_steps, B, C, F, H, W) or
     None.
   """
-  if loop not in LOOPS:
-    raise ValueError(f"{loop=} must be one of {LOOPS}")
-  guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
-  sched_state = scheduler.init(latents)
-  if loop == "scan":
-    latents, _, carry, trajectory = _scanned_loop(
-        model_fn, scheduler, guidance_scale, latents, sched_state, carry,
-        return_trajectory=return_trajectory)
-    return latents, carry, trajectory
-  trajectory = []
-  steps = tqdm.trange(scheduler.num_steps, disable=not progress,
-                      desc="sampling", unit="step")
-  for _ in steps:
-    start = time.perf_counter()
-    latents, sched_state, carry = _jitted_step(
-        model_fn, scheduler, guidance_scale, latents, sched_state, carry)
-    if progress or step_seconds is not None:  # wait for the step to finish
-      latents.block_until_ready()
-    if step_seconds is not None:
-      step_seconds.append(time.perf_counter() - start)
-    if return_trajectory:
-      trajectory.append(latents)
-  trajectory = jnp.stack(trajectory) if return_trajectory else None
+  latents, carry, trajectory, stats = run(
+      model_fn, latents, scheduler=scheduler, guidance_scale=guidance_scale,
+      carry=carry, loop=loop, return_trajectory=return_trajectory,
+      progress=progress, wait=step_seconds is not None)
+  if step_seconds is not None:
+    step_seconds.extend(stats.step_seconds)
   return latents, carry, trajectory
+
+
+def pack(latents, *optional):
+  """latents alone, or (latents, *values asked for): each optional result
+  is a pair (asked, value), kept in order when asked."""
+  out = (latents, *(value for asked, value in optional if asked))
+  return out[0] if len(out) == 1 else out
+
+
+def resolve_scheduler(scheduler, steps, shift, noise_shape):
+  """The one scheduler factory of the Wan samplers: a name ("unipc" |
+  "euler") with `steps` and `shift` -> a scheduler; shift None = the flow
+  shift of the video size implied by the latents (`wan_flow_shift`: 3.0 up
+  to 480p, 5.0 above). A scheduler pytree passes through (then `steps`
+  must be None or its step count)."""
+  if isinstance(scheduler, str):
+    if steps is None:
+      raise ValueError(f"{scheduler=} needs `steps`")
+    if shift is None:
+      shift = sched_lib.wan_flow_shift(8 * noise_shape[3], 8 * noise_shape[4])
+    return make_scheduler(scheduler, steps, shift=shift)
+  if steps is not None and steps != scheduler.num_steps:
+    raise ValueError(
+        f"{steps=} disagrees with the scheduler's {scheduler.num_steps} steps")
+  return scheduler
 
 
 # Wan -------------------------------------------------------------------------
@@ -238,15 +382,7 @@ def sample(model, params, noise, context, negative_context, *,
     latents (B, 16, F, H, W) float32, or (latents, trajectory) with
     trajectory (steps, B, 16, F, H, W) when return_trajectory.
   """
-  if isinstance(scheduler, str):
-    if steps is None:
-      raise ValueError(f"{scheduler=} needs `steps`")
-    if shift is None:
-      shift = sched_lib.wan_flow_shift(8 * noise.shape[3], 8 * noise.shape[4])
-    scheduler = make_scheduler(scheduler, steps, shift=shift)
-  elif steps is not None and steps != scheduler.num_steps:
-    raise ValueError(
-        f"{steps=} disagrees with the scheduler's {scheduler.num_steps} steps")
+  scheduler = resolve_scheduler(scheduler, steps, shift, noise.shape)
   if context.shape[0] != noise.shape[0]:
     raise ValueError(f"context batch {context.shape[0]} != noise batch "
                      f"{noise.shape[0]}")

@@ -1,20 +1,21 @@
 """WanDiT with one video's tokens split over devices (sequence parallel).
 
 `forward` computes `model(latents, timestep, context)` and
-`astraea_forward` computes `astraea.sampler.forward` with the tokens
+`astraea_forward` computes `astraea.wan_tokenwise.forward` with the tokens
 sharded over the mesh's "seq" axis and the batch over "data", inside one
 `shard_map`:
   1. (global) patchify, split the tokens and the RoPE table into the shards
      of `TokenLayout`; each device gets rows [start_i, start_i + count_i);
-  2. (per device) patch/time/text embeddings of its rows; every block runs
-     its rows; self-attention is `sequence_parallel_attention` (Ulysses
-     all-to-all, ring or both); cross-attention to the text needs no
-     communication (the 512 text tokens are on every device); the head;
+  2. (per device) patch/time/text embeddings of its rows; every block (the
+     model's own `WanBlock`) runs its rows with `sequence_parallel_attention`
+     as its self-attention function (Ulysses all-to-all, ring or both);
+     cross-attention to the text needs no communication (the 512 text
+     tokens are on every device); the head;
   3. (global) drop pad rows, unpatchify.
 Astraea: before each block every device scores ITS rows and keeps its own
-top-K/P (static shapes, equal load on every device); the queries of the
-selected rows attend over the keys/values of all N tokens; LSEs and caches
-never leave their shard. Per-shard selection differs from the global top-K
+top-K/P (a select hook of the one layer loop: static shapes, equal load
+on every device); the queries of the selected rows attend over the
+keys/values of all N tokens; LSEs and caches never leave their shard. Per-shard selection differs from the global top-K
 of one device: `select_tokens_per_shard` reproduces it on one device.
 """
 
@@ -30,7 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from astraea_jax.astraea import selection
+from astraea_jax.astraea import layer_loop, selection, wan_tokenwise
 from astraea_jax.models import layers, wan
 from astraea_jax.parallel import attention as sp_attention
 from astraea_jax.parallel import mesh as mesh_lib
@@ -95,103 +96,46 @@ class SequenceParallel:
 # Per-device pieces (inside shard_map) ----------------------------------------
 
 
-def embed_local(model: wan.WanDiT, tokens, timestep, context):
-  """`WanDiT.embed` for this device's token rows (patchified input).
-
-  tokens (b, slots, patch_dim); context (b, text_len, text_dim), padded.
-  Returns (x (b, slots, dim) f32, e (b, dim), e0 (b, 6, dim), ctx).
-  """
-  c = model.config
-  x = model.patch_embedding(tokens).astype(F32)
-  e = model.time_embedding(layers.timestep_embedding(timestep, c.freq_dim))
-  e0 = model.time_projection(jax.nn.silu(e)).reshape(-1, 6, c.dim)
-  return x, e, e0, model.text_embedding(context)
+def _attention(plan, layout):
+  """The blocks' self-attention across the shards (Ulysses / ring)."""
+  return functools.partial(sp_attention.sequence_parallel_attention,
+                           plan=plan, layout=layout)
 
 
-def block_forward(block: wan.WanBlock, x, e0, context, rope, *, plan, layout,
-                  token_index=None):
-  """`WanBlock.__call__` on this device's rows, self-attention across all.
-
-  x (b, slots, dim) f32; rope: this shard's (cos, sin) rows; token_index
-  (b, K_local) sorted local rows to compute (Astraea) or None. Same maths
-  and order as WanBlock; only the self-attention call differs.
-  """
-  shift1, scale1, gate1, shift2, scale2, gate2 = block.modulate(e0)
-  h = layers.layer_norm(x, block.eps) * (1 + scale1) + shift1
-  k, v = block.self_attn.key_value(h, rope)
-  rope_q = rope
-  if token_index is not None:
-    x, h = wan.take_tokens(x, token_index), wan.take_tokens(h, token_index)
-    rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
-  q = block.self_attn.query(h, rope_q)
-  out, lse = sp_attention.sequence_parallel_attention(q, k, v, plan=plan,
-                                                      layout=layout)
-  x = x + block.self_attn.output(out).astype(F32) * gate1
-  y, _ = block.cross_attn(block.norm3(x), context=context)
-  x = x + y.astype(F32)
-  h = layers.layer_norm(x, block.eps) * (1 + scale2) + shift2
-  x = x + block.ffn(h).astype(F32) * gate2
-  return x, {"lse": lse}
+def _embed_local(model: wan.WanDiT, tokens, timestep, context):
+  """`WanDiT.embed` of this device's rows: tokens (b, slots, patch_dim)."""
+  return (model.embed_tokens(tokens),
+          *model.embed_conditions(timestep, context))
 
 
 def _dense_local(graphdef, params, tokens, timestep, context, rope, *, plan,
                  layout):
   model = nnx.merge(graphdef, params)
-  x, e, e0, ctx = embed_local(model, tokens, timestep, context)
-  block_def, blocks = nnx.split(model.blocks)
-
-  def body(x, block_state):
-    return block_forward(nnx.merge(block_def, block_state), x, e0, ctx, rope,
-                         plan=plan, layout=layout)
-
-  x, aux = jax.lax.scan(body, x, blocks, unroll=model.config.scan_unroll)
+  x, e, e0, ctx = _embed_local(model, tokens, timestep, context)
+  x, aux = model.run_blocks(x, e0, ctx, rope,
+                            attention=_attention(plan, layout))
   return model.head(x, e), aux["lse"]
-
-
-def _layer(tree, i):
-  return jax.tree.map(lambda c: c[i], tree)
-
-
-def _set_layer(tree, i, new):
-  return jax.tree.map(
-      lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u.astype(c.dtype),
-                                                       i, 0), tree, new)
 
 
 def _astraea_local(graphdef, params, tokens, timestep, context, rope, cache,
                    *, plan, layout, num_selected, config):
-  """`astraea.sampler.forward` on this device's rows and cache shard."""
+  """`astraea.wan_tokenwise.forward` on this device's rows and cache shard:
+  the one layer loop, each device choosing its own top-K/P."""
   model = nnx.merge(graphdef, params)
-  x, e, e0, ctx = embed_local(model, tokens, timestep, context)
-  block_def, blocks = nnx.split(model.blocks)
-  n = layout.num_tokens
+  x, e, e0, ctx = _embed_local(model, tokens, timestep, context)
   k_local = local_num_selected(num_selected, layout)
   valid = layout.local_valid(sp_attention.shard_index(plan))
 
-  def body(carry, block_state):
-    x, cache, i = carry
-    layer_cache = _layer(cache, i)
-    if num_selected == 0:
-      x_next, new = selection.reuse_layer_cache(layer_cache, x)
-    else:
-      block = nnx.merge(block_def, block_state)
-      kw = {"plan": plan, "layout": layout}
-      if num_selected == n:
-        x_out, aux = block_forward(block, x, e0, ctx, rope, **kw)
-        x_next, new = selection.refresh_layer_cache(layer_cache, x, x_out,
-                                                    aux["lse"], config)
-      else:
-        scores = selection.token_scores(x, layer_cache, config)
-        scores = jnp.where(valid, scores, -jnp.inf)  # never a pad row
-        idx = selection.select_tokens(scores, k_local)
-        x_sel, aux = block_forward(block, x, e0, ctx, rope, token_index=idx,
-                                   **kw)
-        x_next, new = selection.update_layer_cache(layer_cache, x, x_sel,
-                                                   aux["lse"], idx, config)
-    return (x_next, _set_layer(cache, i, new), i + 1), None
+  def select(x, layer_cache, layer, state):
+    del layer
+    scores = selection.token_scores(x, layer_cache, config)
+    scores = jnp.where(valid, scores, -jnp.inf)  # never a pad row
+    return selection.select_tokens(scores, k_local), state
 
-  (x, cache, _), _ = jax.lax.scan(body, (x, cache, 0), blocks,
-                                  unroll=model.config.scan_unroll)
+  x, cache, _ = wan_tokenwise.run_blocks(
+      model, x, e0, ctx, rope, cache,
+      mode=layer_loop.mode_for(num_selected, layout.num_tokens),
+      config=config, select=select, attention=_attention(plan, layout))
   return model.head(x, e), cache
 
 
@@ -243,11 +187,9 @@ def _prepare(model, latents, timestep, context, sp: SequenceParallel):
   plan = sp.plan(c.num_heads)
   layout = TokenLayout(int(np.prod(grid)), plan.num_shards)
   tokens = layout.shard(wan.patchify(latents, c.patch_size))
-  pad = c.text_len - context.shape[1]
-  ctx = jnp.pad(context, ((0, 0), (0, pad), (0, 0)))
   rope = tuple(layout.shard(t, axis=0)
                for t in layers.rope_table(grid, c.head_dim, c.rope_theta))
-  return plan, layout, tokens, ctx, rope
+  return plan, layout, tokens, context, rope
 
 
 def forward(model: wan.WanDiT, latents, timestep, context, *,
@@ -303,7 +245,7 @@ def init_cache(config, batch: int, num_tokens: int, sp: SequenceParallel,
 def astraea_forward(model: wan.WanDiT, latents, timestep, context, cache, *,
                     sp: SequenceParallel, num_selected: int,
                     config: selection.SelectionConfig):
-  """`astraea.sampler.forward` with the tokens over `sp.mesh`.
+  """`astraea.wan_tokenwise.forward` with the tokens over `sp.mesh`.
 
   cache from `init_cache` (sharded rows). num_selected: static global K;
   0 < K < N computes round(K / P) rows per shard (local top-K/P); K = N

@@ -1,0 +1,262 @@
+"""Proxies, the plot and the file runner: what `astraea search` runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from astraea_jax import checkpoint, outputs
+from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.sampling import sampler as dense_sampler
+from astraea_jax.astraea.search.genetic import (
+    SearchConfig,
+    initial_population,
+)
+from astraea_jax.astraea.search.loop import (
+    STATE_FILE,
+    search,
+)
+from astraea_jax.astraea.search.fitness import (
+    EvalConfig,
+    TreeFitness,
+)
+
+
+
+# Proxies --------------------------------------------------------------------
+
+
+def spearman(a, b) -> float:
+  """Spearman rank correlation (average ranks for ties)."""
+  def ranks(x):
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x))
+    for value in np.unique(x):      # ties share their mean rank
+      tie = x == value
+      r[tie] = r[tie].mean()
+    return r
+  ra, rb = ranks(a), ranks(b)
+  if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def rank_correlation(proxy, full, genomes) -> dict:
+  """How well `proxy` ranks `genomes` like `full` (Spearman rho)."""
+  proxy_fitness, full_fitness = proxy(genomes), full(genomes)
+  return {"spearman": spearman(proxy_fitness, full_fitness),
+          "genomes": np.asarray(genomes).tolist(),
+          "proxy_fitness": proxy_fitness.tolist(),
+          "full_fitness": full_fitness.tolist()}
+
+
+# Plot -----------------------------------------------------------------------
+
+
+def plot(path, history, schedule, target_budget) -> bool:
+  """PNG: best/mean fitness per generation and the chosen schedule.
+
+  Needs matplotlib (the optional extra `plot`); without it, prints a note
+  and returns False.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print(f"note: matplotlib is not installed, so {path} was not drawn "
+          "(pip install 'astraea-jax[plot]'); the numbers are in "
+          "report.json")
+    return False
+  gens = [h["generation"] for h in history]
+  fig, (ax_fit, ax_sched) = plt.subplots(1, 2, figsize=(11, 4))
+  ax_fit.plot(gens, [h["best"] for h in history], "o-", label="best")
+  ax_fit.plot(gens, [h["mean"] for h in history], "s--",
+              label="population mean")
+  ax_fit.set_yscale("log")
+  ax_fit.set_xlabel("generation")
+  ax_fit.set_ylabel("fitness: MSE vs full model (lower is better)")
+  ax_fit.legend()
+  steps = np.arange(len(schedule))
+  ax_sched.bar(steps, schedule, color="tab:blue")
+  ax_sched.axhline(target_budget, color="k", ls="--",
+                   label=f"target {target_budget:g}")
+  ax_sched.axhline(float(np.mean(schedule)), color="tab:red", ls=":",
+                   label=f"mean {np.mean(schedule):.3f}")
+  ax_sched.set_ylim(0, 1.05)
+  ax_sched.set_xlabel("denoising step")
+  ax_sched.set_ylabel("token budget")
+  ax_sched.legend()
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                             suffix=".png")
+  os.close(fd)
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return True
+
+
+# From files: what `astraea search` runs --------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """The samples the fitness averages over: video size, count, seed."""
+  height: int = 480
+  width: int = 832
+  frames: int = 81
+  samples: int = 4
+  seed: int = 0
+
+
+def load_samples(embedding_paths, text_dim: int, problem: Problem):
+  """(noise (S, 16, F, H, W), contexts (S, L, D), negatives (S, L', D)).
+
+  Sample j uses prompt j mod len(paths) and noise from seed + j (sample 0
+  is the noise `astraea generate --seed SEED` draws).
+  """
+  from astraea_jax import generate  # pylint: disable=g-import-not-at-top
+  if not embedding_paths:
+    raise ValueError("no prompts: pass --text-embeddings with one "
+                     "safetensors file (`context`) per prompt")
+  if problem.samples < len(embedding_paths):
+    raise ValueError(f"{problem.samples=} must be >= the "
+                     f"{len(embedding_paths)} prompts given")
+  pairs = [generate.read_text_embeddings(p, text_dim)
+           for p in embedding_paths]
+  shape = dense_sampler.wan_latent_shape(problem.height, problem.width,
+                                         problem.frames)[1:]
+
+  def stack(arrays):
+    length = max(a.shape[1] for a in arrays)
+    return jnp.concatenate([jnp.pad(a, ((0, 0), (0, length - a.shape[1]),
+                                        (0, 0))) for a in arrays])
+
+  idx = [j % len(pairs) for j in range(problem.samples)]
+  noise = jnp.stack([dense_sampler.draw_noise(
+      jax.random.key(problem.seed + j), (1,) + shape)[0]
+                     for j in range(problem.samples)])
+  return (noise, stack([pairs[i][0] for i in idx]),
+          stack([pairs[i][1] for i in idx]))
+
+
+def _write_json(path, doc):
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w") as f:
+    json.dump(doc, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
+              problem: Problem = Problem(), eval_config: EvalConfig =
+              EvalConfig(), proxy: Problem | None = None,
+              proxy_check: int = 8, min_rank_correlation: float = 0.8,
+              dtype: str | None = None, resume: bool = False,
+              progress: bool = True) -> dict:
+  """`astraea search`: the budget schedule of one converted checkpoint.
+
+  Writes into `out`: search_state.json (after every generation),
+  schedule.json (for `astraea generate --schedule`), report.json and
+  search.png. With `proxy` (a cheaper Problem: fewer frames, lower
+  resolution, fewer samples) the search runs on the proxy after measuring
+  its Spearman rank correlation with the full fitness on `proxy_check`
+  random feasible genomes; below `min_rank_correlation` it stops.
+  """
+  out = pathlib.Path(out)
+  state_path = out / STATE_FILE
+  if resume and not state_path.exists():
+    raise FileNotFoundError(f"--resume: {state_path} does not exist")
+  if not resume and state_path.exists():
+    raise ValueError(f"{out} holds a search already ({STATE_FILE}); pass "
+                     "--resume to continue it or choose another --out")
+  if not embedding_paths:
+    raise ValueError("no prompts: pass --text-embeddings with one "
+                     "safetensors file (`context`) per prompt")
+  for p in (problem,) + ((proxy,) if proxy else ()):
+    dense_sampler.wan_latent_shape(p.height, p.width, p.frames)
+  # Not a checkpoint, or a damaged one: checkpoint.CheckpointReadError.
+  model = checkpoint.load_model(model_path, dtype=dtype)
+  graphdef, params = nnx.split(model)
+  outputs.mark_folder(out, command="search")
+
+  def fitness_of(p):
+    return TreeFitness(graphdef, params,
+                       *load_samples(embedding_paths, model.config.text_dim,
+                                     p),
+                       steps=config.steps, config=eval_config)
+
+  full = fitness_of(problem)
+  report = {"config": config.to_dict(),
+            "problem": dataclasses.asdict(problem),
+            "eval_config": {k: v for k, v in dataclasses.asdict(
+                eval_config).items() if k != "selection"},
+            "model": str(model_path),
+            "prompts": [str(p) for p in embedding_paths],
+            "fingerprint": full.fingerprint}
+  fitness_fn = full
+  if proxy is not None:
+    fitness_fn = fitness_of(proxy)
+    check_path = out / "proxy_check.json"
+    check = None
+    if check_path.exists():
+      check = json.loads(check_path.read_text())
+      if check.get("fingerprints") != [full.fingerprint,
+                                       fitness_fn.fingerprint]:
+        check = None
+    if check is None:
+      # Random feasible genomes (and the default schedule), drawn apart
+      # from the search's own stream.
+      check_config = config if proxy_check <= config.population else (
+          dataclasses.replace(config, population=proxy_check))
+      genomes = np.asarray(initial_population(
+          jax.random.key(config.seed + 1), config=check_config))[:proxy_check]
+      check = {**rank_correlation(fitness_fn, full, genomes),
+               "fingerprints": [full.fingerprint, fitness_fn.fingerprint]}
+      _write_json(check_path, check)
+    report["proxy"] = {**dataclasses.asdict(proxy),
+                       "spearman": check["spearman"],
+                       "check_genomes": len(check["genomes"])}
+    print(f"proxy {proxy}: Spearman rank correlation with the full fitness "
+          f"over {len(check['genomes'])} genomes: {check['spearman']:.3f}")
+    if not check["spearman"] >= min_rank_correlation:
+      raise ValueError(
+          f"the proxy ranks candidates unlike the full fitness: Spearman "
+          f"rho={check['spearman']:.3f} < {min_rank_correlation=}; use a "
+          "closer proxy or none")
+  result = search(fitness_fn, config, state_path=state_path, resume=resume,
+                  progress=progress)
+  report.update(
+      schedule=result.schedule.tolist(),
+      mean_budget=float(np.mean(result.schedule)),
+      fitness=result.fitness, history=result.history,
+      genomes_requested=result.genomes_requested,
+      genomes_evaluated=result.genomes_evaluated,
+      # This process's work (a resumed run counts only what it did).
+      row_steps=dict(fitness_fn.counts),
+      row_steps_by_gene=fitness_fn.row_steps_by_gene.tolist(),
+      naive_row_steps=(result.genomes_requested + 1) * config.steps
+      * fitness_fn.num_samples)
+  if proxy is not None:
+    report["fitness_full"] = float(full(result.genome[None])[0])
+  schedule_lib.save(out / "schedule.json", result.schedule,
+                    target_budget=config.target_budget,
+                    fitness_mse=report.get("fitness_full", result.fitness),
+                    steps=config.steps, searched_with=str(model_path))
+  _write_json(out / "report.json", report)
+  plot(out / "search.png", result.history, result.schedule,
+       config.target_budget)
+  return report

@@ -1,0 +1,157 @@
+"""Token-wise (Astraea) sampling of a WanDiT with a per-step budget.
+
+Per step t with budget theta_t and K = round(theta_t N):
+  1. before each block, score the tokens (selection.token_scores) and keep
+     the top K;
+  2. the block runs those K queries against the keys/values of all N tokens
+     (WanBlock(..., token_index=idx));
+  3. computed tokens take their new block output and refresh their cache
+     (update, input, LSE, stale counter); the others add their cached
+     residual update.
+K = N runs the dense block (and refreshes every cache entry); K = 0 reuses
+every cached update. The step function is compiled once per distinct K
+(at most 11 on the 0.1 grid). CFG: the cond and uncond halves of the batch
+select their tokens independently.
+
+`forward_masked` is the same computation as a masked dense simulation: all
+tokens computed, the K best kept by rank. It gives the same numbers as the
+sparse path (tests/test_astraea.py) and takes K as a traced value, so the
+budget search can vmap candidates of different budgets without recompiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from astraea_jax.astraea import layer_loop
+from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea import selection
+from astraea_jax.sampling import sampler as dense_sampler
+
+F32 = jnp.float32
+
+
+def run_blocks(model, x, e0, ctx, rope, cache, *, mode: str, config,
+               select=None, state=None, statistic: str = "lse", **hooks):
+  """The WanDiT's blocks through the one layer loop; (x, cache, state).
+
+  hooks: keyword arguments of every `WanBlock.__call__` (attention,
+  cross_entropy); the rest as `layer_loop.run`.
+  """
+
+  def apply(kind, block, x, token_index):
+    del kind
+    return block(x, e0, ctx, rope, token_index=token_index, **hooks)
+
+  x, (cache,), state = layer_loop.run(
+      (model.blocks,), x, (cache,), apply=apply, mode=mode, config=config,
+      select=select, state=state, statistic=statistic,
+      unroll=model.config.scan_unroll)
+  return x, cache, state
+
+
+def forward(model, latents, timestep, context, cache, *, num_selected: int,
+            config: selection.SelectionConfig):
+  """One model evaluation with token selection; returns (velocity, cache).
+
+  latents (B, C, F, H, W); cache from `selection.init_cache` with batch B;
+  num_selected: static K.
+  """
+  x, e, e0, ctx, rope = model.embed(latents, timestep, context)
+  mode = layer_loop.mode_for(num_selected, x.shape[1])
+  x, cache, _ = run_blocks(model, x, e0, ctx, rope, cache, mode=mode,
+                           config=config,
+                           select=layer_loop.score_top_k(num_selected,
+                                                         config))
+  return model.unembed(x, e, latents.shape), cache
+
+
+def forward_masked(model, latents, timestep, context, cache, num_selected,
+                   *, config: selection.SelectionConfig):
+  """`forward` as a masked dense simulation; num_selected may be traced.
+
+  Every block computes all tokens; the top-K by the same scores (ties
+  broken towards lower indices, as `jax.lax.top_k`) keep their new values.
+  """
+  x, e, e0, ctx, rope = model.embed(latents, timestep, context)
+  keep = layer_loop.score_keep(jnp.asarray(num_selected, jnp.int32), config)
+  x, cache, _ = run_blocks(model, x, e0, ctx, rope, cache, mode="masked",
+                           config=config, select=keep)
+  return model.unembed(x, e, latents.shape), cache
+
+
+class Plan(NamedTuple):
+  """The static plan of one Astraea step: K and the score's options."""
+  num_selected: int
+  config: selection.SelectionConfig
+
+
+def _velocity(graphdef, params, context_2b, cache, latents_2b, timesteps_2b,
+              *, plan: Plan):
+  model = nnx.merge(graphdef, params)
+  return forward(model, latents_2b, timesteps_2b, context_2b, cache,
+                 num_selected=plan.num_selected, config=plan.config)
+
+
+def model_fn(graphdef, params, context_2b):
+  """Astraea's WanDiT as a `model_fn` for `sampling.run` (plan: `Plan`)."""
+  return jax.tree_util.Partial(_velocity, graphdef, params, context_2b)
+
+
+def resolve_steps(graphdef, params, noise, *, budget, schedule, scheduler,
+                  steps, shift):
+  """(scheduler, budgets, model config, N, K per step) of a Wan Astraea run;
+  a scheduler pytree keeps its own step count."""
+  scheduler = dense_sampler.resolve_scheduler(
+      scheduler, steps if isinstance(scheduler, str) else None, shift,
+      noise.shape)
+  budgets = schedule_lib.resolve(budget, schedule, scheduler.num_steps)
+  config = nnx.merge(graphdef, params).config
+  grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
+  n = int(np.prod(grid))
+  ks = [schedule_lib.num_selected(theta, n) for theta in budgets]
+  return scheduler, budgets, config, n, ks
+
+
+def sample(model, params, noise, context, negative_context, *, budget=None,
+           schedule=None, scheduler="unipc", steps: int = 50,
+           guidance_scale: float = 5.0, shift: float | None = None,
+           selection_config: selection.SelectionConfig = selection
+           .SelectionConfig(), return_trajectory: bool = False,
+           progress: bool = True, return_stats: bool = False):
+  """Astraea CFG sampling: like `sampling.sample`, with a token budget.
+
+  Args:
+    model, params: `nnx.split(wan_dit)`.
+    budget: mean budget in (0, 1] -> `schedule.default_schedule`; or
+    schedule: one budget in [0, 1] per step (first must be 1.0).
+    Others as in `astraea_jax.sampling.sample`.
+
+  Returns latents, plus the trajectory and/or SampleStats when asked.
+  """
+  scheduler, budgets, config, n, ks = resolve_steps(
+      model, params, noise, budget=budget, schedule=schedule,
+      scheduler=scheduler, steps=steps, shift=shift)
+  cache = selection.init_cache(config.num_layers, 2 * noise.shape[0], n,
+                               config.dim, selection_config)
+  latents, _, trajectory, stats = dense_sampler.run(
+      model_fn(model, params,
+               dense_sampler.cfg_context(context, negative_context)),
+      jnp.asarray(noise, F32), scheduler=scheduler,
+      guidance_scale=guidance_scale,
+      plans=[Plan(k, selection_config) for k in ks], carry=cache,
+      return_trajectory=return_trajectory, progress=progress,
+      wait=return_stats, desc="astraea",
+      postfix=[{"budget": f"{t:.2f}", "tokens": f"{k}/{n}"}
+               for t, k in zip(budgets, ks)])
+  stats = dataclasses.replace(stats, budgets=budgets, num_tokens=n,
+                              num_selected=ks,
+                              compiled_k=list(dict.fromkeys(ks)))
+  return dense_sampler.pack(latents, (return_trajectory, trajectory),
+                           (return_stats, stats))

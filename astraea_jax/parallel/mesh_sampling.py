@@ -1,0 +1,203 @@
+"""Dense and Astraea CFG sampling with a WanDiT spread over a device mesh.
+
+`sample` is `sampling.sample` and `astraea_sample` is
+`astraea.wan_tokenwise.sample` with one more argument, `mesh` (a
+`parallel.make_mesh` mesh): the CFG batch of 2B goes over the "data" axis,
+each video's tokens over "seq". Same arguments, same results (up to float
+summation order; budget 1.0 equals the dense sampler); with seq > 1 Astraea
+selects round(K / P) tokens on each of the P shards (see
+parallel/sequence_parallel.py). Both run the one host loop (`sampling.run`)
+with the step's results pinned to the mesh.
+
+Inputs may be host or device arrays and are placed on the mesh
+(replicated); results come back replicated, readable on every process of
+a multi-host run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from astraea_jax.astraea import selection
+from astraea_jax.astraea import wan_tokenwise
+from astraea_jax.parallel import mesh as mesh_lib
+from astraea_jax.parallel import sequence_parallel as sp_wan
+from astraea_jax.parallel.layout import TokenLayout
+from astraea_jax.sampling import sampler as dense_sampler
+
+F32 = jnp.float32
+
+
+def _dense_velocity(graphdef, params, context_2b, sp, carry, latents_2b,
+                    timesteps_2b):
+  model = nnx.merge(graphdef, params)
+  return sp_wan.forward(model, latents_2b, timesteps_2b, context_2b,
+                        sp=sp), carry
+
+
+def wan_model_fn(graphdef, params, context_2b, sp: sp_wan.SequenceParallel):
+  """`sampling.wan_model_fn` with the model sequence-parallel over sp.mesh."""
+  return jax.tree_util.Partial(_dense_velocity, graphdef, params, context_2b,
+                               sp)
+
+
+def _placed_inputs(params, noise, context, negative_context, scheduler, mesh):
+  """Everything the loop reads, replicated on the mesh."""
+  if context.shape[0] != noise.shape[0]:
+    raise ValueError(f"context batch {context.shape[0]} != noise batch "
+                     f"{noise.shape[0]}")
+  context_2b = dense_sampler.cfg_context(jnp.asarray(context),
+                                         jnp.asarray(negative_context))
+  return (mesh_lib.replicate(params, mesh),
+          mesh_lib.put(noise, mesh).astype(F32),
+          mesh_lib.put(context_2b, mesh),
+          mesh_lib.replicate(scheduler, mesh))
+
+
+def _check_data_axis(sp, noise):
+  if (2 * noise.shape[0]) % sp.data_size:
+    raise ValueError(
+        f"the CFG batch 2 x {noise.shape[0]} must be divisible by the mesh's "
+        f"data axis ({sp.data_size}); use make_mesh(..., data=...) with a "
+        "divisor of it")
+
+
+def _replicated(x, mesh):
+  return mesh_lib.put(x, mesh)
+
+
+def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
+           strategy: str = "auto", ulysses: int | None = None,
+           scheduler: str | Any = "unipc", steps: int | None = 50,
+           guidance_scale: float = 5.0, shift: float | None = None,
+           return_trajectory: bool = False, loop: str = "python",
+           progress: bool = True, step_seconds: list | None = None):
+  """Dense CFG sampling over a mesh; `sampling.sample` plus mesh/strategy.
+
+  strategy: "auto" | "ulysses" | "ring" | "hybrid" (parallel.attention);
+  ulysses: the hybrid's Ulysses group size. loop "scan" runs
+  `sampling.denoise`'s scanned loop; "python" a jitted step per step.
+  """
+  sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
+  _check_data_axis(sp, noise)
+  # Fails before compiling; every input goes on the program's one mesh.
+  mesh = sp.program_mesh(nnx.merge(model, params).config.num_heads)
+  scheduler = dense_sampler.resolve_scheduler(scheduler, steps, shift,
+                                               noise.shape)
+  params, latents, context_2b, scheduler = _placed_inputs(
+      params, noise, context, negative_context, scheduler, mesh)
+  model_fn = wan_model_fn(model, params, context_2b, sp)
+  rep = NamedSharding(mesh, P())
+  # Pinned output shardings (latents and scheduler state replicated) keep
+  # every step's inputs placed alike, so the step compiles once.
+  latents, _, trajectory, stats = dense_sampler.run(
+      model_fn, latents, scheduler=scheduler,
+      guidance_scale=mesh_lib.put(np.float32(guidance_scale), mesh),
+      sched_state=mesh_lib.replicate(scheduler.init(latents), mesh),
+      out_shardings=(rep, rep, rep), loop=loop,
+      return_trajectory=return_trajectory, progress=progress,
+      wait=step_seconds is not None)
+  if step_seconds is not None:
+    step_seconds.extend(stats.step_seconds)
+  if return_trajectory:
+    trajectory = _replicated(trajectory, mesh)
+  return dense_sampler.pack(_replicated(latents, mesh),
+                            (return_trajectory, trajectory))
+
+
+class Plan(NamedTuple):
+  """The static plan of one Astraea step over the mesh."""
+  num_selected: int
+  config: selection.SelectionConfig
+  sp: sp_wan.SequenceParallel
+
+
+def _astraea_velocity(graphdef, params, context_2b, cache, latents_2b,
+                      timesteps_2b, *, plan: Plan):
+  model = nnx.merge(graphdef, params)
+  return sp_wan.astraea_forward(model, latents_2b, timesteps_2b, context_2b,
+                                cache, sp=plan.sp,
+                                num_selected=plan.num_selected,
+                                config=plan.config)
+
+
+def astraea_model_fn(graphdef, params, context_2b):
+  """Astraea over the mesh as a `model_fn` for `sampling.run`."""
+  return jax.tree_util.Partial(_astraea_velocity, graphdef, params,
+                               context_2b)
+
+
+def astraea_sample(model, params, noise, context, negative_context, *,
+                   mesh: Mesh, strategy: str = "auto",
+                   ulysses: int | None = None, budget=None, schedule=None,
+                   scheduler="unipc", steps: int = 50,
+                   guidance_scale: float = 5.0, shift: float | None = None,
+                   selection_config: selection.SelectionConfig = selection
+                   .SelectionConfig(), return_trajectory: bool = False,
+                   progress: bool = True, return_stats: bool = False):
+  """Astraea CFG sampling over a mesh; `astraea.wan_tokenwise.sample` plus mesh.
+
+  Each of the P sequence shards computes round(K_t / P) of its own tokens
+  at step t (K_t = round(theta_t N)); budget 1.0 steps run the dense
+  blocks. Stats (return_stats) count the tokens computed over all shards.
+  """
+  sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
+  _check_data_axis(sp, noise)
+  scheduler, budgets, config, n, ks = wan_tokenwise.resolve_steps(
+      model, params, noise, budget=budget, schedule=schedule,
+      scheduler=scheduler, steps=steps, shift=shift)
+  plan = sp.plan(config.num_heads)
+  layout = TokenLayout(n, plan.num_shards)
+  mesh = sp.inner_mesh(plan)  # the program's one mesh (program_mesh)
+  params, latents, context_2b, scheduler = _placed_inputs(
+      params, noise, context, negative_context, scheduler, mesh)
+  cache = sp_wan.init_cache(config, 2 * noise.shape[0], n, sp,
+                            selection_config)
+  per_shard = [sp_wan.local_num_selected(k, layout) for k in ks]
+  computed = [n if k == n else p * plan.num_shards
+              for k, p in zip(ks, per_shard)]
+  rep = NamedSharding(mesh, P())
+  latents, _, trajectory, stats = dense_sampler.run(
+      astraea_model_fn(model, params, context_2b), latents,
+      scheduler=scheduler,
+      guidance_scale=mesh_lib.put(np.float32(guidance_scale), mesh),
+      sched_state=mesh_lib.replicate(scheduler.init(latents), mesh),
+      out_shardings=(rep, rep, cache["update"].sharding),
+      plans=[Plan(k, selection_config, sp) for k in ks], carry=cache,
+      return_trajectory=return_trajectory, progress=progress,
+      wait=return_stats, desc="astraea",
+      postfix=[{"budget": f"{t:.2f}", "tokens": f"{c}/{n}"}
+               for t, c in zip(budgets, computed)])
+  stats = dataclasses.replace(
+      stats, budgets=budgets, num_selected=computed, num_tokens=n,
+      compiled_k=list(dict.fromkeys(ks)), num_shards=plan.num_shards,
+      plan=f"{plan.name} (ulysses {plan.ulysses} x ring {plan.ring})",
+      selected_per_shard=per_shard)
+  if return_trajectory:
+    trajectory = _replicated(trajectory, mesh)
+  return dense_sampler.pack(_replicated(latents, mesh),
+                            (return_trajectory, trajectory),
+                            (return_stats, stats))
+
+
+def samplers(num_devices: int, *, batch: int, strategy: str = "auto"):
+  """(dense, astraea) samplers over `num_devices` devices.
+
+  Drop-in for (`sampling.sample`, `astraea.wan_tokenwise.sample`), as `astraea
+  generate --devices N` uses them: the CFG batch of `batch` goes over the
+  data axis as far as it divides (no communication), the tokens over the
+  rest (`default_mesh_shape`); e.g. 2 GPUs -> data 2, 8 GPUs -> 2 x seq 4.
+  """
+  data, _ = mesh_lib.default_mesh_shape(num_devices, batch)
+  mesh = mesh_lib.make_mesh(num_devices, data=data)
+  return (functools.partial(sample, mesh=mesh, strategy=strategy),
+          functools.partial(astraea_sample, mesh=mesh, strategy=strategy))
