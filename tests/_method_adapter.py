@@ -2,9 +2,8 @@
 
 tests/reference_*.py import nothing from astraea_jax; tests/test_reference_*
 import the library only through this module. Issue #21 is redesigning the
-token-wise engine (module paths and signatures of astraea/sampler.py,
-astraea/stdit3.py, policies.py, parallel/ will change): when it lands, only
-this file should need to follow.
+token-wise engine landed (astraea/wan_tokenwise.py, stdit3_tokenwise.py,
+step_plans.py, parallel/sequence_parallel.py): only this file followed it.
 
 Everything returned is NumPy. Caches are dicts {update, input, lse, stale}
 of (L, B, N, ...) arrays, as the references keep them.
@@ -19,12 +18,13 @@ from flax import nnx
 
 from astraea_jax import testing
 from astraea_jax.astraea import policies
-from astraea_jax.astraea import sampler as astraea_sampler
+from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.astraea import search as search_lib
 from astraea_jax.astraea import selection
-from astraea_jax.astraea import stdit3 as astraea_stdit3
+from astraea_jax.astraea import stdit3_tokenwise as astraea_stdit3
 from astraea_jax.configs import STDiT3Config, WanConfig
 from astraea_jax.models import stdit3 as stdit3_lib
+from astraea_jax.sampling import opensora as opensora_sampling
 
 SELECTION = selection.SelectionConfig()  # w_alpha 1, w_beta 0.5
 
@@ -182,7 +182,7 @@ def stdit3_astraea_forward(split, latents_2b, t_2b, y, y_mask, fps, height,
   [y; null] as the library builds it).
   """
   model = nnx.merge(*split)
-  cond = astraea_stdit3.cfg_conditions(
+  cond = opensora_sampling.cfg_conditions(
       model, jnp.asarray(y, jnp.float32),
       None if y_mask is None else jnp.asarray(y_mask), fps=fps,
       height=height, width=width)
@@ -203,7 +203,7 @@ def parallel_astraea_forwards(split, latents, timesteps, context_2b, ks,
   """`parallel.astraea_forward` over a (1, num_devices) mesh, one call per
   entry of ks: [(velocity, cache rows of the real tokens)]."""
   from astraea_jax import parallel
-  from astraea_jax.parallel import wan as sp_wan
+  from astraea_jax.parallel import sequence_parallel as sp_wan
   from astraea_jax.parallel.layout import TokenLayout
   model = nnx.merge(*split)
   c = model.config
