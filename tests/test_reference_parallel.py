@@ -3,9 +3,9 @@
 DESIGN.md ("Multi-GPU with selection"; parallel/layout.py and
 parallel/sequence_parallel.py document the rule): the N tokens are split
 over the P sequence shards contiguously, as np.array_split splits them;
-at a budget of K tokens (0 < K < N) every shard computes its own round(K / P) best tokens
-(half up, at least 1, at most the shortest shard's count, so shapes agree
-on every device) by Astraea's score; K = N computes all, K = 0 reuses all.
+at a budget of K tokens (0 < K < N) every shard computes its own
+round(K / P) best tokens (half up, at least 1, at most the shortest
+shard's count, so shapes agree on every device) by Astraea's score; K = N computes all, K = 0 reuses all.
 Attention rows stay exact (keys/values of all N tokens across shards).
 
 The library runs over 4 fake CPU devices in a subprocess
