@@ -26,7 +26,7 @@ from astraea_jax.configs import STDiT3Config, WanConfig
 from astraea_jax.models import stdit3 as stdit3_lib
 from astraea_jax.sampling import opensora as opensora_sampling
 
-SELECTION = selection.SelectionConfig()  # w_alpha 1, w_beta 0.5
+SELECTION = selection.EXACT  # w_alpha 1, w_beta 0.5, the paper's state
 
 
 def flat_params(state) -> dict[str, np.ndarray]:
@@ -96,7 +96,7 @@ def policy_sample(split, noise, context, negative, policy, *, steps, shift,
 
 
 def toca(interval, ratio):
-  return policies.ToCa(interval=interval, ratio=ratio)
+  return policies.ToCa(interval=interval, ratio=ratio, selection=SELECTION)
 
 
 def pab(self_range, cross_range, window):
@@ -132,7 +132,8 @@ def tree_fitness(split, noise, contexts, negatives, *, steps, shift,
       jnp.asarray(contexts, jnp.float32),
       jnp.asarray(negatives, jnp.float32), steps=steps,
       config=search_lib.EvalConfig(scheduler="euler", shift=shift,
-                                   guidance_scale=guidance))
+                                   guidance_scale=guidance,
+                                   selection=SELECTION))
 
 
 def run_search(fitness_fn, *, steps, target_budget, population, children,

@@ -148,16 +148,25 @@ def test_astraea_budget_one_equals_dense_sampler(split_model,
   assert ref.rel_err(got, dense_reference) <= TOL
 
 
+@pytest.mark.parametrize("config", [ref.SELECTION, selection.COMPACT],
+                         ids=["exact", "compact"])
 def test_astraea_sampler_matches_per_shard_reference(split_model,
-                                                     dense_reference):
+                                                     dense_reference, config):
+  """The exact state, and the compact one (float8 update, its scale and
+  the Delta sketch, each sharded over the rows like the update)."""
   schedule = [1.0, 0.5, 0.0, 0.5]
   got, stats = parallel.astraea_sample(
       *split_model, *ref.inputs(), schedule=schedule, steps=STEPS, shift=3.0,
       progress=False, return_stats=True, mesh=parallel.make_mesh(3),
-      strategy="ulysses")
+      strategy="ulysses", selection_config=config)
   want = ref.reference_astraea_sample(*split_model, *ref.inputs(),
-                                      schedule=schedule, num_shards=3)
-  assert ref.rel_err(got, want) <= TOL
+                                      schedule=schedule, num_shards=3,
+                                      config=config)
+  # float8 keeps 4 significant bits: sharded and single-device float32
+  # results ~1e-6 apart can round a cached update one float8 step (2^-3
+  # of it) apart; measured 1.2e-4 (the exact state: within TOL).
+  assert ref.rel_err(got, want) <= (TOL if config is ref.SELECTION
+                                    else 1e-3)
   assert ref.rel_err(got, dense_reference) > 1e-3  # selection did act
   assert stats.selected_per_shard == [12, 6, 0, 6]  # 35 tokens: 12, 12, 11
   assert stats.num_selected == [35, 18, 0, 18]

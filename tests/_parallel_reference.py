@@ -31,7 +31,7 @@ CONFIG = WanConfig.tiny(num_layers=2, dim=48, ffn_dim=64, num_heads=6,
 # rows), 3 x 6 x 8 -> 36 tokens (even over 2, 3, 4).
 SHAPE_35 = (1, 16, 5, 14, 2)
 SHAPE_36 = (1, 16, 3, 6, 8)
-SELECTION = selection.SelectionConfig()
+SELECTION = selection.EXACT
 # Astraea schedule of the 2-process test (tests/_parallel_worker.py).
 MULTIPROCESS_SCHEDULE = (1.0, 0.5)
 
@@ -114,29 +114,31 @@ def reference_forward(model, latents, timestep, context, cache, *,
   return model.unembed(x, e, latents.shape), cache
 
 
-@functools.partial(jax.jit, static_argnames=("num_selected", "num_shards"))
+@functools.partial(jax.jit,
+                   static_argnames=("num_selected", "num_shards", "config"))
 def _reference_step(graphdef, params, context_2b, scheduler, sched_state,
-                    cache, latents, *, num_selected, num_shards):
+                    cache, latents, *, num_selected, num_shards, config):
   def model_fn(cache, latents_2b, timesteps_2b):
     model = nnx.merge(graphdef, params)
     return reference_forward(model, latents_2b, timesteps_2b, context_2b,
                              cache, num_selected=num_selected,
-                             num_shards=num_shards)
+                             num_shards=num_shards, config=config)
 
   return dense.guided_step(model_fn, scheduler, jnp.float32(5.0), latents,
                            sched_state, cache)
 
 
 def reference_astraea_sample(graphdef, params, noise, context, negative, *,
-                             schedule, num_shards, shift=3.0):
+                             schedule, num_shards, shift=3.0,
+                             config=SELECTION):
   """Astraea CFG sampling (UniPC, guidance 5) with per-shard selection."""
-  config = nnx.merge(graphdef, params).config
+  model_config = nnx.merge(graphdef, params).config
   scheduler = dense.make_scheduler("unipc", len(schedule), shift=shift)
   n = 1
-  for s, p in zip(noise.shape[2:], config.patch_size):
+  for s, p in zip(noise.shape[2:], model_config.patch_size):
     n *= s // p
-  cache = selection.init_cache(config.num_layers, 2 * noise.shape[0], n,
-                               config.dim, SELECTION)
+  cache = selection.init_cache(model_config.num_layers, 2 * noise.shape[0],
+                               n, model_config.dim, config)
   latents = jnp.asarray(noise)
   state = scheduler.init(latents)
   context_2b = dense.cfg_context(context, negative)
@@ -144,5 +146,5 @@ def reference_astraea_sample(graphdef, params, noise, context, negative, *,
     latents, state, cache = _reference_step(
         graphdef, params, context_2b, scheduler, state, cache, latents,
         num_selected=schedule_lib.num_selected(theta, n),
-        num_shards=num_shards)
+        num_shards=num_shards, config=config)
   return latents

@@ -32,7 +32,8 @@ def main(process_id, port, out_dir):
   common = {"steps": len(schedule), "shift": 3.0, "progress": False,
             "mesh": mesh}
   latents = parallel.astraea_sample(*split_model, *ref.inputs(),
-                                    schedule=schedule, **common)
+                                    schedule=schedule,
+                                    selection_config=ref.SELECTION, **common)
   np.savez(pathlib.Path(out_dir) / f"process_{process_id}.npz",
            latents=np.asarray(latents))
   jax.distributed.shutdown()

@@ -58,17 +58,17 @@ def run_forward(split_model, inputs, budgets, masked):
   ctx2 = dense.cfg_context(ctx, neg)
   x = jnp.concatenate([noise, noise])
   cache = selection.init_cache(CONFIG.num_layers, 2, 32, CONFIG.dim,
-                               selection.SelectionConfig())
+                               selection.EXACT)
   outs = []
   for i, theta in enumerate(budgets):
     t = jnp.full((2,), 900.0 - 100 * i)
     k = schedule_lib.num_selected(theta, 32)
     if masked:
       v, cache = astraea.forward_masked(model, x, t, ctx2, cache, k,
-                                        config=selection.SelectionConfig())
+                                        config=selection.EXACT)
     else:
       v, cache = astraea.forward(model, x, t, ctx2, cache, num_selected=k,
-                                 config=selection.SelectionConfig())
+                                 config=selection.EXACT)
     outs.append(v)
     x = x - 0.1 * v
   return outs, cache
@@ -94,7 +94,7 @@ def test_cache_holds_last_computed_lse_and_update(split_model, inputs):
   ctx2 = dense.cfg_context(ctx, neg)
   x2 = jnp.concatenate([noise, noise])
   t = jnp.full((2,), 500.0)
-  cfg = selection.SelectionConfig()
+  cfg = selection.EXACT
   cache = selection.init_cache(CONFIG.num_layers, 2, 32, CONFIG.dim, cfg)
   _, cache = astraea.forward(model, x2, t, ctx2, cache, num_selected=32,
                              config=cfg)
@@ -110,7 +110,7 @@ def test_cache_holds_last_computed_lse_and_update(split_model, inputs):
 
 
 def test_scores_read_previous_lse_delta_and_penalty():
-  cfg = selection.SelectionConfig(w_alpha=1.0, w_beta=0.5)
+  cfg = selection.SelectionConfig(w_alpha=1.0, w_beta=0.5, delta_sketch=0)
   x = jnp.ones((1, 4, 3))
   layer_cache = {"lse": jnp.array([[1.0, 5.0, 2.0, 1.0]]),
                  "input": jnp.array([[[1.0] * 3, [0.5] * 3, [1.0] * 3,

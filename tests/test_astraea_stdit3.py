@@ -38,7 +38,7 @@ from converters import opensora
 from converters.safetensors_io import SafetensorsFile
 
 STEPS = 4  # the fixture's sampling run
-SELECTION = selection.SelectionConfig()
+SELECTION = selection.EXACT
 
 
 def rel_err(a, b):

@@ -67,7 +67,7 @@ def batch():
 
 def _cache():
   return selection.init_cache(CONFIG.num_layers, 2, N, CONFIG.dim,
-                              selection.SelectionConfig())
+                              selection.EXACT)
 
 
 def test_dense_model_runs_the_block(monkeypatch, model, batch):
@@ -93,7 +93,7 @@ def test_astraea_sparse_runs_the_block(monkeypatch, model, batch, k, sparse):
   calls = record_calls(monkeypatch, wan.WanBlock)
   jax.make_jaxpr(lambda *a: wan_tokenwise.forward(
       model, *a, _cache(), num_selected=k,
-      config=selection.SelectionConfig()))(*batch)
+      config=selection.EXACT))(*batch)
   assert calls and all(c["sparse"] == sparse for c in calls)
 
 
@@ -101,7 +101,7 @@ def test_astraea_masked_runs_the_block(monkeypatch, model, batch):
   calls = record_calls(monkeypatch, wan.WanBlock)
   jax.make_jaxpr(lambda *a: wan_tokenwise.forward_masked(
       model, *a, _cache(), N // 2,
-      config=selection.SelectionConfig()))(*batch)
+      config=selection.EXACT))(*batch)
   assert calls and not any(c["sparse"] for c in calls)
 
 
@@ -178,7 +178,7 @@ def _stdit_batch(module):
   conditions = opensora_sampling.cfg_conditions(
       module, y, None, fps=24, height=64, width=64)
   cache = stdit3_tokenwise.init_cache(STDIT, 2, 48,
-                                      selection.SelectionConfig())
+                                      selection.EXACT)
   return latents, jnp.full((2,), 700.0), conditions, cache
 
 
@@ -187,7 +187,7 @@ def _stdit_batch(module):
 def test_stdit3_paths_run_the_block(monkeypatch, stdit_model, k_f, form):
   latents, t, conditions, cache = _stdit_batch(stdit_model)
   calls = record_calls(monkeypatch, stdit3.STDiT3Block)
-  config = selection.SelectionConfig()
+  config = selection.EXACT
   if form == "sparse":
     fn = lambda x, t: stdit3_tokenwise.forward(
         stdit_model, x, t, conditions, cache, tokens_per_frame=k_f,

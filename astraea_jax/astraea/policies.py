@@ -259,6 +259,9 @@ class ToCa(_Base):
   importance: str = "cross_entropy"
   frequency_weight: float = 0.25
   seed: int = 0
+  # The cache's storage (ToCa reads no Delta: only cache_dtype matters).
+  selection: selection.SelectionConfig = dataclasses.field(
+      default_factory=selection.SelectionConfig)
   family: ClassVar[str] = "toca"
 
   def __post_init__(self):
@@ -286,14 +289,15 @@ class ToCa(_Base):
       plans.append(TokenPlan(
           budget=theta, num_selected=schedule_lib.num_selected(theta,
                                                                num_tokens),
-          selector="toca", toca=score, seed=self.seed))
+          selector="toca", toca=score, selection=self.selection,
+          seed=self.seed))
     return plans
 
   def init_carry(self, config, batch, num_tokens, latent_shape, steps):
     return {"step": jnp.zeros((), jnp.int32),
             "cache": selection.init_cache(config.num_layers, batch,
                                           num_tokens, config.dim,
-                                          selection.SelectionConfig())}
+                                          self.selection)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,7 +87,7 @@ def parse_policy(spec: str):
       kwargs["schedule"] = tuple(schedule_lib.load(value))
       kwargs.setdefault("schedule_name", _schedule_name(value))
       kwargs["budget"] = None
-    elif family == "astraea" and key in _SELECTION_FIELDS:
+    elif "selection" in fields and key in _SELECTION_FIELDS:
       selection_kw[key] = _parse_value(
           value, _SELECTION_FIELDS[key].default)
     elif key in fields and key != "selection":

@@ -16,16 +16,26 @@ skip path stays current).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 
 
+CACHE_DTYPES = ("bfloat16", "float32", "float8")
+SKETCH_SIZES = (0, 16, 32, 64, 128, 256)
+FLOAT8 = jnp.float8_e4m3fn
+FLOAT8_MAX = 448.0   # largest finite float8 e4m3fn value
+SKETCH_SEED = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
-  """Options of the token score; defaults follow ../shared/DESIGN.md."""
+  """Options of the token score and of the cache; defaults follow
+  ../shared/DESIGN.md (the lean token state)."""
 
   w_alpha: float = 1.0
   w_beta: float = 0.5
@@ -37,32 +47,160 @@ class SelectionConfig:
   use_lse: bool = True
   use_delta: bool = True
   use_penalty: bool = True
-  # dtype of the cached update and last input ("float32" | "bfloat16").
-  cache_dtype: str = "float32"
+  # The cached residual update: "bfloat16"; "float32"; "float8" (e4m3 with
+  # one float32 scale per token: the compact state of the big settings).
+  cache_dtype: str = "bfloat16"
+  # Delta_token from r = delta_sketch values per token, a fixed Gaussian
+  # projection of the block input (`sketch_matrix`); 0 keeps the exact
+  # full-size last input (in float32 with a float32 cache, else bfloat16).
+  delta_sketch: int = 64
 
   def __post_init__(self):
     if self.delta not in ("input_relative", "input_absolute"):
       raise ValueError(f"unknown {self.delta=}")
     if self.head_reduce not in ("mean", "max"):
       raise ValueError(f"unknown {self.head_reduce=}")
-    if self.cache_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"unknown {self.cache_dtype=}")
+    if self.cache_dtype not in CACHE_DTYPES:
+      raise ValueError(f"unknown cache dtype {self.cache_dtype!r}: choose "
+                       f"one of {', '.join(CACHE_DTYPES)}")
+    if self.delta_sketch not in SKETCH_SIZES:
+      raise ValueError(
+          f"unknown delta sketch size {self.delta_sketch!r}: choose one of "
+          f"{', '.join(map(str, SKETCH_SIZES))} (0 = exact last input)")
+
+
+EXACT = SelectionConfig(cache_dtype="float32", delta_sketch=0)
+"""The paper's state: float32 update and full last input (references)."""
+
+COMPACT = SelectionConfig(cache_dtype="float8")
+"""The 8-bit update with the default sketch: about the paper's memory."""
 
 
 def init_cache(num_layers, batch, num_tokens, dim, config: SelectionConfig):
   """Empty per-block cache, stacked on a leading layer axis.
 
-  update: (L, B, N, dim) block output - block input, last computed.
-  input:  (L, B, N, dim) block input when last computed (for Delta).
-  lse:    (L, B, N) head-reduced self-attention LSE, last computed.
+  update: (L, B, N, dim) block output - block input, last computed, in
+          the cache dtype (float8: its bits as uint8, and
+  update_scale: (L, B, N) float32, the per-token scale);
+  input:  (L, B, N, r) sketch of the block input when last computed (for
+          Delta), or (L, B, N, dim) the input itself (delta_sketch 0);
+  lse:    (L, B, N) head-reduced self-attention LSE, last computed;
   stale:  (L, B, N) int32, consecutive steps not selected.
   """
-  dtype = jnp.dtype(config.cache_dtype)
   shape = (num_layers, batch, num_tokens)
-  return {"update": jnp.zeros(shape + (dim,), dtype),
-          "input": jnp.zeros(shape + (dim,), dtype),
-          "lse": jnp.zeros(shape, F32),
-          "stale": jnp.zeros(shape, jnp.int32)}
+  width = config.delta_sketch or dim
+  cache = {"update": jnp.zeros(shape + (dim,), _update_storage(config)),
+           "input": jnp.zeros(shape + (width,), _input_dtype(config)),
+           "lse": jnp.zeros(shape, F32),
+           "stale": jnp.zeros(shape, jnp.int32)}
+  if config.cache_dtype == "float8":
+    cache["update_scale"] = jnp.zeros(shape, F32)
+  return cache
+
+
+def cache_bytes(num_layers, batch, num_tokens, dim,
+                config: SelectionConfig) -> int:
+  """Bytes of `init_cache` (without making it)."""
+  shapes = jax.eval_shape(
+      lambda: init_cache(num_layers, batch, num_tokens, dim, config))
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+
+
+def state_hint(cache_args, config: SelectionConfig):
+  """`memory.check_fits`'s hint for a run whose token state is
+  init_cache(*cache_args, config): the lighter states that would fit."""
+
+  def hint(needed, limit):
+    now = cache_bytes(*cache_args, config)
+    fits = []
+    for option in (SelectionConfig(cache_dtype="bfloat16"), COMPACT):
+      after = needed - now + cache_bytes(*cache_args, option)
+      if after < needed and after <= limit:
+        fits.append(f"cache_dtype={option.cache_dtype!r} with "
+                    f"delta_sketch={option.delta_sketch} (--cache-dtype "
+                    f"{option.cache_dtype}: about {after / 2**30:.1f} GiB)")
+    state = (f"Astraea's token state takes {now / 2**30:.1f} GiB of it. ")
+    if fits:
+      return state + "It would fit with " + " or ".join(fits) + "."
+    return state + ("No lighter state fits: use a smaller video (--size/"
+                    "--frames) or more devices (--devices).")
+
+  return hint
+
+
+def _update_storage(config):
+  return jnp.uint8 if config.cache_dtype == "float8" else jnp.dtype(
+      config.cache_dtype)
+
+
+def _input_dtype(config):
+  if config.delta_sketch or config.cache_dtype == "float32":
+    return F32
+  return jnp.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def sketch_matrix(dim: int, size: int) -> np.ndarray:
+  """P (dim, r): i.i.d. N(0, 1/r) entries, fixed (seed SKETCH_SEED).
+
+  For any v, ||P^T v||^2 / ||v||^2 ~ chi^2_r / r over the draw of P
+  (Johnson-Lindenstrauss), so the sketched norm is within a factor
+  (1 +- eps) of the true one except with probability `sketch_tail(r,
+  eps)`.
+  """
+  rng = np.random.default_rng(SKETCH_SEED)
+  p = rng.standard_normal((dim, size)) / np.sqrt(size)
+  p = p.astype(np.float32)
+  p.flags.writeable = False
+  return p
+
+
+def sketch_tail(size: int, eps: float) -> float:
+  """Upper bound on P(| ||P^T v||^2 / ||v||^2 - 1 | > eps), 0 < eps < 1.
+
+  Chernoff bounds on chi^2_r / r (Dasgupta & Gupta 2003, eqs. 2.1-2.2):
+  upper tail <= exp(-r/2 (eps^2/2 - eps^3/3)), lower <= exp(-r eps^2/4).
+  """
+  r = float(size)
+  return float(np.exp(-r / 2 * (eps**2 / 2 - eps**3 / 3))
+               + np.exp(-r * eps**2 / 4))
+
+
+def encode_input(x, config: SelectionConfig):
+  """What the cache keeps of block inputs x (..., dim) for Delta."""
+  if not config.delta_sketch:
+    return x.astype(_input_dtype(config))
+  p = sketch_matrix(x.shape[-1], config.delta_sketch)
+  return jnp.matmul(x.astype(F32), p, precision=jax.lax.Precision.HIGHEST)
+
+
+def encode_update(update, config: SelectionConfig):
+  """{"update"[, "update_scale"]} entries of updates (..., dim) float32."""
+  if config.cache_dtype != "float8":
+    return {"update": update.astype(config.cache_dtype)}
+  # One scale per token maps its largest |value| to float8's largest.
+  scale = jnp.max(jnp.abs(update), axis=-1) / FLOAT8_MAX
+  safe = jnp.where(scale > 0, scale, 1.0)
+  code = (update / safe[..., None]).astype(FLOAT8)
+  return {"update": jax.lax.bitcast_convert_type(code, jnp.uint8),
+          "update_scale": scale}
+
+
+def decode_update(entries):
+  """float32 updates from `encode_update`'s entries (any leading axes)."""
+  update = entries["update"]
+  if "update_scale" not in entries:
+    return update.astype(F32)
+  code = jax.lax.bitcast_convert_type(update, FLOAT8).astype(F32)
+  return code * entries["update_scale"][..., None]
+
+
+def _layer_update(cache, layer):
+  return decode_update({k: cache[k][layer] for k in _UPDATE_KEYS
+                        if k in cache})
+
+
+_UPDATE_KEYS = ("update", "update_scale")
 
 
 def reduce_heads(lse, config: SelectionConfig):
@@ -72,11 +210,17 @@ def reduce_heads(lse, config: SelectionConfig):
 
 
 def token_delta(x, last_input, config: SelectionConfig):
-  """Delta_token (B, N): change of the block input since last computed."""
-  diff = jnp.linalg.norm(x - last_input.astype(F32), axis=-1)
+  """Delta_token (B, N): change of the block input since last computed.
+
+  last_input: the cache's "input" entry (`encode_input`); with a sketch
+  both norms are of the projections, ||P^T (x - x_last)|| (linear in x).
+  """
+  last = last_input.astype(F32)
+  current = encode_input(x, config) if config.delta_sketch else x
+  diff = jnp.linalg.norm(current.astype(F32) - last, axis=-1)
   if config.delta == "input_absolute":
     return diff
-  return diff / (jnp.linalg.norm(last_input.astype(F32), axis=-1) + 1e-6)
+  return diff / (jnp.linalg.norm(last, axis=-1) + 1e-6)
 
 
 def token_scores(x, layer_cache, config: SelectionConfig):
@@ -104,6 +248,13 @@ def scatter_tokens(x, token_index, values):
   return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb))(x, token_index, values)
 
 
+def _rows(x_in, x_out, lse, config):
+  """The cache entries of computed rows: inputs x_in, outputs x_out."""
+  return {**encode_update(x_out - x_in, config),
+          "input": encode_input(x_in, config),
+          "lse": reduce_heads(lse, config)}
+
+
 def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
                    config: SelectionConfig):
   """Block `layer` computed the tokens `token_index`; in-place cache update.
@@ -115,32 +266,24 @@ def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
   Returns (x_next (B, N, dim), cache): computed tokens take their new
   output, the others x + their cached update.
   """
-  dtype = cache["update"].dtype
   b = jnp.arange(x.shape[0])[:, None]
   x_sel = jnp.take_along_axis(x, token_index[..., None], axis=1)
-  x_next = scatter_tokens(x + cache["update"][layer].astype(F32),
-                          token_index, x_out_sel)
-  return x_next, {
-      "update": cache["update"].at[layer, b, token_index].set(
-          (x_out_sel - x_sel).astype(dtype)),
-      "input": cache["input"].at[layer, b, token_index].set(
-          x_sel.astype(dtype)),
-      "lse": cache["lse"].at[layer, b, token_index].set(
-          reduce_heads(lse_sel, config)),
-      "stale": cache["stale"].at[layer].add(1).at[layer, b, token_index].set(
-          0),
-  }
+  x_next = scatter_tokens(x + _layer_update(cache, layer), token_index,
+                          x_out_sel)
+  rows = _rows(x_sel, x_out_sel, lse_sel, config)
+  new = {k: cache[k].at[layer, b, token_index].set(v)
+         for k, v in rows.items()}
+  new["stale"] = cache["stale"].at[layer].add(1).at[layer, b,
+                                                    token_index].set(0)
+  return x_next, new
 
 
 def write_all(cache, layer, x, x_out, lse, config: SelectionConfig):
   """Block `layer` computed ALL tokens (budget 1.0); x_next = x_out."""
-  dtype = cache["update"].dtype
-  return x_out, {
-      "update": cache["update"].at[layer].set((x_out - x).astype(dtype)),
-      "input": cache["input"].at[layer].set(x.astype(dtype)),
-      "lse": cache["lse"].at[layer].set(reduce_heads(lse, config)),
-      "stale": cache["stale"].at[layer].set(0),
-  }
+  new = {k: cache[k].at[layer].set(v)
+         for k, v in _rows(x, x_out, lse, config).items()}
+  new["stale"] = cache["stale"].at[layer].set(0)
+  return x_out, new
 
 
 def write_masked(cache, layer, x, x_out, lse, keep, config: SelectionConfig):
@@ -148,15 +291,13 @@ def write_masked(cache, layer, x, x_out, lse, keep, config: SelectionConfig):
   (B, N) bool take their output and refresh their cache, the others add
   their cached update (the same numbers as `write_selected` on the kept
   rows). Returns (x_next, cache)."""
-  c = layer_cache(cache, layer)
-  dtype = c["update"].dtype
-  k3 = keep[..., None]
-  update = jnp.where(k3, (x_out - x).astype(dtype), c["update"])
-  x_next = jnp.where(k3, x_out, x + update.astype(F32))
-  new = {"update": update,
-         "input": jnp.where(k3, x.astype(dtype), c["input"]),
-         "lse": jnp.where(keep, reduce_heads(lse, config), c["lse"]),
-         "stale": jnp.where(keep, 0, c["stale"] + 1)}
+  old = layer_cache(cache, layer)
+  rows = _rows(x, x_out, lse, config)
+  new = {k: jnp.where(keep.reshape(keep.shape + (1,) * (v.ndim - 2)), v,
+                      old[k])
+         for k, v in rows.items()}
+  new["stale"] = jnp.where(keep, 0, old["stale"] + 1)
+  x_next = jnp.where(keep[..., None], x_out, x + decode_update(new))
   return x_next, jax.tree.map(lambda a, u: a.at[layer].set(u), cache, new)
 
 
@@ -173,12 +314,12 @@ def keep_top(scores, k):
 
 def reuse_all(cache, layer, x):
   """Budget 0: every token of block `layer` reuses its cached update."""
-  return x + cache["update"][layer].astype(F32), {
+  return x + _layer_update(cache, layer), {
       **cache, "stale": cache["stale"].at[layer].add(1)}
 
 
 def layer_cache(cache, layer):
-  """The per-block view {update, input, lse, stale} of block `layer`."""
+  """The per-block view (the same entries) of block `layer`."""
   return jax.tree.map(lambda c: c[layer], cache)
 
 
