@@ -175,6 +175,11 @@ def load_model(path, *, dtype: str | None = None):
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
   except Exception as e:  # orbax/tensorstore errors have no common base
     raise CheckpointReadError(damaged_checkpoint_message(path, e)) from e
+  # orbax returns NumPy arrays here: put them on the device once, or every
+  # jitted step copies all parameters host -> device again (about the 6 s
+  # by which a 50-step Wan2.1-1.3B run through `astraea generate` trailed
+  # the in-process one, #25).
+  params = jax.device_put(params, jax.devices()[0])
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 

@@ -3,10 +3,12 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 from astraea_jax import checkpoint, cli, testing
 from astraea_jax.configs import WanConfig
@@ -78,6 +80,11 @@ def test_bfloat16_is_bit_exact(tmp_path, tensors):
   assert convert(src, tmp_path / "dst", "--dtype", "bfloat16") == 0
   model = checkpoint.load_model(tmp_path / "dst")
   assert model.config.param_dtype == "bfloat16"
+  # on the device, not NumPy: a jitted step would copy NumPy parameters
+  # host -> device at every call
+  leaves = jax.tree.leaves(nnx.state(model))
+  assert all(isinstance(a, jax.Array) and a.is_fully_addressable
+             and a.devices() == {jax.devices()[0]} for a in leaves)
   params = checkpoint.params_of(model)
   kernel = params["blocks"]["ffn"]["fc1"]["kernel"][0]
   assert kernel.dtype == ml_dtypes.bfloat16
