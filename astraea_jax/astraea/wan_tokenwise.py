@@ -138,14 +138,15 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
   scheduler, budgets, config, n, ks = resolve_steps(
       model, params, noise, budget=budget, schedule=schedule,
       scheduler=scheduler, steps=steps, shift=shift)
-  cache = selection.init_cache(config.num_layers, 2 * noise.shape[0], n,
-                               config.dim, selection_config)
+  cache_args = (config.num_layers, 2 * noise.shape[0], n, config.dim)
   latents, _, trajectory, stats = dense_sampler.run(
       model_fn(model, params,
                dense_sampler.cfg_context(context, negative_context)),
       jnp.asarray(noise, F32), scheduler=scheduler,
       guidance_scale=guidance_scale,
-      plans=[Plan(k, selection_config) for k in ks], carry=cache,
+      plans=[Plan(k, selection_config) for k in ks],
+      make_carry=lambda: selection.init_cache(*cache_args, selection_config),
+      memory_hint=selection.state_hint(cache_args, selection_config),
       return_trajectory=return_trajectory, progress=progress,
       wait=return_stats, desc="astraea",
       postfix=[{"budget": f"{t:.2f}", "tokens": f"{k}/{n}"}

@@ -25,6 +25,7 @@ on the H200: benchmarks/sampling_loop.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -36,6 +37,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from astraea_jax.sampling import memory
 from astraea_jax.sampling import schedulers as sched_lib
 
 LOOPS = ("python", "scan")
@@ -149,12 +151,75 @@ def step_function(out_shardings=None):
 
 
 def compiled_count() -> int | None:
-  """Step functions compiled so far, over every placement (None where jax
-  hides its compile cache)."""
+  """Step programs compiled so far, over every placement, by the jitted
+  step functions and ahead of time (None where jax hides its jit cache)."""
   sizes = [getattr(f, "_cache_size", None) for f in _STEP_FUNCTIONS.values()]
   if any(size is None for size in sizes):
     return None
-  return sum(size() for size in sizes)
+  return sum(size() for size in sizes) + len(_EXECUTABLES)
+
+
+# Ahead-of-time step programs: (plan, argument signature) -> Future of the
+# compiled executable, kept for the process like jax's jit cache. Steps on
+# one device run through these, so that (1) every distinct plan after the
+# first compiles in a background thread while the first plan's steps run
+# (XLA compiles without the GIL: a cold Astraea run waits for about one
+# compile instead of one per token count), and (2) the first plan's
+# compiled memory analysis says whether the run fits before its carry (the
+# token caches) is allocated (`memory.check_fits`).
+_EXECUTABLES: dict = {}
+_POOL: list = []
+
+
+def _pool():
+  if not _POOL:
+    _POOL.append(concurrent.futures.ThreadPoolExecutor(
+        max_workers=4, thread_name_prefix="astraea-compile"))
+  return _POOL[0]
+
+
+def _signature(args):
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype),
+                         bool(getattr(x, "weak_type", False)))
+                        for x in leaves)
+
+
+def compile_plans(step, plans, args):
+  """({plan: Future of its compiled step} for each distinct plan, the set
+  of plans this call started compiling): from the process cache, or
+  compiled in the background. `args` may hold abstract arrays
+  (`jax.ShapeDtypeStruct`) where the real ones are not made yet."""
+  out, started = {}, set()
+  signature = _signature(args)
+  for i, plan in enumerate(dict.fromkeys(plans)):
+    key = (plan, signature)
+    if key not in _EXECUTABLES:
+      _EXECUTABLES[key] = _pool().submit(
+          lambda p=plan: step.lower(*args, plan=p).compile())
+      started.add(plan)
+    out[plan] = _EXECUTABLES[key]
+    if i == 0:  # the first step waits for it anyway: alone, in plan order
+      _wait_quietly(out[plan])
+  return out, started
+
+
+def _wait_quietly(future):
+  try:
+    future.result()
+  except Exception:  # pylint: disable=broad-except
+    pass  # raised again where the step needs it
+
+
+def _call_step(step, executable, args, plan):
+  """The step through its ahead-compiled executable where the arguments
+  match it, else through the jitted function (which compiles as usual)."""
+  if executable is not None:
+    try:
+      return executable(*args)
+    except (TypeError, ValueError):
+      pass  # e.g. a weak type that changed after step 0
+  return step(*args, plan=plan)
 
 
 @dataclasses.dataclass
@@ -167,7 +232,9 @@ class SampleStats:
     jax hides it); plans: the static plan each step ran.
   Token-wise samplers: num_tokens N, budgets (one per step), num_selected
   (tokens computed per block, per step), compiled_k (distinct token counts,
-  each a compile). Sequence parallel: num_shards, plan (the attention plan),
+  each a compile). estimated_peak_bytes: the device peak the compiled
+  first step predicts (`memory.check_fits`; None on meshes). Sequence
+  parallel: num_shards, plan (the attention plan),
   selected_per_shard. Policies: label, method, cost_keys.
   """
   step_seconds: list[float] = dataclasses.field(default_factory=list)
@@ -180,6 +247,7 @@ class SampleStats:
   num_shards: int = 1
   plan: str = ""
   selected_per_shard: list[int] = dataclasses.field(default_factory=list)
+  estimated_peak_bytes: int | None = None
   label: str = ""
   method: str = ""
   cost_keys: list[str] = dataclasses.field(default_factory=list)
@@ -213,9 +281,10 @@ def _scanned_loop(model_fn, scheduler, guidance_scale, latents, sched_state,
 
 
 def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
-        carry=(), sched_state=None, out_shardings=None, loop: str = "python",
-        return_trajectory: bool = False, progress: bool = True,
-        wait: bool = False, desc: str = "sampling", postfix=None):
+        carry=(), make_carry=None, sched_state=None, out_shardings=None,
+        loop: str = "python", return_trajectory: bool = False,
+        progress: bool = True, wait: bool = False, desc: str = "sampling",
+        postfix=None, memory_hint=None):
   """THE host sampling loop: every sampler (dense, Astraea on Wan and
   STDiT3, the policies, the mesh samplers) runs its steps here.
 
@@ -227,6 +296,8 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
       `plan=` (Astraea: the step's token count); None = one plan-less step
       for all `scheduler.num_steps` steps. One compile per distinct plan.
     carry: pytree threaded through model_fn (caches); consumed (donated).
+    make_carry: or a function that makes it, called only after the
+      compiled first step said the run fits the device (`memory`).
     sched_state: the scheduler's state (default `scheduler.init(latents)`).
     out_shardings: the jitted step's result placement (mesh samplers).
     loop: "python" (a jitted step per step, progress bar) or "scan" (the
@@ -234,9 +305,11 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
     wait: wait for every step, so step_seconds are its run time (also
       done with a progress bar).
     desc, postfix: the progress bar's title and per-step postfix dicts.
+    memory_hint: hint(needed_bytes, limit_bytes) -> what would fit, for
+      the error when the run would not (`memory.check_fits`).
 
   Returns (latents, carry, trajectory or None, SampleStats with
-  step_seconds, compiled and plans).
+  step_seconds, compiled, plans and estimated_peak_bytes).
   """
   if loop not in LOOPS:
     raise ValueError(f"{loop=} must be one of {LOOPS}")
@@ -245,6 +318,8 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
     sched_state = scheduler.init(latents)
   stats = SampleStats()
   if loop == "scan":
+    if make_carry is not None:
+      carry = make_carry()
     if plans is not None:
       raise ValueError("loop='scan' runs one plan; got a plan per step")
     latents, _, carry, trajectory = _scanned_loop(
@@ -254,21 +329,36 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
   if plans is None:
     plans = [None] * scheduler.num_steps
   step = step_function(out_shardings)
-  trajectory = []
+  if make_carry is not None:
+    carry = jax.eval_shape(make_carry)
+  args = (model_fn, scheduler, guidance_scale, latents, sched_state, carry)
+  futures, started = {}, set()
+  if out_shardings is None:  # mesh programs keep their jitted placement
+    futures, started = compile_plans(step, plans, args)
+    stats.estimated_peak_bytes = memory.check_fits(
+        futures[plans[0]].result(), args, hint=memory_hint)
+  if make_carry is not None:
+    carry = make_carry()
+  trajectory, used = [], set()
   bar = tqdm.tqdm(plans, disable=not progress, desc=desc, unit="step")
   for i, plan in enumerate(bar):
     if progress and postfix is not None:
       bar.set_postfix(postfix[i])
     before = compiled_count()
     start = time.perf_counter()
-    latents, sched_state, carry = step(model_fn, scheduler, guidance_scale,
-                                       latents, sched_state, carry,
-                                       plan=plan)
+    executable = futures[plan].result() if plan in futures else None
+    args = (model_fn, scheduler, guidance_scale, latents, sched_state, carry)
+    latents, sched_state, carry = _call_step(step, executable, args, plan)
     if progress or wait:  # wait for the step to finish
       latents.block_until_ready()
     stats.step_seconds.append(time.perf_counter() - start)
     after = compiled_count()
-    stats.compiled.append(None if before is None else after > before)
+    if plan in futures:  # the first step of a plan compiled for this run
+      stats.compiled.append((plan in started and plan not in used)
+                            or bool(after and after > before))
+      used.add(plan)
+    else:
+      stats.compiled.append(None if before is None else after > before)
     stats.plans.append(plan)
     if return_trajectory:
       trajectory.append(latents)
