@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 
-from astraea_jax import outputs
+from astraea_jax import compile_cache, outputs
 
 # Values ----------------------------------------------------------------------
 
@@ -820,6 +820,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   if not args.debug:
     _silence_teardown_noise()
+  compile_cache.enable()
   try:
     return args.run(args)
   except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
