@@ -196,7 +196,25 @@ def _kernel_check(row=None, target=None):
                     "against a float64 NumPy reference")
 
 
-RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea, "astraea_opensora": _astraea,
+def _end_to_end(row=None, target=None):
+  """benchmarks/astraea_end_to_end.py: whole runs, one process each."""
+  if row is not None:
+    if row.get("failed"):
+      return MEASURED, "the run failed; the row carries no figure"
+    if row.get("name") == "user_generate_compare":
+      return MEASURED, ("`astraea generate --compare` run as a user runs "
+                        "it; its report.json as written")
+    return MEASURED, ("whole runs timed with the wall clock in a process "
+                      "of their own; peak_bytes_in_use of that process")
+  if target["name"].startswith("estimate_error"):
+    return MEASURED, ("the estimate made before the run against the peak "
+                      "measured after it, same process")
+  return MEASURED, ("ratio of two whole runs (or two process peaks) "
+                    "measured on the same GPU in the same device call")
+
+
+RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
+         "astraea_opensora": _astraea, "astraea_end_to_end": _end_to_end,
          "attention": _attention, "demo_agreement": _demo,
          "demo_sampling": _demo, "dense_wan": _dense_wan,
          "eval_quality": _eval_quality, "eval_speed": _eval_speed,
