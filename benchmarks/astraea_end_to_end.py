@@ -15,8 +15,9 @@ process), on a persistent compilation cache folder of its own:
   - "cached": a second new process on the first one's cache (run 1).
 Parts (each one device call; their rows merge into one JSON per GPU):
   speed  - Wan2.1-1.3B 480p x 81 (32,760 tokens), 50 steps: dense and
-           Astraea at mean budgets 0.3/0.4/0.5/0.7 (default lean state;
-           0.4 also with today's float32 state and the compact one);
+           Astraea at mean budgets 0.3/0.4/0.7 (the default lean state);
+  states - the same video: dense, Astraea 0.4 with the float32 state (the
+           old default) and the compact state, and 0.5;
   memory - peak of a short run (the full step and the schedule's first
            partial token count) at 1.3B 720p x 81, 14B 480p x 81 and 14B
            720p x 81, dense and Astraea 0.4 with the lean and compact
@@ -50,12 +51,15 @@ SPEED = [
     ("dense", "1.3b", "480p", "dense", None, None, 50, 2, True),
     ("astraea_0.4", "1.3b", "480p", "astraea", 0.4, "lean", 50, 2, True),
     ("astraea_0.3", "1.3b", "480p", "astraea", 0.3, "lean", 50, 2, False),
-    ("astraea_0.5", "1.3b", "480p", "astraea", 0.5, "lean", 50, 2, False),
     ("astraea_0.7", "1.3b", "480p", "astraea", 0.7, "lean", 50, 2, False),
+]
+STATES = [
+    ("dense", "1.3b", "480p", "dense", None, None, 50, 1, False),
     ("astraea_0.4_float32_state", "1.3b", "480p", "astraea", 0.4, "exact",
      50, 1, False),
     ("astraea_0.4_compact_state", "1.3b", "480p", "astraea", 0.4, "compact",
      50, 1, False),
+    ("astraea_0.5", "1.3b", "480p", "astraea", 0.5, "lean", 50, 2, False),
 ]
 MEMORY = [
     ("dense_1.3b_720p", "1.3b", "720p", "dense", None, None, 1, 1, False),
@@ -289,24 +293,22 @@ def spawn(spec, cache_dir, small, timeout):
   return row
 
 
-def run_part(table, small, timeout):
-  rows = []
+def run_part(table, small, timeout, save):
   for name, model, video, method, budget, state, steps, runs, cached in table:
     spec = {"name": name, "model": model, "video": video, "method": method,
             "budget": budget, "state": state,
             "steps": 3 if small and steps >= 30 else steps, "runs": runs}
     with tempfile.TemporaryDirectory() as cache:
       row = spawn({**spec, "process": "cold"}, cache, small, timeout)
-      rows.append(row)
+      save(row)
       if cached and not row.get("failed"):
-        rows.append(spawn({**spec, "runs": 1, "process": "cached"}, cache,
-                          small, timeout))
-  return rows
+        save(spawn({**spec, "runs": 1, "process": "cached"}, cache, small,
+                   timeout))
 
 
-def user_part(small, timeout):
+def user_part(small, timeout, save):
   """`astraea generate --compare` as a user runs it, in a new process on an
-  empty compilation cache; returns the report's figures as rows."""
+  empty compilation cache; saves the report's figures as a row."""
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     prep = subprocess.run(
@@ -315,8 +317,8 @@ def user_part(small, timeout):
         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=timeout,
         check=False)
     if prep.returncode:
-      return [{"name": "user_generate_compare", "failed": True,
-               "error": prep.stderr[-600:]}]
+      return save({"name": "user_generate_compare", "failed": True,
+                   "error": prep.stderr[-600:]})
     height, width, frames = VIDEOS["small" if small else "480p"]
     cmd = [sys.executable, "-m", "astraea_jax.cli", "generate",
            str(tmp / "ckpt"), "--text-embeddings", str(tmp / "prompt.st"),
@@ -331,14 +333,14 @@ def user_part(small, timeout):
                           timeout=timeout, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode:
-      return [{"name": "user_generate_compare", "failed": True,
-               "error": (proc.stderr or proc.stdout)[-600:]}]
+      return save({"name": "user_generate_compare", "failed": True,
+                   "error": (proc.stderr or proc.stdout)[-600:]})
     report = json.loads((tmp / "out" / "report.json").read_text())
     print(f"  generate --compare: {wall:.0f} s; astraea "
           f"{report['astraea']['seconds']:.1f} s, full "
           f"{report['full']['seconds']:.1f} s", flush=True)
-    return [{"name": "user_generate_compare", "process_wall_s": wall,
-             "command": " ".join(cmd[2:]), "report": report}]
+    return save({"name": "user_generate_compare", "process_wall_s": wall,
+                 "command": " ".join(cmd[2:]), "report": report})
 
 
 def write_checkpoint(folder, small):
@@ -407,7 +409,8 @@ def summarize(rows):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--part", action="append",
-                      choices=["speed", "memory", "user", "opensora"])
+                      choices=["speed", "states", "memory", "user",
+                               "opensora"])
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--out")
   parser.add_argument("--timeout", type=int, default=900)
@@ -419,26 +422,30 @@ def main():
   if args.write_checkpoint:
     return write_checkpoint(args.write_checkpoint, args.small)
   parts = args.part or ["speed"]
+  out = pathlib.Path(args.out) if args.out else (
+      pathlib.Path(tempfile.gettempdir()) / "astraea_end_to_end_small.json"
+      if args.small else RESULTS / f"astraea_end_to_end_{'_'.join(parts)}.json")
+  sys.path.insert(0, str(ROOT / "benchmarks"))
   rows = []
-  tables = {"speed": SPEED, "memory": MEMORY, "opensora": OPENSORA}
+
+  def save(row):  # after every row: a call cut short keeps what ran
+    rows.append(row)
+    import common  # pylint: disable=import-outside-toplevel
+    device = next((r["device"] for r in rows if "device" in r), "unknown")
+    settings = {"parts": parts, "device": device, "small": args.small,
+                "timing": "whole runs, wall clock, each configuration in "
+                          "its own process with its own compilation cache"}
+    common.write_results(out, "astraea_end_to_end", settings, rows,
+                         summarize(rows))
+
+  tables = {"speed": SPEED, "states": STATES, "memory": MEMORY,
+            "opensora": OPENSORA}
   for part in parts:
     print(f"part {part}:", flush=True)
     if part == "user":
-      rows += user_part(args.small, args.timeout)
+      user_part(args.small, args.timeout, save)
     else:
-      rows += run_part(tables[part], args.small, args.timeout)
-  device = next((r["device"] for r in rows if "device" in r), "unknown")
-  gpu = "cpu" if args.small else device.lower().replace(" ", "_")
-  out = pathlib.Path(args.out) if args.out else (
-      pathlib.Path(tempfile.gettempdir()) / "astraea_end_to_end_small.json"
-      if args.small else RESULTS / f"astraea_end_to_end_{gpu}_{'_'.join(parts)}.json")
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import common  # pylint: disable=import-outside-toplevel
-  settings = {"parts": parts, "device": device, "small": args.small,
-              "timing": "whole runs, wall clock, each configuration in its "
-                        "own process with its own compilation cache"}
-  common.write_results(out, "astraea_end_to_end", settings, rows,
-                       summarize(rows))
+      run_part(tables[part], args.small, args.timeout, save)
   return 0
 
 
