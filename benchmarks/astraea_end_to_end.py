@@ -20,8 +20,9 @@ Parts (each one device call; their rows merge into one JSON per GPU):
            old default) and the compact state, and 0.5;
   memory - peak of a short run (the full step and the schedule's first
            partial token count) at 1.3B 720p x 81, 14B 480p x 81 and 14B
-           720p x 81, dense and Astraea 0.4 with the lean and compact
-           states, plus the estimate `memory.check_fits` made before;
+           720p x 81: dense, Astraea 0.4 with the lean state, and with
+           the compact state at 14B 720p, plus the estimate
+           `memory.check_fits` made before;
   user   - a random 1.3B checkpoint written as `astraea convert` writes
            it, then `astraea generate --text-embeddings ... --budget 0.4
            --compare` at 480p x 81, 50 steps, in a new process (its
@@ -61,17 +62,15 @@ STATES = [
      50, 1, False),
     ("astraea_0.5", "1.3b", "480p", "astraea", 0.5, "lean", 50, 2, False),
 ]
-MEMORY = [
-    ("dense_1.3b_720p", "1.3b", "720p", "dense", None, None, 1, 1, False),
-    ("astraea_0.4_1.3b_720p", "1.3b", "720p", "astraea", 0.4, "lean", 2, 1,
-     False),
-    ("dense_14b_480p", "14b", "480p", "dense", None, None, 1, 1, False),
-    ("astraea_0.4_14b_480p", "14b", "480p", "astraea", 0.4, "lean", 2, 1,
-     False),
-    ("astraea_0.4_14b_480p_compact", "14b", "480p", "astraea", 0.4,
-     "compact", 2, 1, False),
+MEMORY = [  # the rows that matter most first
     ("astraea_0.4_14b_720p_compact", "14b", "720p", "astraea", 0.4,
      "compact", 2, 1, False),
+    ("astraea_0.4_14b_480p", "14b", "480p", "astraea", 0.4, "lean", 2, 1,
+     False),
+    ("dense_14b_480p", "14b", "480p", "dense", None, None, 1, 1, False),
+    ("astraea_0.4_1.3b_720p", "1.3b", "720p", "astraea", 0.4, "lean", 2, 1,
+     False),
+    ("dense_1.3b_720p", "1.3b", "720p", "dense", None, None, 1, 1, False),
 ]
 OPENSORA = [
     ("opensora_dense", "stdit3", "480p", "dense", None, None, 30, 2, False),
