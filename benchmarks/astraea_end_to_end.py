@@ -16,6 +16,7 @@ process), on a persistent compilation cache folder of its own:
 Parts (each one device call; their rows merge into one JSON per GPU):
   speed  - Wan2.1-1.3B 480p x 81 (32,760 tokens), 50 steps: dense and
            Astraea at mean budgets 0.3/0.4/0.7 (the default lean state);
+  speed04 - the speed part's dense and 0.4 rows alone;
   states - the same video: dense, Astraea 0.4 with the float32 state (the
            old default) and the compact state, and 0.5;
   memory - peak of a short run (the full step and the schedule's first
@@ -409,7 +410,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--part", action="append",
                       choices=["speed", "states", "memory", "user",
-                               "opensora"])
+                               "opensora", "speed04"])
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--out")
   parser.add_argument("--timeout", type=int, default=900)
@@ -438,7 +439,7 @@ def main():
                          summarize(rows))
 
   tables = {"speed": SPEED, "states": STATES, "memory": MEMORY,
-            "opensora": OPENSORA}
+            "opensora": OPENSORA, "speed04": SPEED[:2]}
   for part in parts:
     print(f"part {part}:", flush=True)
     if part == "user":
