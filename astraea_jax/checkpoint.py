@@ -1,4 +1,5 @@
-"""Converted checkpoints on disk: a folder with `config.json` + `params/`.
+"""Converted checkpoints on disk: a folder with `config.json` + `params/`,
+and whole-model folders: `manifest.json` + one such folder per component.
 
 `params/` is an orbax checkpoint of the nested dict of parameter arrays
 (our layout). Writes are atomic (`outputs.atomic_folder`). Reading a
@@ -20,9 +21,40 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from astraea_jax import configs, outputs
+from astraea_jax.models import stdit3, wan
+from astraea_jax.models.text import umt5
+from astraea_jax.vae import opensora_vae, wan_vae
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+# A converted whole-model folder (converters/model_folder.py for Wan2.1,
+# converters/opensora_folder.py for OpenSora v1.2): the manifest names the
+# model and its component folders.
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "astraea-jax/wan2.1-t2v"
+OPENSORA_MANIFEST_FORMAT = "astraea-jax/opensora-v1.2"
+MANIFEST_VERSION = 1
+MANIFEST_MODELS = {MANIFEST_FORMAT: "wan2.1-t2v",
+                   OPENSORA_MANIFEST_FORMAT: "opensora-v1.2"}
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+
+# The config classes a `config.json` can hold, by its "model" tag, and the
+# module whose `abstract_model` builds each.
+CONFIG_CLASSES = {cls.MODEL: (cls, module) for cls, module in (
+    (configs.WanConfig, wan), (configs.STDiT3Config, stdit3),
+    (umt5.UMT5Config, umt5), (wan_vae.WanVAEConfig, wan_vae),
+    (opensora_vae.OpenSoraVAEConfig, opensora_vae))}
+
+
+def config_from_dict(d: dict):
+  """Any model config from its `to_dict()` form, by its "model" tag
+  (a dict without one is a Wan config)."""
+  model = d.get("model", "wan")
+  if model not in CONFIG_CLASSES:
+    raise ValueError(f"unknown model {model!r} in config; expected one of "
+                     f"{', '.join(CONFIG_CLASSES)}")
+  return CONFIG_CLASSES[model][0].from_dict(d)
 
 
 class CheckpointReadError(ValueError):
@@ -101,11 +133,7 @@ def load_config(path):
                               "convert the model again")
   doc.pop("metadata", None)
   try:
-    if doc.get("model") == "opensora_vae":
-      # pylint: disable-next=g-import-not-at-top
-      from astraea_jax.vae.opensora_vae import OpenSoraVAEConfig
-      return OpenSoraVAEConfig.from_dict(doc)
-    return configs.config_from_dict(doc)
+    return config_from_dict(doc)
   except (TypeError, ValueError) as e:
     raise CheckpointReadError(
         f"{cfg_file} is not the config of a converted checkpoint ({e}); "
@@ -136,20 +164,7 @@ def damaged_checkpoint_message(path, error: BaseException) -> str:
 
 def _abstract_model(config):
   """The model of a config, with ShapeDtypeStruct leaves."""
-  # pylint: disable=g-import-not-at-top
-  if isinstance(config, configs.WanConfig):
-    from astraea_jax.models import wan
-    return wan.abstract_model(config)
-  if isinstance(config, configs.STDiT3Config):
-    from astraea_jax.models import stdit3
-    return stdit3.abstract_model(config)
-  from astraea_jax.vae import opensora_vae, wan_vae
-  if isinstance(config, wan_vae.WanVAEConfig):
-    return wan_vae.abstract_model(config)
-  if isinstance(config, opensora_vae.OpenSoraVAEConfig):
-    return opensora_vae.abstract_model(config)
-  from astraea_jax.models.text import umt5
-  return umt5.abstract_model(config)
+  return CONFIG_CLASSES[config.MODEL][1].abstract_model(config)
 
 
 def load_model(path, *, dtype: str | None = None):
@@ -188,3 +203,55 @@ def params_of(model) -> dict:
   """The nested dict of parameter arrays of a model (what `save` writes)."""
   return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model,
                                                               nnx.Param)))
+
+
+# Whole-model folders ----------------------------------------------------------
+
+
+def read_manifest(path, formats=tuple(MANIFEST_MODELS)) -> dict:
+  """The manifest.json of a converted whole-model folder, validated.
+
+  formats: the manifest formats accepted (default: Wan2.1 and OpenSora).
+  """
+  path = pathlib.Path(path)
+  file = path / MANIFEST_FILE
+  if not file.is_file():
+    hint = (" (it holds a single converted model: use it as the transformer "
+            "with --text-embeddings, or convert the whole Wan2.1 folder)"
+            if (path / CONFIG_FILE).is_file() else "")
+    raise FileNotFoundError(
+        f"{path} is not a converted Wan2.1 model folder: no {MANIFEST_FILE}"
+        f"{hint}. Create one with `astraea convert SRC DST` on the full "
+        "Wan2.1 download (transformer, VAE, text encoder, tokenizer).")
+  try:
+    manifest = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: invalid JSON ({e})") from e
+  if manifest.get("format") not in formats:
+    raise ValueError(f"{file}: format={manifest.get('format')!r}, expected "
+                     f"{' or '.join(map(repr, formats))}")
+  if manifest.get("version") != MANIFEST_VERSION:
+    raise ValueError(f"{file}: version={manifest.get('version')!r}; this "
+                     f"astraea-jax reads version {MANIFEST_VERSION}")
+  components = manifest.get("components", {})
+  missing = [c for c in COMPONENTS
+             if not (path / components.get(c, c)).is_dir()]
+  if missing:
+    raise FileNotFoundError(f"{path}: the manifest's components {missing} "
+                            "are absent; convert the folder again")
+  return manifest
+
+
+def is_model_folder(path) -> bool:
+  return (pathlib.Path(path) / MANIFEST_FILE).is_file()
+
+
+def manifest_model(path) -> str:
+  """"wan2.1-t2v" or "opensora-v1.2": which model a converted whole-model
+  folder holds (after validating its manifest)."""
+  return MANIFEST_MODELS[read_manifest(path)["format"]]
+
+
+def component_path(path, manifest: dict, name: str) -> pathlib.Path:
+  """The folder of component `name` of a whole-model folder."""
+  return pathlib.Path(path) / manifest["components"].get(name, name)

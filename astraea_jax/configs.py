@@ -9,7 +9,7 @@ Wan-AI/Wan2.1-T2V-1.3B and -14B checkpoints and Table 1 of the Wan report
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -36,9 +36,48 @@ def config_kwargs(cls, d: dict[str, Any], model: str) -> dict[str, Any]:
   return d
 
 
+def _plain(value):
+  """`dataclasses.asdict` output as JSON writes it: tuples become lists."""
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return list(value) if isinstance(value, tuple) else value
+
+
+class ModelConfig:
+  """What every model config shares (a mixin of frozen dataclasses with
+  `dtype` and `param_dtype` fields): the dtypes by name, `replace`, and the
+  JSON form tagged with the class's `MODEL`, which `config.json` holds."""
+
+  MODEL: ClassVar[str]
+
+  def check_dtypes(self):
+    dtype_from_name(self.dtype)
+    dtype_from_name(self.param_dtype)
+
+  @property
+  def compute_dtype(self):
+    return dtype_from_name(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return dtype_from_name(self.param_dtype)
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"model": self.MODEL, **_plain(dataclasses.asdict(self))}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]):
+    return cls(**config_kwargs(cls, d, cls.MODEL))
+
+
 @dataclasses.dataclass(frozen=True)
-class WanConfig:
+class WanConfig(ModelConfig):
   """Wan2.1 text-to-video DiT (`WanModel` in the original code)."""
+
+  MODEL: ClassVar[str] = "wan"
 
   dim: int
   ffn_dim: int
@@ -71,23 +110,11 @@ class WanConfig:
       raise ValueError(f"{self.head_dim=} must be even and >= 6 for 3-D RoPE")
     if self.freq_dim % 2:
       raise ValueError(f"{self.freq_dim=} must be even")
-    dtype_from_name(self.dtype)
-    dtype_from_name(self.param_dtype)
+    self.check_dtypes()
 
   @property
   def head_dim(self) -> int:
     return self.dim // self.num_heads
-
-  @property
-  def compute_dtype(self):
-    return dtype_from_name(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return dtype_from_name(self.param_dtype)
-
-  def replace(self, **changes) -> "WanConfig":
-    return dataclasses.replace(self, **changes)
 
   # Presets ---------------------------------------------------------------
 
@@ -123,16 +150,6 @@ class WanConfig:
     kw.update(overrides)
     return cls(**kw)
 
-  # Serialisation (the small JSON written next to converted weights) -------
-
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["patch_size"] = list(self.patch_size)
-    return {"model": "wan", **d}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "WanConfig":
-    return cls(**config_kwargs(cls, d, "wan"))
 
 
 # OpenSora v1.2 STDiT3-XL/2. Reference: `STDiT3_XL_2` in
@@ -144,8 +161,10 @@ class WanConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class STDiT3Config:
+class STDiT3Config(ModelConfig):
   """OpenSora v1.2 spatial-temporal DiT (`STDiT3` in the original code)."""
+
+  MODEL: ClassVar[str] = "stdit3"
 
   hidden_size: int = 1152
   depth: int = 28
@@ -189,8 +208,7 @@ class STDiT3Config:
       raise ValueError(f"{self.freq_dim=} must be even")
     if self.depth < 1:
       raise ValueError(f"{self.depth=} must be >= 1")
-    dtype_from_name(self.dtype)
-    dtype_from_name(self.param_dtype)
+    self.check_dtypes()
 
   @property
   def head_dim(self) -> int:
@@ -203,17 +221,6 @@ class STDiT3Config:
   @property
   def mlp_hidden(self) -> int:
     return int(self.hidden_size * self.mlp_ratio)  # as timm's Mlp rounds
-
-  @property
-  def compute_dtype(self):
-    return dtype_from_name(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return dtype_from_name(self.param_dtype)
-
-  def replace(self, **changes) -> STDiT3Config:
-    return dataclasses.replace(self, **changes)
 
   # Presets ---------------------------------------------------------------
 
@@ -230,17 +237,6 @@ class STDiT3Config:
     kw.update(overrides)
     return cls(**kw)
 
-  # Serialisation (the small JSON written next to converted weights) -------
-
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["patch_size"] = list(self.patch_size)
-    return {"model": "stdit3", **d}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> STDiT3Config:
-    return cls(**config_kwargs(cls, d, "stdit3"))
-
 
 PRESETS = {
     "wan2.1-t2v-1.3b": WanConfig.wan21_t2v_1_3b,
@@ -255,20 +251,3 @@ def get_config(name: str, **overrides):
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
   return PRESETS[name](**overrides)
-
-
-def config_from_dict(d: dict[str, Any]):
-  """Any model config from its `to_dict()` form, by its "model" tag."""
-  model = d.get("model", "wan")
-  if model == "wan":
-    return WanConfig.from_dict(d)
-  if model == "stdit3":
-    return STDiT3Config.from_dict(d)
-  if model == "umt5":
-    from astraea_jax.models.text.umt5 import UMT5Config  # pylint: disable=g-import-not-at-top
-    return UMT5Config.from_dict(d)
-  if model == "wan_vae":
-    from astraea_jax.vae.wan_vae import WanVAEConfig  # pylint: disable=g-import-not-at-top
-    return WanVAEConfig.from_dict(d)
-  raise ValueError(f"unknown model {model!r} in config; expected wan, "
-                   "stdit3, umt5 or wan_vae")

@@ -64,11 +64,13 @@ from flax import nnx
 from astraea_jax import checkpoint, metrics, outputs
 from astraea_jax.provenance import environment
 from astraea_jax import lpips as lpips_lib
-from astraea_jax import pipeline as pipeline_lib
+from astraea_jax import pipelines
 from astraea_jax.astraea import policies as policies_lib
 from astraea_jax.astraea import policy_specs
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.sampling import sampler as dense_sampler
+from astraea_jax.text_embeddings import read_text_embeddings
+from converters import wan_vae as wan_vae_converter
 
 # Captions of the demo world (astraea_jax/demo_model/data.py).
 DEFAULT_DEMO_PROMPTS = (
@@ -155,20 +157,17 @@ def checkpoint_problem(model_path, *, embeddings=(), prompts=(),
   the latents are compared."""
   if bool(embeddings) == bool(prompts):
     raise ValueError("give prompts or text embeddings, not both or neither")
-  if pipeline_lib.is_model_folder(model_path):
-    pipe = pipeline_lib.WanPipeline.from_pretrained(
-        model_path, dtype=dtype, load_text_encoder=bool(prompts))
-  else:
+  vae_model = None
+  if not checkpoint.is_model_folder(model_path):
     if prompts:
       raise ValueError(f"prompts need a converted whole-model folder with "
                        f"the text encoder; {model_path} is a transformer "
                        "alone: pass --text-embeddings")
-    vae_model = None
     if vae is not None:
-      from converters import wan_vae
-      vae_model = wan_vae.load_vae(vae, allow_pth=allow_pth)
-    pipe = pipeline_lib.WanPipeline(
-        checkpoint.load_model(model_path, dtype=dtype), vae_model)
+      vae_model = wan_vae_converter.load_vae(vae, allow_pth=allow_pth)
+  pipe = pipelines.WanPipeline.from_checkpoint(
+      model_path, vae=vae_model, dtype=dtype,
+      load_text_encoder=bool(prompts))
   text_dim = pipe.transformer.config.text_dim
   pairs = []
   if prompts:
@@ -176,10 +175,9 @@ def checkpoint_problem(model_path, *, embeddings=(), prompts=(),
       pairs.append((p, *pipe.encode_prompt(p, "", progress=False)))
     pipe.text_encoder = None
   else:
-    from astraea_jax import generate
     for path in embeddings:
       pairs.append((pathlib.Path(path).stem,
-                    *generate.read_text_embeddings(path, text_dim)))
+                    *read_text_embeddings(path, text_dim)))
   shape = pipe.latent_shape(height, width, frames)
   samples = [Sample(name, int(seed), ctx, neg,
                     dense_sampler.draw_noise(jax.random.key(int(seed)),
@@ -728,7 +726,8 @@ def run(problem: Problem, policies, out, *, speed_json=None,
 
 
 def command(args) -> int:
-  """The `astraea eval` subcommand (arguments: astraea_jax/cli.py)."""
+  """The `astraea eval` subcommand (arguments:
+  astraea_jax/commands/evaluate.py)."""
   prompts = list(args.prompt or [])
   if args.prompts:
     with open(args.prompts, encoding="utf-8") as f:

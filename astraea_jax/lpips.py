@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astraea_jax import metrics
+
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -225,14 +227,8 @@ def lpips(video, reference, weights, *, channel_axis=-3, frames_per_batch=None):
   (batch, time) is a frame; frames go through the network
   `frames_per_batch` at a time (all at once when None) to bound memory.
   """
-  video = jnp.asarray(video, F32)
-  reference = jnp.asarray(reference, F32)
-  if video.shape != reference.shape:
-    raise ValueError(f"shapes differ: {video.shape=} {reference.shape=}")
-  if channel_axis == -1:
-    video, reference = (jnp.moveaxis(a, -1, -3) for a in (video, reference))
-  elif channel_axis != -3:
-    raise ValueError(f"{channel_axis=} must be -1 or -3")
+  video, reference = metrics.channels_first_pair(video, reference,
+                                                 channel_axis)
   if video.ndim < 3 or video.shape[-3] != 3:
     raise ValueError(f"{video.shape=} must be (..., 3, H, W) RGB frames")
   h, w = video.shape[-2:]

@@ -46,13 +46,9 @@ def _blur(images, window):
   return out[:, 0]
 
 
-def ssim(video, reference, *, data_range: float = 2.0, channel_axis=-1):
-  """Mean SSIM (Wang et al. 2004, eq. 13) with an 11x11 Gaussian window,
-  sigma 1.5, K1 = 0.01, K2 = 0.03, per frame and channel, averaged.
-
-  Images are (..., H, W, C) with `channel_axis=-1`, or (..., C, H, W)
-  with `channel_axis=-3`; every leading axis (batch, time) is averaged.
-  """
+def channels_first_pair(video, reference, channel_axis):
+  """Two videos of one shape as float32 (..., C, H, W): from
+  `channel_axis=-1` (..., H, W, C) or -3 (already channels first)."""
   video, reference = jnp.asarray(video, F32), jnp.asarray(reference, F32)
   if video.shape != reference.shape:
     raise ValueError(f"shapes differ: {video.shape=} {reference.shape=}")
@@ -60,6 +56,17 @@ def ssim(video, reference, *, data_range: float = 2.0, channel_axis=-1):
     video, reference = (jnp.moveaxis(a, -1, -3) for a in (video, reference))
   elif channel_axis != -3:
     raise ValueError(f"{channel_axis=} must be -1 or -3")
+  return video, reference
+
+
+def ssim(video, reference, *, data_range: float = 2.0, channel_axis=-1):
+  """Mean SSIM (Wang et al. 2004, eq. 13) with an 11x11 Gaussian window,
+  sigma 1.5, K1 = 0.01, K2 = 0.03, per frame and channel, averaged.
+
+  Images are (..., H, W, C) with `channel_axis=-1`, or (..., C, H, W)
+  with `channel_axis=-3`; every leading axis (batch, time) is averaged.
+  """
+  video, reference = channels_first_pair(video, reference, channel_axis)
   h, w = video.shape[-2:]
   if min(h, w) < 11:
     raise ValueError(f"frames of {h}x{w} are smaller than the 11x11 window")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 
 import numpy as np
 
@@ -96,6 +97,19 @@ def write_wan_checkpoint(folder, config, tensors=None, *, layout="wan",
   return folder
 
 
+def scaled_like_init(name: str, x, shape):
+  """A standard-normal draw `x` for parameter `name` scaled as the trained
+  weights are: kernels by fan-in^-1/2, modulation tables by 0.5, norm
+  weights around 1, everything else by 0.1."""
+  if "kernel" in name:
+    return x * shape[-2] ** -0.5
+  if "modulation" in name:
+    return x * 0.5
+  if "norm" in name and "weight" in name:
+    return 1 + 0.1 * x
+  return 0.1 * x
+
+
 def random_params(abstract_state, key):
   """Random values for every leaf of an abstract nnx.State, in one jit.
 
@@ -112,16 +126,8 @@ def random_params(abstract_state, key):
     keys = jax.random.split(key, len(paths_leaves))
     leaves = []
     for k, (path, leaf) in zip(keys, paths_leaves):
-      name = jax.tree_util.keystr(path)
       x = jax.random.normal(k, leaf.shape, "float32")
-      if "kernel" in name:
-        x = x * leaf.shape[-2] ** -0.5
-      elif "modulation" in name:
-        x = x * 0.5
-      elif "norm" in name and "weight" in name:
-        x = 1 + 0.1 * x
-      else:
-        x = 0.1 * x
+      x = scaled_like_init(jax.tree_util.keystr(path), x, leaf.shape)
       leaves.append(x.astype(leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -139,3 +145,28 @@ def random_wan(config, seed=0):
   from astraea_jax.models import wan  # pylint: disable=g-import-not-at-top
   graphdef, abstract = nnx.split(wan.abstract_model(config))
   return graphdef, random_params(abstract, jax.random.key(seed))
+
+
+def assert_close(actual, reference, rel=1e-5, abs_=1e-6):
+  """max |actual - reference| <= rel * max |reference| + abs_ (the
+  difference taken in float64), shapes equal."""
+  actual, reference = np.asarray(actual), np.asarray(reference)
+  assert actual.shape == reference.shape, (actual.shape, reference.shape)
+  tol = rel * np.abs(reference).max() + abs_
+  err = np.abs(actual.astype(np.float64) - reference).max()
+  assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
+
+
+def read_mp4(path):
+  """(frames (T, H, W, 3) uint8, fps) through imageio: a reader other than
+  our writer, so the file is checked as any player would open it. imageio
+  starts ffmpeg with a pre-exec hook, which makes JAX warn about os.fork
+  (our writer does not); the warning is silenced here only."""
+  import imageio.v2 as imageio  # pylint: disable=import-outside-toplevel
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="os.fork",
+                            category=RuntimeWarning)
+    with imageio.get_reader(path, format="FFMPEG") as reader:
+      fps = float(reader.get_meta_data()["fps"])
+      frames = np.stack([np.asarray(f) for f in reader])
+  return frames, fps

@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/pipeline_wan.py            # H200, ~6 min
   PYTHONPATH=. python benchmarks/pipeline_wan.py --small    # CPU smoke run
 
-Full mode: `astraea_jax.pipeline.WanPipeline` with random weights in the
+Full mode: `astraea_jax.pipelines.WanPipeline` with random weights in the
 published sizes: umT5-XXL text encoder (bfloat16), Wan2.1-T2V-1.3B DiT
 (bfloat16), Wan2.1 VAE (float32, as Wan runs it); 480p x 81 frames
 (latent 16 x 21 x 60 x 104, 32,760 tokens), CFG batch 2, UniPC, 50 steps.
@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 import common
-from astraea_jax import pipeline as pipeline_lib
+from astraea_jax import pipelines
 from astraea_jax import testing
 from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
@@ -114,7 +114,7 @@ def build(small: bool):
   # Eager init draws the VAE's kernels with numpy (fast); one jitted draw
   # of its ~200 separate leaves compiles for minutes.
   vae = wan_vae.WanVAE(vae_config, rngs=nnx.Rngs(2))
-  pipe = pipeline_lib.WanPipeline(transformer, vae, text_encoder,
+  pipe = pipelines.WanPipeline(transformer, vae, text_encoder,
                                   text_len=config.text_len)
   return pipe, (height, width, frames)
 

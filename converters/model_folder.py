@@ -40,15 +40,15 @@ import dataclasses
 import json
 import pathlib
 import re
-import shutil
 from collections.abc import Mapping
 
 import numpy as np
 import tqdm
 
-from astraea_jax import checkpoint, outputs, pipeline
+from astraea_jax import checkpoint, outputs
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.models.text.umt5 import UMT5Config
+from converters import manifest as manifest_lib
 from converters import opensora_folder
 from converters import umt5 as umt5_converter
 from converters import wan as wan_converter
@@ -62,10 +62,6 @@ ORIGINAL_VAE = "Wan2.1_VAE"
 ORIGINAL_TEXT_ENCODER = "models_t5_umt5-xxl-enc-bf16"
 ORIGINAL_TOKENIZER = "google/umt5-xxl"
 WEIGHT_SUFFIXES = (".safetensors", ".pth")
-# The tokenizer files `UMT5Tokenizer` reads; copied as they are.
-TOKENIZER_FILES = (tokenizer_lib.TOKENIZER_JSON,
-                   tokenizer_lib.SENTENCEPIECE_MODEL, "tokenizer_config.json",
-                   "special_tokens_map.json")
 # The original `T5RelativeEmbedding` default, not stored in the state dict.
 ORIGINAL_T5_MAX_DISTANCE = 128
 # What a hub download fetches: weights, configs, tokenizer files (not the
@@ -355,22 +351,6 @@ def read_text_encoder(folder: ModelFolder, *, dtype, allow_pth, bar):
   return config, params
 
 
-def copy_tokenizer(src: pathlib.Path, dst: pathlib.Path, vocab_size: int):
-  """Copies the tokenizer files and checks that they load and fit."""
-  dst.mkdir()
-  for name in TOKENIZER_FILES:
-    if (src / name).is_file():
-      shutil.copy2(src / name, dst / name)
-  try:
-    tokenizer = tokenizer_lib.UMT5Tokenizer.from_folder(dst)
-  except (tokenizer_lib.TokenizerFilesError, ImportError) as e:
-    raise CheckpointError(f"{src}: the tokenizer does not load: {e}") from e
-  if tokenizer.vocab_size > vocab_size:
-    raise CheckpointError(
-        f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the "
-        f"text encoder embeds only {vocab_size}")
-
-
 # Conversion -------------------------------------------------------------------
 
 
@@ -421,28 +401,18 @@ def convert(folder: ModelFolder, dst, *, dtype: str = "float32",
           f"transformer's text_dim={config.text_dim}")
     checkpoint.save(tmp / "text_encoder", te_config, params)
     del params
-    copy_tokenizer(folder.tokenizer, tmp / "tokenizer",
-                   te_config.vocab_size)
+    manifest_lib.copy_tokenizer(folder.tokenizer, tmp / "tokenizer",
+                                te_config.vocab_size)
     bar.update(bar.total - bar.n)
-    manifest = {
-        "format": pipeline.MANIFEST_FORMAT,
-        "version": pipeline.MANIFEST_VERSION,
-        "model": "wan2.1-t2v",
-        "source": source_name or str(folder.root),
-        "layout": folder.layout,
-        "text_len": config.text_len,
-        "components": {c: c for c in pipeline.COMPONENTS},
-        "converted_from": {
+    return manifest_lib.write_manifest(
+        tmp, manifest_format=checkpoint.MANIFEST_FORMAT,
+        source=source_name or str(folder.root), layout=folder.layout,
+        text_len=config.text_len, converted_from={
             "transformer": rel(transformer_dir), "vae": rel(folder.vae),
             "text_encoder": rel(folder.text_encoder),
             "tokenizer": rel(folder.tokenizer)},
-        "param_dtype": {"transformer": config.param_dtype,
-                        "vae": vae_config.param_dtype,
-                        "text_encoder": te_config.param_dtype},
-    }
-    (tmp / pipeline.MANIFEST_FILE).write_text(
-        json.dumps(manifest, indent=2) + "\n")
-  return manifest
+        configs={"transformer": config, "vae": vae_config,
+                 "text_encoder": te_config})
 
 
 # Sources on the Hugging Face hub ----------------------------------------------

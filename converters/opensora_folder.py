@@ -44,19 +44,16 @@ import pathlib
 
 import tqdm
 
-from astraea_jax import checkpoint, outputs, pipeline
+from astraea_jax import checkpoint, outputs
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.vae.opensora_vae import SpatialVAEConfig, TemporalVAEConfig
+from converters import manifest as manifest_lib
 from converters import opensora as stdit3_converter
 from converters import opensora_vae as vae_converter
 from converters import umt5 as t5_converter
 from converters.common import (CheckpointError, MeteredSource,
                                open_safetensors_folder)
 
-MANIFEST_FORMAT = pipeline.OPENSORA_MANIFEST_FORMAT
-MANIFEST_VERSION = pipeline.MANIFEST_VERSION
-MODEL_NAME = pipeline.MANIFEST_MODELS[MANIFEST_FORMAT]
-COMPONENTS = pipeline.COMPONENTS
 # Subfolder names of each part: the published repo's name, then ours.
 PART_FOLDERS = {
     "transformer": ("OpenSora-STDiT-v3", "transformer"),
@@ -252,8 +249,6 @@ def convert(folder: OpenSoraFolder, dst, *, dtype: str = "float32",
   dtype: parameter dtype of the STDiT3 and the text encoder (the VAE stays
   float32).
   """
-  # pylint: disable-next=import-outside-toplevel
-  from converters.model_folder import copy_tokenizer
   rel = lambda p: str(p.relative_to(folder.root)) + "/"
   with outputs.atomic_folder(dst, overwrite=overwrite,
                              command="convert") as tmp, tqdm.tqdm(
@@ -272,24 +267,15 @@ def convert(folder: OpenSoraFolder, dst, *, dtype: str = "float32",
     check_fit(config, vae_cfg, te_cfg)
     checkpoint.save(tmp / "text_encoder", te_cfg, params)
     del params
-    copy_tokenizer(folder.tokenizer, tmp / "tokenizer", te_cfg.vocab_size)
+    manifest_lib.copy_tokenizer(folder.tokenizer, tmp / "tokenizer",
+                                te_cfg.vocab_size)
     bar.update(bar.total - bar.n)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "model": MODEL_NAME,
-        "source": source_name or str(folder.root),
-        "layout": folder.layout,
-        "text_len": config.model_max_length,
-        "components": {c: c for c in COMPONENTS},
-        "converted_from": {
+    return manifest_lib.write_manifest(
+        tmp, manifest_format=checkpoint.OPENSORA_MANIFEST_FORMAT,
+        source=source_name or str(folder.root), layout=folder.layout,
+        text_len=config.model_max_length, converted_from={
             "transformer": rel(folder.transformer), "vae": rel(folder.vae),
             "text_encoder": rel(folder.text_encoder),
             "tokenizer": rel(folder.tokenizer)},
-        "param_dtype": {"transformer": config.param_dtype,
-                        "vae": vae_cfg.param_dtype,
-                        "text_encoder": te_cfg.param_dtype},
-    }
-    (tmp / pipeline.MANIFEST_FILE).write_text(
-        json.dumps(manifest, indent=2) + "\n")
-  return manifest
+        configs={"transformer": config, "vae": vae_cfg,
+                 "text_encoder": te_cfg})

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax import parallel
+from astraea_jax import parallel, testing
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.configs import WanConfig
@@ -46,16 +46,8 @@ def random_model(seed=1):
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    x = rng.standard_normal(leaf.shape)
-    if "kernel" in name:
-      x = x * leaf.shape[-2] ** -0.5
-    elif "modulation" in name:
-      x = x * 0.5
-    elif "norm" in name and "weight" in name:
-      x = 1 + 0.1 * x
-    else:
-      x = 0.1 * x
+    x = testing.scaled_like_init(jax.tree_util.keystr(path),
+                                 rng.standard_normal(leaf.shape), leaf.shape)
     return jnp.asarray(x, leaf.dtype)
 
   return graphdef, jax.tree_util.tree_map_with_path(draw, abstract)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from astraea_jax import cli, testing
+from astraea_jax.commands import common
 from astraea_jax.configs import WanConfig
 from astraea_jax.demo_model import model as demo_model
 from converters.safetensors_io import save_file
@@ -281,7 +282,7 @@ def test_degenerate_budget_runs_dense_and_says_so(workspace, tmp_path,
 
 
 def test_empty_prompt_says_it_samples_unconditionally(capsys):
-  cli._note_empty_prompt("  ")  # pylint: disable=protected-access
+  common.note_empty_prompt("  ")
   assert "samples unconditionally" in capsys.readouterr().err
-  cli._note_empty_prompt("a cat")  # pylint: disable=protected-access
+  common.note_empty_prompt("a cat")
   assert capsys.readouterr().err == ""

@@ -16,7 +16,6 @@ parity is tested in test_stdit3.py, test_opensora_vae.py, test_t5.py).
 
 import json
 import shutil
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from astraea_jax import checkpoint, cli, opensora_pipeline, pipeline
+from astraea_jax import checkpoint, cli, pipelines, testing
+from astraea_jax.pipelines import opensora_pipeline
 from astraea_jax.astraea import stdit3_tokenwise as astraea_stdit3
 from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
@@ -161,17 +161,6 @@ def pipe(converted):
   return opensora_pipeline.OpenSoraPipeline.from_pretrained(converted)
 
 
-def read_mp4(path):
-  import imageio.v2 as imageio  # pylint: disable=import-outside-toplevel
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="os.fork",
-                            category=RuntimeWarning)
-    with imageio.get_reader(path, format="FFMPEG") as reader:
-      fps = float(reader.get_meta_data()["fps"])
-      frames = np.stack([np.asarray(f) for f in reader])
-  return frames, fps
-
-
 def generate_args(converted, out, *extra):
   return ["generate", "--model", str(converted), "--prompt", PROMPT,
           "--size", f"{WIDTH}x{HEIGHT}", "--frames", str(FRAMES),
@@ -189,7 +178,7 @@ def test_converted_folder(converted, source):
   assert manifest["converted_from"] == {
       "transformer": "OpenSora-STDiT-v3/", "vae": "OpenSora-VAE-v1.2/",
       "text_encoder": "t5-v1_1-xxl/", "tokenizer": "t5-v1_1-xxl/"}
-  assert pipeline.manifest_model(converted) == "opensora-v1.2"
+  assert checkpoint.manifest_model(converted) == "opensora-v1.2"
   for part, want in (("transformer", source["stdit3"]),
                      ("vae", source["vae"]), ("text_encoder", source["t5"])):
     model = checkpoint.load_model(converted / part)
@@ -220,7 +209,7 @@ def test_missing_part_is_named(source, tmp_path, capsys, remove, message):
 
 def test_wan_pipeline_refuses_an_opensora_folder(converted):
   with pytest.raises(ValueError, match="OpenSoraPipeline"):
-    pipeline.WanPipeline.from_pretrained(converted)
+    pipelines.WanPipeline.from_pretrained(converted)
 
 
 # The pipeline -----------------------------------------------------------------
@@ -314,7 +303,7 @@ def test_generate_dense_mp4_and_latents(converted, pipe, tmp_path, capsys):
   out = tmp_path / "panda.mp4"
   assert cli.main(generate_args(converted, out, "--save-latents")) == 0
   assert "wrote" in capsys.readouterr().out
-  frames, fps = read_mp4(out)
+  frames, fps = testing.read_mp4(out)
   assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and fps == 24.0
   latents = SafetensorsFile(tmp_path / "panda.latents.safetensors")
   assert latents.keys() == ["latents_full"]
@@ -334,7 +323,7 @@ def test_generate_astraea_with_compare(converted, tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "speedup" in printed and "PSNR" in printed
   for path in (out, tmp_path / "panda.full.mp4"):
-    frames, _ = read_mp4(path)
+    frames, _ = testing.read_mp4(path)
     assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3)
   latents = SafetensorsFile(tmp_path / "panda.latents.safetensors")
   assert sorted(latents.keys()) == ["latents_astraea", "latents_full"]

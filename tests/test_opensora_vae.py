@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from astraea_jax import testing
 from astraea_jax.vae import opensora_vae
 from astraea_jax.vae.opensora_vae import (
   OpenSoraVAEConfig,
@@ -46,14 +47,6 @@ CONFIG = OpenSoraVAEConfig.tiny()
 # test sees which ones are used.
 SHIFT = (0.3, -0.2, 0.1, 0.5)
 SCALE = (1.5, 2.5, 0.8, 3.0)
-
-
-def assert_close(actual, reference, rel=1e-5, abs_=1e-6):
-  actual, reference = np.asarray(actual), np.asarray(reference)
-  assert actual.shape == reference.shape, (actual.shape, reference.shape)
-  tol = rel * np.abs(reference).max() + abs_
-  err = np.abs(actual.astype(np.float64) - reference).max()
-  assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
 
 
 # NumPy float64 transcription of the OpenSora code (commit above) --------------
@@ -365,10 +358,10 @@ def test_spatial_vae_matches_diffusers(tmp_path):
     decoded = reference.decode(torch.from_numpy(latents).double()).sample
   moments = jitted(ours, "encode_moments", images.transpose(0, 2, 3, 1))
   mean, logvar = np.split(moments.transpose(0, 3, 1, 2), 2, axis=1)
-  assert_close(mean, posterior.mean.numpy())
-  assert_close(np.clip(logvar, -30, 20), posterior.logvar.numpy())
+  testing.assert_close(mean, posterior.mean.numpy())
+  testing.assert_close(np.clip(logvar, -30, 20), posterior.logvar.numpy())
   out = jitted(ours, "decode", latents.transpose(0, 2, 3, 1))
-  assert_close(out.transpose(0, 3, 1, 2), decoded.numpy())
+  testing.assert_close(out.transpose(0, 3, 1, 2), decoded.numpy())
 
 
 # The temporal VAE vs the NumPy transcription ----------------------------------
@@ -383,13 +376,13 @@ def test_temporal_vae_matches_reference(vae, checkpoint):
   mean, logvar = np.split(moments.transpose(0, 4, 1, 2, 3), 2, axis=1)
   ref_mean, ref_logvar = ref.encode(x.astype(np.float64))
   assert mean.shape == (2, 4, 3, 3, 5)
-  assert_close(mean, ref_mean)
-  assert_close(np.clip(logvar, -30, 20), ref_logvar)
+  testing.assert_close(mean, ref_mean)
+  testing.assert_close(np.clip(logvar, -30, 20), ref_logvar)
   z = np.random.default_rng(5).standard_normal((2, 4, 3, 3, 5)).astype(
       np.float32)
   out = jitted(vae.temporal_vae, "decode", z.transpose(0, 2, 3, 4, 1),
                num_frames=9)
-  assert_close(out.transpose(0, 4, 1, 2, 3), ref.decode(z, num_frames=9))
+  testing.assert_close(out.transpose(0, 4, 1, 2, 3), ref.decode(z, num_frames=9))
 
 
 def test_depth_to_time_is_channel_major():
@@ -415,11 +408,11 @@ def test_pipeline_matches_reference(vae, checkpoint):
   latents = np.asarray(opensora_vae.encode_jit(vae, video))
   assert latents.shape == opensora_vae.latent_shape(CONFIG, video.shape) == (
       2, 4, 7, 4, 3)
-  assert_close(latents, ref.encode(video.astype(np.float64)))
+  testing.assert_close(latents, ref.encode(video.astype(np.float64)))
   z = np.random.default_rng(7).standard_normal(latents.shape).astype(
       np.float32)
   out = np.asarray(opensora_vae.decode_jit(vae, z, num_frames=22))
-  assert_close(out, ref.decode(z.astype(np.float64), num_frames=22))
+  testing.assert_close(out, ref.decode(z.astype(np.float64), num_frames=22))
   # The reference read every tensor of the checkpoint but the image VAE's
   # (diffusers reads those).
   assert checkpoint["weights"].read == {

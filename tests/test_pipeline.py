@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ import pytest
 import torch
 from flax import nnx
 
-from astraea_jax import checkpoint, cli, pipeline, testing, video
+from astraea_jax import checkpoint, cli, pipelines, testing, video
 from astraea_jax.configs import WanConfig
 from astraea_jax.models.text.umt5 import UMT5Config
 from astraea_jax.vae.wan_vae import WanVAEConfig
@@ -62,21 +61,6 @@ HEIGHT, WIDTH, FRAMES, STEPS, SCALE, SHIFT = 32, 48, 5, 2, 5.0, 3.0
 CORPUS = [PROMPT, NEGATIVE, ("The cat is carefully measuring flour, while "
                              "the dog is stirring the batter with a wooden "
                              "spoon.")]
-
-
-def read_mp4(path):
-  """(frames (T, H, W, 3) uint8, fps) through imageio: a reader other than
-  our writer, so the file is checked as any player would open it. imageio
-  starts ffmpeg with a pre-exec hook, which makes JAX warn about os.fork
-  (our writer does not); the warning is silenced here only."""
-  import imageio.v2 as imageio
-  with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="os.fork",
-                            category=RuntimeWarning)
-    with imageio.get_reader(path, format="FFMPEG") as reader:
-      fps = float(reader.get_meta_data()["fps"])
-      frames = np.stack([np.asarray(f) for f in reader])
-  return frames, fps
 
 
 def rel_err(ours, ref):
@@ -209,7 +193,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(folders):
-  return pipeline.WanPipeline.from_pretrained(folders["converted"])
+  return pipelines.WanPipeline.from_pretrained(folders["converted"])
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +217,7 @@ def test_converted_folder_layout(folders):
   dst = folders["converted"]
   manifest = json.loads((dst / "manifest.json").read_text())
   assert manifest["layout"] == "diffusers" and manifest["text_len"] == 512
-  assert manifest["components"] == {c: c for c in pipeline.COMPONENTS}
+  assert manifest["components"] == {c: c for c in checkpoint.COMPONENTS}
   assert checkpoint.load_config(dst / "transformer") == CONFIG
   assert checkpoint.load_config(dst / "vae") == VAE_CONFIG
   assert checkpoint.load_config(dst / "text_encoder") == TEXT_CONFIG
@@ -427,7 +411,7 @@ def test_generate_writes_an_mp4(folders, ours, tmp_path, capsys, layout):
                    "--save-latents", *extra]) == 0
   printed = capsys.readouterr().out
   assert f"wrote {out}" in printed
-  frames, fps = read_mp4(out)
+  frames, fps = testing.read_mp4(out)
   assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and fps == 16
   from converters.safetensors_io import SafetensorsFile
   run = "astraea" if extra else "full"
@@ -442,7 +426,7 @@ def test_generate_writes_an_mp4(folders, ours, tmp_path, capsys, layout):
   assert nearest == list(range(FRAMES))
   if extra:
     assert "speedup" in printed and "PSNR vs full (video)" in printed
-    full, _ = read_mp4(tmp_path / "cat.full.mp4")
+    full, _ = testing.read_mp4(tmp_path / "cat.full.mp4")
     assert full.shape == frames.shape
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
       ["cat.mp4", "cat.latents.safetensors"]
@@ -457,7 +441,7 @@ def test_generate_folder_output_has_videos(folders, tmp_path):
                    "--out", str(out)]) == 0
   report = json.loads((out / "report.json").read_text())
   assert report["prompt"] == PROMPT and report["negative_prompt"] == ""
-  frames, _ = read_mp4(out / "video_full.mp4")
+  frames, _ = testing.read_mp4(out / "video_full.mp4")
   assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3)
 
 
@@ -511,7 +495,7 @@ def smooth_video(t=9, h=32, w=48):
 def test_write_mp4_round_trip(tmp_path):
   clip = smooth_video()
   path = video.write_mp4(tmp_path / "a.mp4", clip, fps=12)
-  frames, fps = read_mp4(path)
+  frames, fps = testing.read_mp4(path)
   assert frames.shape == (9, 32, 48, 3) and fps == 12
   assert psnr_uint8(frames, video.to_frames(clip)) > 28
   assert os.listdir(tmp_path) == ["a.mp4"]  # no temporary file left

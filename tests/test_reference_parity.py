@@ -27,14 +27,6 @@ CONFIG = WanConfig.tiny(dim=96, ffn_dim=160, num_heads=4, num_layers=2,
                         text_dim=40, text_len=12, freq_dim=32)
 
 
-def assert_close(actual, reference):
-  actual, reference = np.asarray(actual), np.asarray(reference)
-  assert actual.shape == reference.shape
-  tol = 1e-5 * np.abs(reference).max() + 1e-6
-  err = np.abs(actual - reference).max()
-  assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
-
-
 def inputs(seed=0):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((2, 16, 3, 8, 10)).astype(np.float32)
@@ -88,7 +80,7 @@ def test_diffusers_parity_through_both_layouts(tmp_path):
     model = convert_state_dict(tmp_path, sd, layout)
     outs.append(np.asarray(model(jnp.asarray(x), jnp.asarray(t),
                                  jnp.asarray(ctx))))
-    assert_close(outs[-1], ref)
+    testing.assert_close(outs[-1], ref)
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -156,4 +148,4 @@ def test_wan22_parity(tmp_path):
   # The reference pads each context to text_len itself; pass unpadded ones.
   out0 = model(jnp.asarray(x[:1]), jnp.asarray(t[:1]), jnp.asarray(ctx[:1, :9]))
   out1 = model(jnp.asarray(x[1:]), jnp.asarray(t[1:]), jnp.asarray(ctx[1:, :4]))
-  assert_close(np.concatenate([out0, out1]), ref)
+  testing.assert_close(np.concatenate([out0, out1]), ref)

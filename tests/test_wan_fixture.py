@@ -8,19 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from astraea_jax import checkpoint
+from astraea_jax import checkpoint, testing
 from astraea_jax.configs import WanConfig
 from converters import wan as wan_converter
 from converters.common import Source
 from converters.safetensors_io import SafetensorsFile
-
-
-def assert_close(actual, reference):
-  actual, reference = np.asarray(actual), np.asarray(reference)
-  assert actual.shape == reference.shape
-  tol = 1e-5 * np.abs(reference).max() + 1e-6
-  err = np.abs(actual - reference).max()
-  assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
 
 
 def fixture_config():
@@ -53,7 +45,7 @@ def test_outputs_match_original(model, io, case, batch):
     out = model(jnp.asarray(io.get(f"{case}.x.{b}")[None]),
                 jnp.asarray(t[b:b + 1]),
                 jnp.asarray(io.get(f"{case}.context.{b}")[None]))
-    assert_close(out[0], io.get(f"{case}.out.{b}"))
+    testing.assert_close(out[0], io.get(f"{case}.out.{b}"))
 
 
 def test_batched_call_and_intermediates(model, io):
@@ -67,12 +59,12 @@ def test_batched_call_and_intermediates(model, io):
     ctx[b, :len(c)] = c
   t = jnp.asarray(io.get("a.t"))
   emb, e, e0, ctx_emb, rope = model.embed(x, t, jnp.asarray(ctx))
-  assert_close(e, io.get("a.inter.time_embedding"))
-  assert_close(e0.reshape(2, -1), io.get("a.inter.time_projection"))
-  assert_close(ctx_emb, io.get("a.inter.text_embedding"))
+  testing.assert_close(e, io.get("a.inter.time_embedding"))
+  testing.assert_close(e0.reshape(2, -1), io.get("a.inter.time_projection"))
+  testing.assert_close(ctx_emb, io.get("a.inter.text_embedding"))
   h, _ = model.run_blocks(emb, e0, ctx_emb, rope)
-  assert_close(h, io.get("a.inter.blocks.1"))
-  assert_close(model.head(h, e), io.get("a.inter.head"))
+  testing.assert_close(h, io.get("a.inter.blocks.1"))
+  testing.assert_close(model.head(h, e), io.get("a.inter.head"))
   out = model(x, t, jnp.asarray(ctx))
   for b in range(2):
-    assert_close(out[b], io.get(f"a.out.{b}"))
+    testing.assert_close(out[b], io.get(f"a.out.{b}"))

@@ -16,19 +16,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from astraea_jax import testing
 from astraea_jax.vae import wan_vae
 from astraea_jax.vae.wan_vae import WanVAEConfig
 from converters import wan_vae as converter
 from converters.common import CheckpointError, KeyMismatch
 from converters.safetensors_io import SafetensorsFile, save_file
-
-
-def assert_close(actual, reference, rel=1e-5, abs_=1e-6):
-  actual, reference = np.asarray(actual), np.asarray(reference)
-  assert actual.shape == reference.shape, (actual.shape, reference.shape)
-  tol = rel * np.abs(reference).max() + abs_
-  err = np.abs(actual - reference).max()
-  assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +73,12 @@ def test_latent_statistics_match_fixture_and_diffusers(io):
 
 def test_decode_matches_original(decoded, io):
   assert decoded.shape == (1, 3, 5, 32, 32)
-  assert_close(decoded, io["decode_out"])
+  testing.assert_close(decoded, io["decode_out"])
 
 
 def test_clamped_decode_matches_original(decoded, io):
   clamped = np.asarray(wan_vae.clamp_video(decoded))
-  assert_close(clamped, io["decode_out_clamped"])
+  testing.assert_close(clamped, io["decode_out_clamped"])
   # The reference leaves the range: clamping is exercised, not a no-op.
   assert np.abs(io["decode_out"]).max() > 1.0
 
@@ -93,7 +86,7 @@ def test_clamped_decode_matches_original(decoded, io):
 def test_encode_matches_original(vae, io):
   mu = wan_vae.encode_jit(vae, io["video"])
   assert mu.shape == (1, 16, 2, 4, 4)
-  assert_close(mu, io["encode_mu"])
+  testing.assert_close(mu, io["encode_mu"])
 
 
 def test_bfloat16_decode_close_to_original(fixture_dir, io):
@@ -190,8 +183,8 @@ def test_diffusers_parity(tmp_path):
 
   out = wan_vae.decode_jit(ours, latents.numpy(), clamp=True)
   assert out.shape == (2, 3, 9, 32, 32)
-  assert_close(out, ref_video)
-  assert_close(wan_vae.encode_jit(ours, video.numpy()), ref_mu)
+  testing.assert_close(out, ref_video)
+  testing.assert_close(wan_vae.encode_jit(ours, video.numpy()), ref_mu)
 
 
 def test_key_map_equals_diffusers_conversion(weights):
@@ -289,4 +282,4 @@ def test_pth_refused_without_allow_pth(tmp_path, weights, monkeypatch, io,
       converter.read_pth(path)
   # Allowed: weights_only load, the same model as from safetensors.
   vae = converter.load_vae(path, allow_pth=True)
-  assert_close(wan_vae.decode_jit(vae, io["z"]), decoded, rel=0, abs_=0)
+  testing.assert_close(wan_vae.decode_jit(vae, io["z"]), decoded, rel=0, abs_=0)

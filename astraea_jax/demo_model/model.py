@@ -436,9 +436,10 @@ def compare(model: DemoModel, prompt: str, *, seed: int = 0,
            "sampler after a first, compiling run")
   else:
     n = stats.num_tokens
-    seconds_full = steady_seconds([n] * len(full_stats["step_seconds"]),
-                                  full_stats["step_seconds"])
-    seconds_fast = steady_seconds(stats.num_selected, stats.step_seconds)
+    seconds_full = dense_sampler.steady_seconds(
+        full_stats["step_seconds"], [n] * len(full_stats["step_seconds"]))
+    seconds_fast = dense_sampler.steady_seconds(stats.step_seconds,
+                                                stats.num_selected)
     how = ("sum over the steps of the median wall time of the non-compiling "
            "steps with the same token count, from the first run (each step "
            "waited for)")
@@ -456,16 +457,3 @@ def compare(model: DemoModel, prompt: str, *, seed: int = 0,
           "seconds_full": seconds_full, "seconds_astraea": seconds_fast,
           "seconds_full_first": first_full,
           "seconds_astraea_first": first_fast, "timing": how}
-
-
-def steady_seconds(token_counts, step_seconds) -> float | None:
-  """Sum over steps of the median time of same-K steps that did not
-  compile (the first step of each K), or None if some K occurs once."""
-  seen, steady = set(), {}
-  for k, t in zip(token_counts, step_seconds):
-    if k in seen:
-      steady.setdefault(k, []).append(t)
-    seen.add(k)
-  if set(steady) != seen:
-    return None
-  return float(sum(np.median(steady[k]) for k in token_counts))

@@ -572,7 +572,7 @@ def environment() -> dict:
 
 
 def run_cli(args) -> int:
-  """The `astraea train-demo` command (arguments: see astraea_jax/cli.py)."""
+  """The `astraea train-demo` command (arguments: see astraea_jax/commands/demo.py)."""
   config = (model_lib.DemoConfig.small() if args.small
             else model_lib.DemoConfig.default())
   if args.lr_schedule == "cosine" and args.steps is None:

@@ -15,6 +15,7 @@ from astraea_jax.sampling.sampler import (
     resolve_scheduler,
     run,
     sample,
+    steady_seconds,
     step_function,
     wan_latent_shape,
     wan_model_fn,
@@ -36,7 +37,8 @@ from astraea_jax.sampling.schedulers import (
 
 __all__ = [
     "EulerState", "FlowEuler", "SampleStats", "compiled_count", "pack",
-    "resolve_scheduler", "run", "step_function", "FlowUniPC", "UniPCState", "add_noise",
+    "resolve_scheduler", "run", "steady_seconds", "step_function",
+    "FlowUniPC", "UniPCState", "add_noise",
     "cfg_batch", "cfg_combine", "cfg_context", "denoise", "draw_noise",
     "flow_sigmas", "guided_step", "make_scheduler",
     "opensora_timestep_transform", "rflow_condition_frames",

@@ -265,6 +265,20 @@ class SampleStats:
     return total / len(self.cost_keys)
 
 
+def steady_seconds(step_seconds, keys) -> float | None:
+  """Sum of per-step times with each compiling step (the first of each
+  key, e.g. its token count) replaced by the median of that key's later
+  steps; None when some key ran only once (its time would include
+  compilation)."""
+  by_key = {}
+  for t, k in zip(step_seconds, keys):
+    by_key.setdefault(k, []).append(t)
+  if any(len(times) < 2 for times in by_key.values()):
+    return None
+  return float(sum(np.median(times[1:]) * len(times)
+                   for times in by_key.values()))
+
+
 @functools.partial(jax.jit, static_argnames=("return_trajectory",),
                    donate_argnums=(4, 5))
 def _scanned_loop(model_fn, scheduler, guidance_scale, latents, sched_state,

@@ -52,14 +52,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax.configs import config_kwargs, dtype_from_name
+from astraea_jax.configs import ModelConfig
 
 F32 = jnp.float32
 
@@ -172,8 +172,10 @@ class TemporalVAEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OpenSoraVAEConfig:
+class OpenSoraVAEConfig(ModelConfig):
   """`OpenSoraVAE_V1_2`: the spatial and temporal VAEs and how they chain."""
+
+  MODEL: ClassVar[str] = "opensora_vae"
 
   spatial: SpatialVAEConfig = dataclasses.field(
       default_factory=SpatialVAEConfig)
@@ -222,16 +224,7 @@ class OpenSoraVAEConfig:
       raise ValueError(f"{self.spatial_scaling_factor=} must be positive")
     if self.precision not in _PRECISIONS:
       raise ValueError(f"{self.precision=} must be one of {list(_PRECISIONS)}")
-    dtype_from_name(self.dtype)
-    dtype_from_name(self.param_dtype)
-
-  @property
-  def compute_dtype(self):
-    return dtype_from_name(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return dtype_from_name(self.param_dtype)
+    self.check_dtypes()
 
   @property
   def lax_precision(self):
@@ -244,9 +237,6 @@ class OpenSoraVAEConfig:
   @property
   def spatial_factor(self) -> int:
     return self.spatial.spatial_factor
-
-  def replace(self, **changes) -> OpenSoraVAEConfig:
-    return dataclasses.replace(self, **changes)
 
   def micro_chunks(self, num_frames: int) -> tuple[int, int]:
     """(number of full micro-frame chunks, frames in the last short one)."""
@@ -284,19 +274,6 @@ class OpenSoraVAEConfig:
         micro_frame_size=9, micro_batch_size=3)
     kw.update(overrides)
     return cls(**kw)
-
-  # Serialisation ---------------------------------------------------------
-
-  def to_dict(self) -> dict[str, Any]:
-    def plain(v):
-      if isinstance(v, dict):
-        return {k: plain(x) for k, x in v.items()}
-      return list(v) if isinstance(v, tuple) else v
-    return {"model": "opensora_vae", **plain(dataclasses.asdict(self))}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> OpenSoraVAEConfig:
-    return cls(**config_kwargs(cls, d, "opensora_vae"))
 
 
 # Layers -----------------------------------------------------------------------

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax.configs import config_kwargs, dtype_from_name
+from astraea_jax.configs import ModelConfig
 
 F32 = jnp.float32
 
@@ -64,8 +64,10 @@ _PRECISIONS = {None: None, "default": jax.lax.Precision.DEFAULT,
 
 
 @dataclasses.dataclass(frozen=True)
-class WanVAEConfig:
+class WanVAEConfig(ModelConfig):
   """Wan2.1 VAE hyper-parameters (`_video_vae` cfg in the original)."""
+
+  MODEL: ClassVar[str] = "wan_vae"
 
   base_dim: int = 96
   z_dim: int = 16
@@ -105,8 +107,7 @@ class WanVAEConfig:
       raise ValueError(f"{self.base_dim=} x {self.dim_mult=} must be even")
     if self.precision not in _PRECISIONS:
       raise ValueError(f"{self.precision=} must be one of {list(_PRECISIONS)}")
-    dtype_from_name(self.dtype)
-    dtype_from_name(self.param_dtype)
+    self.check_dtypes()
 
   @property
   def temporal_factor(self) -> int:
@@ -117,19 +118,8 @@ class WanVAEConfig:
     return 2 ** len(self.temporal_downsample)
 
   @property
-  def compute_dtype(self):
-    return dtype_from_name(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return dtype_from_name(self.param_dtype)
-
-  @property
   def lax_precision(self):
     return _PRECISIONS[self.precision]
-
-  def replace(self, **changes) -> WanVAEConfig:
-    return dataclasses.replace(self, **changes)
 
   def latent_frames(self, num_frames: int) -> int:
     """Latent frames of a video of `num_frames` = 1 + factor * k frames."""
@@ -156,19 +146,6 @@ class WanVAEConfig:
   def tiny(cls, **overrides) -> WanVAEConfig:
     """The parity fixture's config (../shared/fixtures/wan21_vae): dim 8."""
     return cls(**{"base_dim": 8, **overrides})
-
-  # Serialisation ---------------------------------------------------------
-
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    for k, v in d.items():
-      if isinstance(v, tuple):
-        d[k] = list(v)
-    return {"model": "wan_vae", **d}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> WanVAEConfig:
-    return cls(**config_kwargs(cls, d, "wan_vae"))
 
 
 # Layers ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from flax import nnx
 from astraea_jax import checkpoint, outputs
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.sampling import sampler as dense_sampler
+from astraea_jax.text_embeddings import read_text_embeddings
 from astraea_jax.astraea.search.genetic import (
     SearchConfig,
     initial_population,
@@ -127,14 +128,13 @@ def load_samples(embedding_paths, text_dim: int, problem: Problem):
   Sample j uses prompt j mod len(paths) and noise from seed + j (sample 0
   is the noise `astraea generate --seed SEED` draws).
   """
-  from astraea_jax import generate  # pylint: disable=g-import-not-at-top
   if not embedding_paths:
     raise ValueError("no prompts: pass --text-embeddings with one "
                      "safetensors file (`context`) per prompt")
   if problem.samples < len(embedding_paths):
     raise ValueError(f"{problem.samples=} must be >= the "
                      f"{len(embedding_paths)} prompts given")
-  pairs = [generate.read_text_embeddings(p, text_dim)
+  pairs = [read_text_embeddings(p, text_dim)
            for p in embedding_paths]
   shape = dense_sampler.wan_latent_shape(problem.height, problem.width,
                                          problem.frames)[1:]

@@ -34,14 +34,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax.configs import config_kwargs, dtype_from_name
+from astraea_jax.configs import ModelConfig
 from astraea_jax.models import layers
 
 F32 = jnp.float32
@@ -58,9 +58,11 @@ ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class UMT5Config:
+class UMT5Config(ModelConfig):
   """T5-family encoder sizes, named as transformers' `UMT5Config` /
   `T5Config` name them."""
+
+  MODEL: ClassVar[str] = "umt5"
 
   vocab_size: int
   d_model: int
@@ -96,8 +98,7 @@ class UMT5Config:
       raise ValueError(
           f"{self.relative_attention_max_distance=} must exceed the "
           f"{half // 2} exact buckets of each direction")
-    dtype_from_name(self.dtype)
-    dtype_from_name(self.param_dtype)
+    self.check_dtypes()
 
   @property
   def inner_dim(self) -> int:
@@ -106,17 +107,6 @@ class UMT5Config:
   @property
   def activation(self):
     return ACTIVATIONS[self.feed_forward_proj.partition("-")[2]]
-
-  @property
-  def compute_dtype(self):
-    return dtype_from_name(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return dtype_from_name(self.param_dtype)
-
-  def replace(self, **changes) -> UMT5Config:
-    return dataclasses.replace(self, **changes)
 
   # Presets ---------------------------------------------------------------
 
@@ -152,15 +142,6 @@ class UMT5Config:
               relative_attention_max_distance=16)
     kw.update(overrides)
     return cls(**kw)
-
-  # Serialisation -----------------------------------------------------------
-
-  def to_dict(self) -> dict[str, Any]:
-    return {"model": "umt5", **dataclasses.asdict(self)}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> UMT5Config:
-    return cls(**config_kwargs(cls, d, "umt5"))
 
 
 # Relative position buckets ---------------------------------------------------

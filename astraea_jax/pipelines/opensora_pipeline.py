@@ -35,10 +35,7 @@ the parameters (jittable after `nnx.split`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +44,9 @@ import tqdm
 from flax import nnx
 
 from astraea_jax import checkpoint
-from astraea_jax import pipeline as pipeline_lib
 from astraea_jax.astraea import stdit3_tokenwise as astraea_stdit3
+from astraea_jax.pipelines import base
 from astraea_jax.sampling import opensora as opensora_sampling
-from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.vae import opensora_vae
 
 F32 = jnp.float32
@@ -59,9 +55,9 @@ AESTHETIC_SCORE = 6.5
 # OpenSora's timestep transform divides the frame count by 17 (one VAE
 # chunk): it needs 1 frame (an image) or at least 17.
 MIN_VIDEO_FRAMES = 17
-# `astraea generate` defaults for OpenSora (Wan's are in cli.py): 480p at
-# 16:9 (OpenSora's 480x854 rounded to a multiple of 16), 51 frames (its
-# "2s"), 30 steps, CFG 7.0, 24 fps.
+# `astraea generate` defaults for OpenSora: 480p at 16:9 (OpenSora's
+# 480x854 rounded to a multiple of 16), 51 frames (its "2s"), 30 steps,
+# CFG 7.0, 24 fps.
 DEFAULTS = {"height": 480, "width": 848, "frames": 51, "steps": 30,
             "guidance": 7.0, "fps": 24.0, "scheduler": "euler"}
 
@@ -80,7 +76,6 @@ def latent_shape(height: int, width: int, num_frames: int, *,
                  patch_size=(1, 2, 2), channels: int = 4, batch: int = 1,
                  use_timestep_transform: bool = True):
   """(B, C, T', h, w) latents of a video, or a ValueError saying what fits."""
-  pt, ph, pw = patch_size
   if num_frames < 1:
     raise ValueError(f"{num_frames=} must be >= 1")
   if use_timestep_transform and 1 < num_frames < MIN_VIDEO_FRAMES:
@@ -89,29 +84,10 @@ def latent_shape(height: int, width: int, num_frames: int, *,
         f"least {MIN_VIDEO_FRAMES} (one VAE chunk); e.g. 17, 34, 51 (2 s at "
         "24 fps), 102 (4 s)")
   frames = vae_config.latent_frames(num_frames)
-  if frames % pt:
-    raise ValueError(f"{num_frames=} gives {frames} latent frames, not a "
-                     f"multiple of the temporal patch {pt}")
-  f = vae_config.spatial_factor
-  mh, mw = f * ph, f * pw
-  if height % mh or width % mw or height < mh or width < mw:
-    near = lambda x, m: sorted({max(m, x // m * m), max(m, -(-x // m) * m)})
-    raise ValueError(
-        f"{height=} and {width=} must be multiples of {mh} and {mw} (VAE "
-        f"{f}x times patch {ph}x{pw}): nearest height {near(height, mh)}, "
-        f"width {near(width, mw)}")
-  return (batch, channels, frames, height // f, width // f)
-
-
-def read_configs(path):
-  """(STDiT3Config, OpenSoraVAEConfig) of a converted OpenSora folder,
-  without loading weights (to check a video size first)."""
-  path = pathlib.Path(path)
-  manifest = pipeline_lib.read_manifest(
-      path, formats=(pipeline_lib.OPENSORA_MANIFEST_FORMAT,))
-  part = lambda name: path / manifest["components"].get(name, name)
-  return (checkpoint.load_config(part("transformer")),
-          checkpoint.load_config(part("vae")))
+  h, w = base.latent_size(height, width, num_frames, frames,
+                          patch_size=patch_size,
+                          spatial_factor=vae_config.spatial_factor)
+  return (batch, channels, frames, h, w)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -119,7 +95,7 @@ def _encode_jit(graphdef, state, ids, mask):
   return nnx.merge(graphdef, state).encode(ids, mask)[:, None]
 
 
-class OpenSoraPipeline(nnx.Module):
+class OpenSoraPipeline(base.Pipeline):
   """OpenSora v1.2: T5 tokenizer, T5 v1.1 encoder, STDiT3, OpenSora VAE.
 
   An NNX module (the tokenizer is a static attribute). `text_encoder` /
@@ -127,51 +103,26 @@ class OpenSoraPipeline(nnx.Module):
   when only latents are wanted.
   """
 
-  def __init__(self, transformer, vae=None, text_encoder=None,
-               tokenizer=None, *, text_len: int | None = None):
-    c = transformer.config
-    self.transformer = transformer
-    self.vae = vae
-    self.text_encoder = text_encoder
-    self.tokenizer = tokenizer
-    self.text_len = int(text_len or c.model_max_length)
+  MODEL = checkpoint.MANIFEST_MODELS[checkpoint.OPENSORA_MANIFEST_FORMAT]
+  DEFAULTS = DEFAULTS
+
+  def _default_text_len(self) -> int:
+    return self.transformer.config.model_max_length
+
+  def _check_components(self):
+    c = self.transformer.config
     if self.text_len != c.model_max_length:
       raise ValueError(f"text_len={self.text_len} != the STDiT3's "
                        f"model_max_length={c.model_max_length}")
-    if text_encoder is not None and (
-        text_encoder.config.d_model != c.caption_channels):
-      raise ValueError(f"text encoder width {text_encoder.config.d_model} "
-                       f"!= the STDiT3's caption_channels="
-                       f"{c.caption_channels}")
+    if self.text_encoder is not None and (
+        self.text_encoder.config.d_model != c.caption_channels):
+      raise ValueError(f"text encoder width "
+                       f"{self.text_encoder.config.d_model} != the STDiT3's "
+                       f"caption_channels={c.caption_channels}")
+    vae = self.vae
     if vae is not None and vae.config.latent_channels != c.in_channels:
       raise ValueError(f"VAE latent channels {vae.config.latent_channels} "
                        f"!= the STDiT3's in_channels={c.in_channels}")
-
-  @classmethod
-  def from_pretrained(cls, path, *, dtype: str | None = None,
-                      vae_dtype: str | None = None,
-                      text_encoder_dtype: str | None = None,
-                      load_text_encoder: bool = True) -> OpenSoraPipeline:
-    """From a converted OpenSora folder (`astraea convert` output).
-
-    dtype: compute dtype of the STDiT3 (default: as converted);
-    text_encoder_dtype defaults to `dtype`, vae_dtype to the VAE's own.
-    """
-    # pylint: disable-next=import-outside-toplevel
-    from astraea_jax.models.text import tokenizer as tokenizer_lib
-    path = pathlib.Path(path)
-    manifest = pipeline_lib.read_manifest(
-        path, formats=(pipeline_lib.OPENSORA_MANIFEST_FORMAT,))
-    part = lambda name: path / manifest["components"].get(name, name)
-    transformer = checkpoint.load_model(part("transformer"), dtype=dtype)
-    vae = checkpoint.load_model(part("vae"), dtype=vae_dtype)
-    text_encoder = tokenizer = None
-    if load_text_encoder:
-      text_encoder = checkpoint.load_model(
-          part("text_encoder"), dtype=text_encoder_dtype or dtype)
-      tokenizer = tokenizer_lib.UMT5Tokenizer.from_folder(part("tokenizer"))
-    return cls(transformer, vae, text_encoder, tokenizer,
-               text_len=manifest.get("text_len"))
 
   # 1. Text -------------------------------------------------------------------
 
@@ -258,13 +209,17 @@ class OpenSoraPipeline(nnx.Module):
 
   # 4. Decoding ---------------------------------------------------------------
 
-  def decode(self, latents, *, num_frames: int, progress: bool = False):
+  def decode(self, latents, *, num_frames: int | None = None,
+             progress: bool = False):
     """latents (B, 4, T', h, w) -> video (B, 3, num_frames, 8h, 8w) float32
     in [-1, 1]. progress=False: `OpenSoraVAE.decode` jitted (pure);
     progress=True: its independent micro-frame chunks one by one from the
-    host with a progress bar (the same computation per chunk)."""
+    host with a progress bar (the same computation per chunk). num_frames
+    is required: the latents do not determine it."""
     if self.vae is None:
       raise ValueError("this pipeline has no VAE to decode with")
+    if num_frames is None:
+      raise ValueError("OpenSora's decode needs num_frames")
     cfg = self.vae.config
     if cfg.latent_frames(num_frames) != latents.shape[2]:
       raise ValueError(
@@ -305,117 +260,23 @@ class OpenSoraPipeline(nnx.Module):
     prompt_mask (B, L) (None: all tokens valid). noise: the initial
     latents; default drawn from `seed`. output_type: "video" or "latents".
     """
-    if output_type not in ("video", "latents"):
-      raise ValueError(f"{output_type=} must be 'video' or 'latents'")
-    if (prompt is None) == (prompt_embeds is None):
-      raise ValueError("give exactly one of `prompt` and `prompt_embeds`")
+    base.check_output_type(output_type)
+    base.check_one_text_input(prompt, prompt_embeds)
     if prompt is not None:                                            # 1.
       y, mask = self.encode_prompt(prompt, aesthetic_score=aesthetic_score,
                                    progress=progress)
     else:
       y, mask = jnp.asarray(prompt_embeds, F32), prompt_mask
-    shape = self.latent_shape(height, width, num_frames,              # 2.
-                              batch=y.shape[0])
-    if noise is None:
-      noise = dense_sampler.draw_noise(jax.random.key(seed), shape)
-    elif tuple(noise.shape) != shape:
-      raise ValueError(f"{noise.shape=} does not match the video: {shape}")
-    latents = self.denoise(                                            # 3.
-        noise, y, mask, height=height, width=width, num_frames=num_frames,
+    return self.sample_video(                                      # 2.-4.
+        (y, mask), height=height, width=width, num_frames=num_frames,
+        seed=seed, noise=noise, output_type=output_type, progress=progress,
         fps=fps, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, budget=budget, schedule=schedule,
-        selection_config=selection_config, progress=progress)
-    if output_type == "latents":
-      return latents
-    return self.decode(latents, num_frames=num_frames,                # 4.
-                       progress=progress)
+        selection_config=selection_config)
 
+  def _video_options(self, height: int, width: int, num_frames: int):
+    return {"height": height, "width": width, "num_frames": num_frames}
 
-# `astraea generate` on a converted OpenSora folder ----------------------------
-
-
-def generate(model_path, out, *, config, prompt=None, embeddings_path=None,
-             negative_prompt=None, vae_path=None, dtype=None,
-             overwrite=False, save_latents=False,
-             fps: float = DEFAULTS["fps"],
-             aesthetic_score=AESTHETIC_SCORE) -> dict:
-  """`astraea_jax.generate.generate` for an OpenSora folder: same outputs
-  (NAME.mp4 [+ .full.mp4, .latents.safetensors] or a folder) and report.
-
-  config: a `generate.GenerateConfig`; `fps` is both the model's frame-rate
-  condition and the MP4's frame rate (OpenSora saves at the fps it
-  conditions on).
-  """
-  # pylint: disable-next=import-outside-toplevel
-  from astraea_jax import generate as generate_lib
-  unsupported = {
-      "--text-embeddings": embeddings_path is not None,
-      "--negative-prompt (v1.2 guides with its learned null caption)":
-          negative_prompt is not None,
-      "--vae (the folder has its VAE)": vae_path is not None,
-      "--devices": config.devices is not None,
-      "--shift (OpenSora transforms timesteps by resolution instead)":
-          config.shift is not None,
-      f"--scheduler {config.scheduler} (OpenSora samples with rectified-flow"
-      " Euler)": config.scheduler not in (None, "euler"),
-  }
-  refused = [k for k, v in unsupported.items() if v]
-  if refused:
-    raise ValueError(f"{model_path} is an OpenSora v1.2 folder; not "
-                     f"supported for it: {', '.join(refused)}")
-  if prompt is None:
-    raise ValueError("OpenSora needs --prompt")
-  accelerated = config.budget is not None or config.schedule is not None
-  paths = generate_lib.output_paths(out, accelerated=accelerated,
-                                    compare=config.compare,
-                                    save_latents=save_latents)
-  transformer_config, vae_config = read_configs(model_path)
-  latent_shape(config.height, config.width, config.frames,  # before loading
-               vae_config=vae_config,
-               patch_size=transformer_config.patch_size,
-               channels=transformer_config.in_channels)
-  pipe = OpenSoraPipeline.from_pretrained(model_path, dtype=dtype)   # 1.
-  y, mask = pipe.encode_prompt(prompt, aesthetic_score=aesthetic_score,
-                               progress=True)                        # 2.
-  pipe.text_encoder = None  # free its memory before sampling
-  shape = pipe.latent_shape(config.height, config.width, config.frames)
-  noise = dense_sampler.draw_noise(jax.random.key(config.seed), shape)  # 3.
-  common = dict(height=config.height, width=config.width,
-                num_frames=config.frames, fps=fps,
-                num_inference_steps=config.steps,
-                guidance_scale=config.guidance_scale, progress=True)
-  report = {"model": "opensora-v1.2", "latent_shape": list(shape),
-            "prompt": prompt, "text": prompt_text(prompt, aesthetic_score),
-            "fps": fps, **{k: v for k, v in dataclasses.asdict(config)
-                           .items() if k not in ("schedule", "shift")}}
-  results = {}
-  if accelerated:                                                     # 4.
-    t0 = time.perf_counter()
-    latents, stats = pipe.denoise(
-        noise, y, mask, budget=config.budget, schedule=config.schedule,
-        return_stats=True, **common)
-    report["astraea"] = {
-        "seconds": time.perf_counter() - t0,
-        "seconds_without_compiles": generate_lib.steady_seconds(
-            stats.step_seconds, stats.num_selected),
-        "schedule": [float(b) for b in stats.budgets],
-        "mean_budget": float(np.mean(stats.budgets)),
-        "compiles": len(stats.compiled_k)}
-    results["astraea"] = latents
-  if not accelerated or config.compare:
-    step_seconds = []
-    t0 = time.perf_counter()
-    results["full"] = pipe.denoise(noise, y, mask,
-                                   step_seconds=step_seconds, **common)
-    report["full"] = {
-        "seconds": time.perf_counter() - t0,
-        "seconds_without_compiles": generate_lib.steady_seconds(
-            step_seconds, [0] * len(step_seconds))}
-  videos = {k: pipe.decode(v, num_frames=config.frames, progress=True)
-            for k, v in results.items()}                              # 5.
-  if accelerated and config.compare:
-    generate_lib.compare_report(report, results, videos)
-  report["outputs"] = [str(p) for p in paths.values()]
-  generate_lib.write_outputs(out, paths, results, videos, report,
-                             overwrite=overwrite, fps=fps)
-  return report
+  def _generate_options(self, config: base.GenerateConfig, fps: float):
+    del config
+    return {"fps": fps}

@@ -1,7 +1,7 @@
 """Wan2.1 text-to-video end to end: prompt -> umT5 -> DiT sampling -> VAE.
 
   astraea convert Wan-AI/Wan2.1-T2V-1.3B-Diffusers wan-1.3b/
-  python -c 'from astraea_jax.pipeline import WanPipeline; ...'
+  python -c 'from astraea_jax.pipelines import WanPipeline; ...'
 
   pipe = WanPipeline.from_pretrained("wan-1.3b", dtype="bfloat16")
   video = pipe("A cat and a dog baking a cake together in a kitchen.",
@@ -29,14 +29,13 @@ loop="scan")` (dense) and `decode(latents)`. The host-side conveniences
 A converted whole-model folder (what `astraea convert` writes from a full
 Wan2.1 download) holds `manifest.json` and one converted checkpoint per
 component: transformer/, vae/, text_encoder/ (config.json + orbax params/)
-and tokenizer/ (the tokenizer files as published).
+and tokenizer/ (the tokenizer files as published); `checkpoint` reads it,
+`pipelines.base.Pipeline` loads it.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -44,70 +43,16 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from astraea_jax import checkpoint
+from astraea_jax import checkpoint, parallel
+from astraea_jax import video as video_lib
 from astraea_jax.astraea import wan_tokenwise as astraea_sampler
+from astraea_jax.pipelines import base
 from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.vae import wan_vae
 
 F32 = jnp.float32
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "astraea-jax/wan2.1-t2v"
-MANIFEST_VERSION = 1
-# A converted OpenSora v1.2 folder (converters/opensora_folder.py); its
-# pipeline is astraea_jax/opensora_pipeline.py.
-OPENSORA_MANIFEST_FORMAT = "astraea-jax/opensora-v1.2"
-MANIFEST_MODELS = {MANIFEST_FORMAT: "wan2.1-t2v",
-                   OPENSORA_MANIFEST_FORMAT: "opensora-v1.2"}
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 # Video -> latent factors of the Wan2.1 VAE (used when no VAE is loaded).
 WAN21_TEMPORAL_FACTOR, WAN21_SPATIAL_FACTOR = 4, 8
-
-
-# Whole-model folders ----------------------------------------------------------
-
-
-def read_manifest(path, formats=tuple(MANIFEST_MODELS)) -> dict:
-  """The manifest.json of a converted whole-model folder, validated.
-
-  formats: the manifest formats accepted (default: Wan2.1 and OpenSora).
-  """
-  path = pathlib.Path(path)
-  file = path / MANIFEST_FILE
-  if not file.is_file():
-    hint = (" (it holds a single converted model: use it as the transformer "
-            "with --text-embeddings, or convert the whole Wan2.1 folder)"
-            if (path / checkpoint.CONFIG_FILE).is_file() else "")
-    raise FileNotFoundError(
-        f"{path} is not a converted Wan2.1 model folder: no {MANIFEST_FILE}"
-        f"{hint}. Create one with `astraea convert SRC DST` on the full "
-        "Wan2.1 download (transformer, VAE, text encoder, tokenizer).")
-  try:
-    manifest = json.loads(file.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{file}: invalid JSON ({e})") from e
-  if manifest.get("format") not in formats:
-    raise ValueError(f"{file}: format={manifest.get('format')!r}, expected "
-                     f"{' or '.join(map(repr, formats))}")
-  if manifest.get("version") != MANIFEST_VERSION:
-    raise ValueError(f"{file}: version={manifest.get('version')!r}; this "
-                     f"astraea-jax reads version {MANIFEST_VERSION}")
-  components = manifest.get("components", {})
-  missing = [c for c in COMPONENTS
-             if not (path / components.get(c, c)).is_dir()]
-  if missing:
-    raise FileNotFoundError(f"{path}: the manifest's components {missing} "
-                            "are absent; convert the folder again")
-  return manifest
-
-
-def is_model_folder(path) -> bool:
-  return (pathlib.Path(path) / MANIFEST_FILE).is_file()
-
-
-def manifest_model(path) -> str:
-  """"wan2.1-t2v" or "opensora-v1.2": which model a converted whole-model
-  folder holds (after validating its manifest)."""
-  return MANIFEST_MODELS[read_manifest(path)["format"]]
 
 
 # Shapes -----------------------------------------------------------------------
@@ -123,7 +68,6 @@ def latent_shape(height: int, width: int, num_frames: int, *,
   in time, `spatial_factor`x in space; the DiT then cuts the latents into
   patches of `patch_size` (t, h, w).
   """
-  pt, ph, pw = patch_size
   if num_frames < 1 or (num_frames - 1) % temporal_factor:
     lower = max(1, (num_frames - 1) // temporal_factor * temporal_factor + 1)
     raise ValueError(
@@ -131,19 +75,11 @@ def latent_shape(height: int, width: int, num_frames: int, *,
         f"first frame and compresses time {temporal_factor}x); nearest: "
         f"{lower} or {lower + temporal_factor}")
   frames = (num_frames - 1) // temporal_factor + 1
-  if frames % pt:
-    raise ValueError(f"{num_frames=} gives {frames} latent frames, not a "
-                     f"multiple of the temporal patch {pt}")
-  mh, mw = spatial_factor * ph, spatial_factor * pw
-  if height % mh or width % mw or height < mh or width < mw:
-    near = lambda x, m: sorted({max(m, x // m * m), max(m, -(-x // m) * m)})
-    raise ValueError(
-        f"{height=} and {width=} must be multiples of {mh} and {mw} (VAE "
-        f"{spatial_factor}x times patch {ph}x{pw}; multiples of 16 for "
-        f"Wan2.1): nearest height {near(height, mh)}, width "
-        f"{near(width, mw)}")
-  return (batch, channels, frames, height // spatial_factor,
-          width // spatial_factor)
+  h, w = base.latent_size(height, width, num_frames, frames,
+                          patch_size=patch_size,
+                          spatial_factor=spatial_factor,
+                          note="; multiples of 16 for Wan2.1")
+  return (batch, channels, frames, h, w)
 
 
 # Jitted host-side stages: graphdefs static, parameters traced. -------------
@@ -188,7 +124,7 @@ def _finish_video(chunks):
 # The pipeline -----------------------------------------------------------------
 
 
-class WanPipeline(nnx.Module):
+class WanPipeline(base.Pipeline):
   """Wan2.1 text-to-video: tokenizer, umT5 encoder, WanDiT, Wan VAE.
 
   An NNX module (split/merge/jit it like one); the tokenizer is a static
@@ -196,62 +132,39 @@ class WanPipeline(nnx.Module):
   embeddings, `vae` None when only latents are wanted.
   """
 
-  def __init__(self, transformer, vae=None, text_encoder=None,
-               tokenizer=None, *, text_len: int | None = None):
-    self.transformer = transformer
-    self.vae = vae
-    self.text_encoder = text_encoder
-    self.tokenizer = tokenizer
-    self.text_len = int(text_len or transformer.config.text_len)
-    if text_encoder is not None and transformer is not None:
-      d, want = text_encoder.config.d_model, transformer.config.text_dim
+  MODEL = checkpoint.MANIFEST_MODELS[checkpoint.MANIFEST_FORMAT]
+  # `astraea generate` defaults.
+  DEFAULTS = {"height": 480, "width": 832, "frames": 81, "steps": 50,
+              "guidance": 5.0, "fps": float(video_lib.WAN_FPS),
+              "scheduler": "unipc"}
+
+  def _default_text_len(self) -> int:
+    return self.transformer.config.text_len
+
+  def _check_components(self):
+    if self.text_encoder is not None and self.transformer is not None:
+      d = self.text_encoder.config.d_model
+      want = self.transformer.config.text_dim
       if d != want:
         raise ValueError(f"text encoder width {d} != the transformer's "
                          f"text_dim={want}")
 
   @classmethod
-  def from_pretrained(cls, path, *, dtype: str | None = None,
-                      vae_dtype: str | None = None,
-                      text_encoder_dtype: str | None = None,
+  def from_checkpoint(cls, path, *, vae=None, dtype: str | None = None,
                       load_text_encoder: bool = True) -> WanPipeline:
-    """From a converted whole-model folder (`astraea convert` output).
-
-    dtype: compute dtype of the transformer (default: as converted);
-    text_encoder_dtype defaults to `dtype`; vae_dtype to the VAE's own
-    (float32). load_text_encoder=False skips the encoder and tokenizer
-    (prompts then come as embeddings).
-    """
-    # pylint: disable-next=import-outside-toplevel
-    from astraea_jax.models.text import tokenizer as tokenizer_lib
-    path = pathlib.Path(path)
-    if manifest_model(path) != MANIFEST_MODELS[MANIFEST_FORMAT]:
-      raise ValueError(f"{path} holds {manifest_model(path)}, not Wan2.1: "
-                       "load it with astraea_jax.opensora_pipeline."
-                       "OpenSoraPipeline")
-    manifest = read_manifest(path)
-    part = lambda name: path / manifest["components"].get(name, name)
-    transformer = checkpoint.load_model(part("transformer"), dtype=dtype)
-    vae = checkpoint.load_model(part("vae"), dtype=vae_dtype)
-    text_encoder = tokenizer = None
-    if load_text_encoder:
-      text_encoder = checkpoint.load_model(
-          part("text_encoder"), dtype=text_encoder_dtype or dtype)
-      tokenizer = tokenizer_lib.UMT5Tokenizer.from_folder(part("tokenizer"))
-    return cls(transformer, vae, text_encoder, tokenizer,
-               text_len=manifest.get("text_len"))
+    """A converted whole-model folder (`from_pretrained`), or a converted
+    transformer alone with `vae` (a loaded VAE, or None)."""
+    if checkpoint.is_model_folder(path):
+      return cls.from_pretrained(path, dtype=dtype,
+                                 load_text_encoder=load_text_encoder)
+    return cls(checkpoint.load_model(path, dtype=dtype), vae)
 
   @classmethod
   def text_only(cls, path, *, dtype: str | None = None) -> WanPipeline:
     """Only the text encoder and tokenizer of a converted whole-model
     folder (`encode_prompt` without loading the DiT and the VAE)."""
-    # pylint: disable-next=import-outside-toplevel
-    from astraea_jax.models.text import tokenizer as tokenizer_lib
-    manifest = read_manifest(path)
-    part = lambda name: pathlib.Path(path) / manifest["components"].get(
-        name, name)
-    return cls(None, None,
-               checkpoint.load_model(part("text_encoder"), dtype=dtype),
-               tokenizer_lib.UMT5Tokenizer.from_folder(part("tokenizer")),
+    manifest = checkpoint.read_manifest(path)
+    return cls(None, None, *cls._load_text_parts(path, manifest, dtype),
                text_len=manifest["text_len"])
 
   # 1. Text -------------------------------------------------------------------
@@ -321,39 +234,53 @@ class WanPipeline(nnx.Module):
               num_inference_steps: int = 50, guidance_scale: float = 5.0,
               shift: float | None = None, scheduler="unipc", budget=None,
               schedule=None, selection_config=None, loop: str = "python",
-              progress: bool = False, return_stats: bool = False):
+              progress: bool = False, return_stats: bool = False,
+              step_seconds: list | None = None, devices: int | None = None):
     """CFG sampling from `noise` (B, 16, F, h, w) -> latents.
 
     Dense unless `budget` (mean token budget in (0, 1]) or `schedule` (one
     budget per step) asks for Astraea. Dense with loop="scan" is one XLA
     program (jittable as a whole); Astraea compiles one step per distinct K
     and runs them from the host. return_stats (Astraea only): also return
-    the `SampleStats`.
+    the `SampleStats`; step_seconds (dense only): a list that receives each
+    step's time. devices: sample on N devices (`parallel.samplers`).
     """
     graphdef, params = nnx.split(self.transformer)
     common = {"scheduler": scheduler, "steps": num_inference_steps,
               "guidance_scale": guidance_scale, "shift": shift,
               "progress": progress}
+    dense_sample, astraea_sample = dense_sampler.sample, astraea_sampler.sample
+    if devices is not None:
+      dense_sample, astraea_sample = parallel.samplers(
+          devices, batch=2 * noise.shape[0])
     if budget is None and schedule is None:
       if return_stats:
         raise ValueError("return_stats needs Astraea (budget or schedule)")
-      return dense_sampler.sample(graphdef, params, noise, context,
-                                  negative_context, loop=loop, **common)
+      return dense_sample(graphdef, params, noise, context, negative_context,
+                          loop=loop, step_seconds=step_seconds, **common)
     extra = {} if selection_config is None else {
         "selection_config": selection_config}
-    return astraea_sampler.sample(
+    return astraea_sample(
         graphdef, params, noise, context, negative_context, budget=budget,
         schedule=schedule, return_stats=return_stats, **extra, **common)
 
   # 4. Decoding ---------------------------------------------------------------
 
-  def decode(self, latents, *, progress: bool = False):
+  def decode(self, latents, *, num_frames: int | None = None,
+             progress: bool = False):
     """latents (B, 16, F, h, w) -> video (B, 3, 1 + 4(F-1), 8h, 8w) float32
     in [-1, 1]. progress=False: `WanVAE.decode` jitted (pure; works under
     an outer jit too); progress=True: the same chunks run one by one from
-    the host with a progress bar (same numbers)."""
+    the host with a progress bar (same numbers). num_frames: the video's
+    frames, if given checked against the latents."""
     if self.vae is None:
       raise ValueError("this pipeline has no VAE to decode with")
+    if num_frames is not None and (self.vae.config.latent_frames(num_frames)
+                                   != latents.shape[2]):
+      raise ValueError(
+          f"{num_frames=} frames encode to "
+          f"{self.vae.config.latent_frames(num_frames)} latent frames, but "
+          f"the latents have {latents.shape[2]}")
     if not progress:
       return wan_vae.decode_jit(self.vae, latents, clamp=True)
     graphdef, state = nnx.split(self.vae)
@@ -387,10 +314,8 @@ class WanPipeline(nnx.Module):
     "video" or "latents" (skip decoding). shift None = 3.0 up to 480p,
     5.0 above (Wan2.1's defaults).
     """
-    if output_type not in ("video", "latents"):
-      raise ValueError(f"{output_type=} must be 'video' or 'latents'")
-    if (prompt is None) == (prompt_embeds is None):
-      raise ValueError("give exactly one of `prompt` and `prompt_embeds`")
+    base.check_output_type(output_type)
+    base.check_one_text_input(prompt, prompt_embeds)
     if prompt is not None:                                            # 1.
       context, negative = self.encode_prompt(prompt, negative_prompt,
                                              progress=progress)
@@ -399,17 +324,16 @@ class WanPipeline(nnx.Module):
       negative = (jnp.zeros_like(context[:, :1])
                   if negative_prompt_embeds is None
                   else jnp.asarray(negative_prompt_embeds, F32))
-    shape = self.latent_shape(height, width, num_frames,              # 2.
-                              batch=context.shape[0])
-    if noise is None:
-      noise = dense_sampler.draw_noise(jax.random.key(seed), shape)
-    elif tuple(noise.shape) != shape:
-      raise ValueError(f"{noise.shape=} does not match the video: {shape}")
-    latents = self.denoise(                                            # 3.
-        noise, context, negative, num_inference_steps=num_inference_steps,
+    return self.sample_video(                                      # 2.-4.
+        (context, negative), height=height, width=width,
+        num_frames=num_frames, seed=seed, noise=noise,
+        output_type=output_type, progress=progress,
+        num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, shift=shift, scheduler=scheduler,
-        budget=budget, schedule=schedule, selection_config=selection_config,
-        progress=progress)
-    if output_type == "latents":
-      return latents
-    return self.decode(latents, progress=progress)                     # 4.
+        budget=budget, schedule=schedule, selection_config=selection_config)
+
+  def _generate_options(self, config: base.GenerateConfig, fps: float):
+    del fps  # Wan2.1 has no frame-rate condition
+    return {"shift": config.shift,
+            "scheduler": config.scheduler or self.DEFAULTS["scheduler"],
+            "devices": config.devices}

@@ -1,0 +1,173 @@
+"""`astraea search`: the per-step token budget schedule of a converted
+Wan2.1 checkpoint (`astraea.search`); prompts are encoded to files here."""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+
+import numpy as np
+
+from astraea_jax import checkpoint, outputs, pipelines
+from astraea_jax.astraea import search
+from astraea_jax.commands import common
+from converters.safetensors_io import save_file
+
+
+def read_prompts(path, flag="--prompts") -> list[str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = [line.strip() for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise common.UsageError(
+        f"{flag} {path}: not a UTF-8 text file ({e.reason})") from None
+  if not lines:
+    raise common.UsageError(f"{flag} {path}: no prompts (the file is empty)")
+  return lines
+
+
+def encode_prompt_files(model, prompts, folder) -> list[str]:
+  """Encodes prompts with a whole-model folder's umT5 into one safetensors
+  file each (`context`, `negative_context` of the empty negative prompt,
+  as `astraea generate --prompt` conditions)."""
+  pipe = pipelines.WanPipeline.text_only(model)
+  paths = []
+  for i, prompt in enumerate(prompts):
+    context, negative = pipe.encode_prompt(prompt, "")
+    path = pathlib.Path(folder) / f"prompt_{i:03d}.safetensors"
+    save_file({"context": np.asarray(context[0]),
+               "negative_context": np.asarray(negative[0])}, path)
+    paths.append(str(path))
+  return paths
+
+
+def run(args) -> int:
+  common.check_model(args.model)
+  outputs.check_destination(
+      args.out, flag="--out", overwrite=args.resume,
+      overwrite_flag="--resume to continue the search in it, or choose "
+      "another --out",
+      sources=common.sources(("--model", args.model),
+                             ("--prompts", args.prompts),
+                             *(("--text-embeddings", p)
+                               for p in args.text_embeddings or ())))
+  whole = checkpoint.is_model_folder(args.model)
+  prompts = read_prompts(args.prompts) if args.prompts else None
+  if prompts and not whole:
+    raise common.UsageError(
+        f"--prompts needs a converted whole-model folder (with its umT5 text "
+        f"encoder), but --model {args.model} is a converted transformer "
+        "alone: convert the full Wan2.1 download, or pass --text-embeddings")
+  if not prompts and not args.text_embeddings:
+    raise common.UsageError("no prompts: pass --prompts FILE (whole-model "
+                            "folder) or --text-embeddings FILE ...")
+  if args.proxy_check < 3:
+    raise common.UsageError(f"--proxy-check {args.proxy_check}: a rank "
+                            "correlation needs at least 3 genomes")
+  config = search.SearchConfig(
+      target_budget=args.target_budget, steps=args.steps,
+      population=args.population, children=args.children,
+      generations=args.generations, seed=args.seed)
+  problem = search.Problem(height=args.height, width=args.width,
+                           frames=args.frames, samples=args.samples,
+                           seed=args.seed)
+  proxy = None
+  if any(v is not None for v in (args.proxy_height, args.proxy_width,
+                                 args.proxy_frames, args.proxy_samples)):
+    proxy = search.Problem(
+        height=args.proxy_height or args.height,
+        width=args.proxy_width or args.width,
+        frames=args.proxy_frames or args.frames,
+        samples=args.proxy_samples or args.samples, seed=args.seed)
+  eval_config = search.EvalConfig(
+      scheduler=args.scheduler, guidance_scale=args.guidance,
+      shift=args.shift, evaluator=args.evaluator,
+      batch_nodes=args.batch_nodes, lanes=args.lanes,
+      memo_nodes=args.memo_nodes, samples_per_pass=args.samples_per_pass)
+  model = (pathlib.Path(args.model) / "transformer" if whole
+           else args.model)
+  with tempfile.TemporaryDirectory(prefix="astraea-prompts-") as tmp:
+    embeddings = (encode_prompt_files(args.model, prompts, tmp) if prompts
+                  else args.text_embeddings)
+    report = search.run_files(
+        model, embeddings, args.out, config=config,
+        problem=problem, eval_config=eval_config, proxy=proxy,
+        proxy_check=args.proxy_check,
+        min_rank_correlation=args.min_rank_correlation, dtype=args.dtype,
+        resume=args.resume, progress=not args.quiet)
+  steps = report["row_steps"]
+  print(f"schedule (mean budget {report['mean_budget']:.3f}, fitness "
+        f"{report['fitness']:.4g}): {report['schedule']}")
+  print(f"computed {steps.get('row_steps', 0)} row-steps in this run; "
+        f"{report['naive_row_steps']} without sharing or caching")
+  print(f"wrote {args.out}/schedule.json (astraea generate --schedule), "
+        "report.json, search_state.json")
+  return 0
+
+
+def add_parser(sub, parents):
+  p = sub.add_parser(
+      "search", parents=parents,
+      help="search the per-step token budget schedule",
+      description="Evolutionary search of one token budget per denoising "
+      "step (Astraea sec. 3.3) for a target mean budget; writes "
+      "OUT/schedule.json for `astraea generate --schedule`.")
+  p.add_argument("--model", required=True,
+                 help="converted checkpoint folder (astraea convert): a "
+                      "whole-model folder, or a transformer alone")
+  p.add_argument("--target-budget", type=common.BUDGET, required=True,
+                 help="target mean token budget in (0, 1]")
+  prompts = p.add_mutually_exclusive_group()
+  prompts.add_argument("--prompts", default=None,
+                       help="text file, one prompt a line (needs a "
+                            "whole-model folder: its umT5 encodes them)")
+  prompts.add_argument("--text-embeddings", nargs="+", default=None,
+                       metavar="FILE",
+                       help="safetensors files with `context` (L, text_dim) "
+                            "and optional `negative_context`, one a prompt")
+  p.add_argument("--out", required=True,
+                 help="output folder (new, or an earlier search with "
+                      "--resume)")
+  p.add_argument("--steps", type=common.POSITIVE_INT, default=50)
+  common.add_video_size_options(p)
+  p.add_argument("--samples", type=common.POSITIVE_INT, default=4,
+                 help="(prompt, noise) pairs the fitness averages over; "
+                      "sample j: prompt j mod #prompts, noise seed + j")
+  p.add_argument("--seed", type=common.SEED, default=0)
+  p.add_argument("--population", type=common.number(int, 2), default=50)
+  p.add_argument("--children", type=common.POSITIVE_INT, default=30)
+  p.add_argument("--generations", type=common.NONNEGATIVE_INT, default=30)
+  p.add_argument("--guidance", type=common.NONNEGATIVE, default=5.0)
+  p.add_argument("--shift", type=common.POSITIVE, default=None,
+                 help="flow shift (default: 3.0 up to 480p, else 5.0)")
+  p.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
+  common.add_dtype_option(p)
+  p.add_argument("--evaluator", choices=["masked", "sparse"],
+                 default="masked",
+                 help="masked dense simulation (one compile) or the sparse "
+                      "sampler (cost ~ budget; one compile per budget)")
+  p.add_argument("--samples-per-pass", type=common.POSITIVE_INT,
+                 default=None,
+                 help="samples per prefix-tree pass (fewer: less memory)")
+  p.add_argument("--batch-nodes", type=common.POSITIVE_INT, default=None,
+                 help="candidate prefixes per vmapped call")
+  p.add_argument("--lanes", type=common.POSITIVE_INT, default=None,
+                 help="genomes walked down the prefix tree together")
+  p.add_argument("--memo-nodes", type=common.NONNEGATIVE_INT, default=None,
+                 help="prefix states kept across generations (these four "
+                      "sizes default to what the device memory allows)")
+  common.add_video_size_options(p, height=None, width=None, frames=None,
+                                prefix="--proxy-")
+  p.add_argument("--proxy-samples", type=common.POSITIVE_INT, default=None,
+                 help="search on this cheaper problem after measuring its "
+                      "rank correlation with the full fitness")
+  p.add_argument("--proxy-check", type=common.POSITIVE_INT, default=8,
+                 help="genomes the proxy's rank correlation is measured on "
+                      "(>= 3)")
+  p.add_argument("--min-rank-correlation", type=common.number(float, -1, 1),
+                 default=0.8, help="stop if the proxy's Spearman rho is "
+                 "lower (in [-1, 1])")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the search in OUT from its last generation")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(run=run)

@@ -1,0 +1,19 @@
+"""Text encoder + DiT + VAE of each model family on one base
+(`base.Pipeline`): `WanPipeline` (Wan2.1) and `OpenSoraPipeline` (OpenSora
+v1.2); `pipeline_class(folder)` picks the one a converted folder holds.
+
+  pipe = WanPipeline.from_pretrained("wan-1.3b", dtype="bfloat16")
+  video = pipe("A cat baking a cake", budget=0.4)
+"""
+
+from astraea_jax.pipelines.base import (
+    PIPELINES,
+    GenerateConfig,
+    Pipeline,
+    pipeline_class,
+)
+from astraea_jax.pipelines.opensora_pipeline import OpenSoraPipeline
+from astraea_jax.pipelines.wan_pipeline import WanPipeline
+
+__all__ = ["GenerateConfig", "OpenSoraPipeline", "PIPELINES", "Pipeline",
+           "WanPipeline", "pipeline_class"]
