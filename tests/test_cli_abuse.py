@@ -107,6 +107,17 @@ CASES = [
     ("generate-missing-schedule", ["generate", "ckpt", *EMB, "--out", "o",
                                    *GEN, "--schedule", "nothere.json"], 1,
      ["--schedule nothere.json", "No such file"]),
+    ("generate-cache-dtype", ["generate", "ckpt", *EMB, "--out", "o", *GEN,
+                              "--budget", "0.5", "--cache-dtype", "int4"], 2,
+     ["argument --cache-dtype: invalid choice: 'int4'", "bfloat16",
+      "float32", "float8"]),
+    ("generate-delta-sketch", ["generate", "ckpt", *EMB, "--out", "o", *GEN,
+                               "--budget", "0.5", "--delta-sketch", "48"], 2,
+     ["argument --delta-sketch: invalid choice: 48",
+      "0, 16, 32, 64, 128, 256"]),
+    ("generate-state-without-budget", ["generate", "ckpt", *EMB, "--out",
+                                       "o", *GEN, "--cache-dtype", "float8"],
+     1, ["--cache-dtype sets Astraea's token state: give --budget"]),
     ("generate-bad-embeddings", ["generate", "ckpt", "--text-embeddings",
                                  "notes.txt", "--out", "o", *GEN], 1,
      ["cannot read text embeddings notes.txt"]),
@@ -234,6 +245,26 @@ def test_mistake_ends_in_one_clear_message(results, name, code, needles):
     assert needle in output, output
   assert "Traceback" not in output and "Event loop is closed" not in output
   assert unchanged, f"{name}: files in the workspace changed"
+
+
+def test_a_run_that_cannot_fit_stops_before_sampling(workspace, tmp_path):
+  """A device of 64 KiB ($ASTRAEA_DEVICE_MEMORY simulates it): the estimate
+  from the compiled first step says no, in one line naming the options,
+  before any step ran; nothing is written."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "ASTRAEA_DEVICE_MEMORY":
+         "64KiB"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "astraea_jax.cli", "generate",
+       str(workspace / "ckpt"), "--text-embeddings",
+       str(workspace / "emb.safetensors"), "--out", str(tmp_path / "o"),
+       *GEN, "--budget", "0.5"], capture_output=True, text=True, env=env,
+      check=False)
+  assert proc.returncode == 1, proc.stderr
+  err = proc.stderr
+  assert "this run needs about" in err and "device has 0.0 GiB" in err
+  assert "nothing was sampled" in err and "--devices" in err
+  assert "Traceback" not in err and "RESOURCE_EXHAUSTED" not in err
+  assert not (tmp_path / "o").exists()
 
 
 def test_debug_shows_the_traceback(workspace, tmp_path):

@@ -190,3 +190,16 @@ def test_compact_state_at_budget_one_equals_dense(split_model, inputs):
                        steps=STEPS, shift=3.0, progress=False,
                        selection_config=selection.COMPACT)
   assert rel_err(out, ref) <= 1e-6
+
+
+def test_the_out_of_memory_hint_names_the_states_that_fit():
+  """Wan2.1-1.3B 480p x 81 with the exact state (22.5 GiB of it) needing
+  30 GiB on a 12 GiB device: the bfloat16 state (6.1 GiB) would need 13.6
+  GiB, the compact one (3.3 GiB) 10.8 GiB: only the compact one is named."""
+  cache_args = (30, 2, 32760, 1536)
+  hint = selection.state_hint(cache_args, selection.EXACT)
+  text = hint(30 * 2**30, 12 * 2**30)
+  assert "takes 22.5 GiB" in text
+  assert "--cache-dtype float8: about 10.8 GiB" in text
+  assert "--cache-dtype bfloat16" not in text
+  assert "No lighter state fits" in hint(30 * 2**30, 2 * 2**30)

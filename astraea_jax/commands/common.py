@@ -12,6 +12,7 @@ import threading
 
 from astraea_jax import checkpoint
 from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea import selection
 from converters.common import CheckpointError
 
 # Values ----------------------------------------------------------------------
@@ -89,6 +90,33 @@ def add_budget_options(p, help_budget):
                      help="schedule.json (astraea search) with one budget "
                           "per step")
   return group
+
+
+def add_token_state_options(p):
+  p.add_argument("--cache-dtype", choices=selection.CACHE_DTYPES,
+                 default=None,
+                 help="Astraea's cached updates: bfloat16 (default), "
+                      "float32, or float8 with a per-token scale (the "
+                      "compact state of the largest videos)")
+  p.add_argument("--delta-sketch", type=int, choices=selection.SKETCH_SIZES,
+                 default=None, metavar="R",
+                 help="values per token of the Delta sketch: "
+                      f"{', '.join(map(str, selection.SKETCH_SIZES))}; 0 "
+                      "keeps the full last input (default 64)")
+
+
+def token_state(args, accelerated: bool):
+  """The SelectionConfig of --cache-dtype/--delta-sketch, or None."""
+  given = {k: v for k, v in (("cache_dtype", args.cache_dtype),
+                             ("delta_sketch", args.delta_sketch))
+           if v is not None}
+  if not given:
+    return None
+  if not accelerated:
+    flag = "--" + next(iter(given)).replace("_", "-")
+    raise UsageError(f"{flag} sets Astraea's token state: give --budget or "
+                     "--schedule too")
+  return selection.SelectionConfig(**given)
 
 
 def add_dtype_option(p, help_dtype="compute dtype (default: the "
