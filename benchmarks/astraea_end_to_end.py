@@ -406,6 +406,75 @@ def summarize(rows):
   return targets
 
 
+def user_view_targets(rows):
+  """`astraea generate --compare` against the speed part's whole runs."""
+  by = {(r["name"], r.get("process")): r for r in rows
+        if not r.get("failed")}
+  user = by.get(("user_generate_compare", None))
+  dense, fast = by.get(("dense", "cold")), by.get(("astraea_0.4", "cold"))
+  if not (user and dense and fast):
+    return []
+  report = user["report"]
+  bench = dense["seconds"][-1] / fast["seconds"][-1]
+  return [
+      {"name": "user_view_warm_speedup_vs_benchmark",
+       "value": abs(report["speedup_without_compiles"] / bench - 1),
+       "op": "<=", "target": 0.05},
+      {"name": "user_view_full_seconds_vs_benchmark",
+       "value": abs(report["full"]["seconds_without_compiles"]
+                    / dense["seconds"][-1] - 1), "op": "<=", "target": 0.05},
+      {"name": "user_view_cold_speedup_with_compiles",
+       "value": report["full"]["seconds"] / report["astraea"]["seconds"],
+       "op": ">=", "target": 1.8}]
+
+
+def fit_and_opensora_targets(rows):
+  out = []
+  for r in rows:
+    if r.get("model") == "14b" or r.get("video") == "720p":
+      out.append({"name": f"runs_on_one_gpu_{r['name']}",
+                  "value": 0.0 if r.get("failed") else 1.0, "op": ">=",
+                  "target": 1.0})
+  by = {r["name"]: r for r in rows if not r.get("failed")}
+  if "opensora_dense" in by and "opensora_astraea_0.4" in by:
+    out.append({"name": "opensora_end_to_end_speedup_0.4_warm",
+                "value": by["opensora_dense"]["seconds"][-1]
+                / by["opensora_astraea_0.4"]["seconds"][-1],
+                "op": ">=", "target": 2.2})
+  return out
+
+
+def merge(paths, out):
+  """One results file from the parts' files (device calls on one machine):
+  rows tagged with their file's parts, every part's targets, and the
+  targets across parts."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import common  # pylint: disable=import-outside-toplevel
+  import kinds  # pylint: disable=import-outside-toplevel
+  docs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+  rows, targets = [], []
+  for doc in docs:
+    part = "+".join(doc["settings"]["parts"])
+    part_rows = [{k: v for k, v in r.items()
+                  if k not in ("kind", "kind_rule")} | {"part": part}
+                 for r in doc["rows"]]
+    rows += part_rows
+    targets += [{k: v for k, v in t.items()
+                 if k not in ("kind", "kind_rule")} | {"part": part}
+                for t in summarize(part_rows)]
+  speed = [r for r in rows if r["part"] == "speed"]
+  user = [r for r in rows if r["name"] == "user_generate_compare"]
+  targets += user_view_targets(speed + user) + fit_and_opensora_targets(rows)
+  doc = {**docs[0], "settings": {**docs[0]["settings"], "parts": [
+      d["settings"]["parts"] for d in docs], "merged_from": [
+          pathlib.Path(p).name for p in paths]},
+         "rows": rows, "targets": targets}
+  kinds.label(doc)
+  pathlib.Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+  del common
+  print(f"wrote {out}")
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--part", action="append",
@@ -416,7 +485,11 @@ def main():
   parser.add_argument("--timeout", type=int, default=900)
   parser.add_argument("--child")
   parser.add_argument("--write-checkpoint")
+  parser.add_argument("--merge", nargs="+", metavar="PART_JSON",
+                      help="combine the parts' files into --out")
   args = parser.parse_args()
+  if args.merge:
+    return merge(args.merge, args.out)
   if args.child:
     return child(json.loads(args.child), args.small)
   if args.write_checkpoint:
