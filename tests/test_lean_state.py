@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from astraea_jax import testing
+from astraea_jax.astraea import policy_specs
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.astraea import wan_tokenwise as astraea
@@ -203,3 +204,14 @@ def test_the_out_of_memory_hint_names_the_states_that_fit():
   assert "--cache-dtype float8: about 10.8 GiB" in text
   assert "--cache-dtype bfloat16" not in text
   assert "No lighter state fits" in hint(30 * 2**30, 2 * 2**30)
+
+
+def test_policy_labels_name_a_non_default_state():
+  """eval tells the states apart (it refuses repeated labels)."""
+  labels = [policy_specs.parse_policy(f"astraea:budget=0.5{extra}").label()
+            for extra in ("", ",cache_dtype=float32,delta_sketch=0",
+                          ",cache_dtype=float8", ",delta_sketch=32")]
+  assert labels == ["astraea budget=0.5",
+                    "astraea (exact-state) budget=0.5",
+                    "astraea (float8-state) budget=0.5",
+                    "astraea (bfloat16-sketch32) budget=0.5"]

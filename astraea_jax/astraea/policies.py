@@ -181,6 +181,9 @@ class Astraea(_Base):
     for term in ("penalty", "lse", "delta"):
       if not getattr(self.selection, f"use_{term}"):
         parts.append(f"no-{term}")
+    state = selection.state_name(self.selection)
+    if state:
+      parts.append(state)
     return "+".join(parts)
 
   @property

@@ -77,6 +77,20 @@ COMPACT = SelectionConfig(cache_dtype="float8")
 """The 8-bit update with the default sketch: about the paper's memory."""
 
 
+def state_name(config: SelectionConfig) -> str:
+  """"" for the default token state, else a short name: "exact-state"
+  (float32, full last input), "float8-state", "bfloat16-sketch32"..."""
+  default = SelectionConfig()
+  if (config.cache_dtype, config.delta_sketch) == (default.cache_dtype,
+                                                   default.delta_sketch):
+    return ""
+  if (config.cache_dtype, config.delta_sketch) == ("float32", 0):
+    return "exact-state"
+  if config.delta_sketch == default.delta_sketch:
+    return f"{config.cache_dtype}-state"
+  return f"{config.cache_dtype}-sketch{config.delta_sketch}"
+
+
 def init_cache(num_layers, batch, num_tokens, dim, config: SelectionConfig):
   """Empty per-block cache, stacked on a leading layer axis.
 
