@@ -17,6 +17,8 @@ Parts (each one device call; their rows merge into one JSON per GPU):
   speed  - Wan2.1-1.3B 480p x 81 (32,760 tokens), 50 steps: dense and
            Astraea at mean budgets 0.3/0.4/0.7 (the default lean state);
   speed04 - the speed part's dense and 0.4 rows alone;
+  cold04 - a new process each: Astraea 0.4 (cold and warm run), dense
+           (cold run);
   states - the same video: dense, Astraea 0.4 with the float32 state (the
            old default) and the compact state, and 0.5;
   memory - peak of a short run (the full step and the schedule's first
@@ -54,6 +56,10 @@ SPEED = [
     ("astraea_0.4", "1.3b", "480p", "astraea", 0.4, "lean", 50, 2, True),
     ("astraea_0.3", "1.3b", "480p", "astraea", 0.3, "lean", 50, 2, False),
     ("astraea_0.7", "1.3b", "480p", "astraea", 0.7, "lean", 50, 2, False),
+]
+COLD04 = [  # astraea first: the row that matters most in a short call
+    ("astraea_0.4", "1.3b", "480p", "astraea", 0.4, "lean", 50, 2, False),
+    ("dense", "1.3b", "480p", "dense", None, None, 50, 1, False),
 ]
 STATES = [
     ("dense", "1.3b", "480p", "dense", None, None, 50, 1, False),
@@ -479,7 +485,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--part", action="append",
                       choices=["speed", "states", "memory", "user",
-                               "opensora", "speed04"])
+                               "opensora", "speed04", "cold04"])
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--out")
   parser.add_argument("--timeout", type=int, default=900)
@@ -512,7 +518,7 @@ def main():
                          summarize(rows))
 
   tables = {"speed": SPEED, "states": STATES, "memory": MEMORY,
-            "opensora": OPENSORA, "speed04": SPEED[:2]}
+            "opensora": OPENSORA, "speed04": SPEED[:2], "cold04": COLD04}
   for part in parts:
     print(f"part {part}:", flush=True)
     if part == "user":
