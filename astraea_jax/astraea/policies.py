@@ -473,13 +473,13 @@ def sample(graphdef, params, noise, context, negative_context, *,
   if len(plans) != len(timesteps):
     raise ValueError(f"{policy.label()} made {len(plans)} plans for "
                      f"{len(timesteps)} steps")
-  carry = policy.init_carry(config, 2 * noise.shape[0], n, noise.shape,
-                            len(plans))
   latents, carry, _, stats = dense_sampler.run(
       model_fn(graphdef, params,
                dense_sampler.cfg_context(context, negative_context)),
       jnp.asarray(noise, F32), scheduler=scheduler,
-      guidance_scale=guidance_scale, plans=plans, carry=carry,
+      guidance_scale=guidance_scale, plans=plans,
+      make_carry=lambda: policy.init_carry(config, 2 * noise.shape[0], n,
+                                           noise.shape, len(plans)),
       progress=progress, wait=return_stats, desc=policy.label())
   stats = dataclasses.replace(
       stats, label=policy.label(), method=policy.method,

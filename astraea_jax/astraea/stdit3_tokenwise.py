@@ -224,14 +224,19 @@ def sample(model, params, noise, y, y_mask, *, budget=None, schedule=None,
       frame_mask=conditions.frame_mask,
       use_timestep_transform=use_timestep_transform)
   frames, per_frame = token_grid(module.config, latents.shape)
-  cache = init_cache(module.config, 2 * latents.shape[0], frames * per_frame,
-                     selection_config)
+  batch, n = 2 * latents.shape[0], frames * per_frame
   k_fs = [schedule_lib.num_selected(theta, per_frame) for theta in budgets]
   latents, _, trajectory, stats = dense_sampler.run(
       model_fn(model, params, conditions), latents, scheduler=scheduler,
       guidance_scale=guidance_scale,
       plans=[Plan(k_f, selection_config, temporal_sparse) for k_f in k_fs],
-      carry=cache, return_trajectory=return_trajectory, progress=progress,
+      make_carry=lambda: init_cache(module.config, batch, n,
+                                    selection_config),
+      # the two stacks hold as much as one of 2 x depth blocks
+      memory_hint=selection.state_hint(
+          (2 * module.config.depth, batch, n, module.config.hidden_size),
+          selection_config),
+      return_trajectory=return_trajectory, progress=progress,
       wait=return_stats, desc="astraea",
       postfix=[{"budget": f"{t:.2f}", "tokens": f"{k_f}/{per_frame} per frame"}
                for t, k_f in zip(budgets, k_fs)])
