@@ -163,10 +163,11 @@ def compiled_count() -> int | None:
 # compiled executable, kept for the process like jax's jit cache. Steps on
 # one device run through these, so that (1) every distinct plan after the
 # first compiles in a background thread while the first plan's steps run
-# (XLA compiles without the GIL: a cold Astraea run waits for about one
-# compile instead of one per token count), and (2) the first plan's
-# compiled memory analysis says whether the run fits before its carry (the
-# token caches) is allocated (`memory.check_fits`).
+# (on one H100 a cold Wan2.1-1.3B Astraea 0.4 run still took 17 s more
+# than a warm one, against 5 s for the dense run: the overlap is partial;
+# benchmarks/results/astraea_end_to_end_h100.json), and (2) the first
+# plan's compiled memory analysis says whether the run fits before its
+# carry (the token caches) is allocated (`memory.check_fits`).
 _EXECUTABLES: dict = {}
 _POOL: list = []
 
