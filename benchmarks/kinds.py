@@ -109,6 +109,9 @@ def _eval_quality(row=None, target=None):
   name = target["name"]
   if name.startswith("score_vs_random"):
     return MEASURED, "PSNR difference of two settings at the same budget"
+  if name.startswith("psnr_change_"):
+    return MEASURED, ("mean over the samples of the PSNR difference of two "
+                      "token states at the same budget, same noise")
   return PROJECTED, ("reads speedup_h200 (the demo model's plans priced "
                      "with Wan2.1-1.3B step times) beside the demo "
                      "model's measured quality")
