@@ -6,33 +6,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from astraea_jax import testing
+import _tiny_wan as tiny
+
 from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.configs import WanConfig
 from astraea_jax.sampling import sampler as dense
 
-CONFIG = WanConfig.tiny(num_layers=2, dim=64, ffn_dim=96, num_heads=2,
-                        text_dim=24, text_len=8, freq_dim=16)
-STEPS = 6
+CONFIG, STEPS = tiny.CONFIG, tiny.STEPS
 
 
 @pytest.fixture(scope="module")
 def split_model():
-  return testing.random_wan(CONFIG, seed=5)
+  return tiny.split_model()
 
 
 @pytest.fixture(scope="module")
 def inputs():
-  noise = dense.draw_noise(jax.random.key(0), (1, 16, 2, 8, 8))  # N = 32
-  ctx = jax.random.normal(jax.random.key(1), (1, 6, CONFIG.text_dim))
-  neg = jax.random.normal(jax.random.key(2), (1, 3, CONFIG.text_dim))
-  return noise, ctx, neg
+  return tiny.inputs()
 
 
-def rel_err(a, b):
-  return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+rel_err = tiny.rel_err
 
 
 def test_budget_one_reproduces_dense_sampler(split_model, inputs):
@@ -52,26 +46,8 @@ def test_low_budget_changes_the_result(split_model, inputs):
 
 
 def run_forward(split_model, inputs, budgets, masked):
-  graphdef, state = split_model
-  model = nnx.merge(graphdef, state)
-  noise, ctx, neg = inputs
-  ctx2 = dense.cfg_context(ctx, neg)
-  x = jnp.concatenate([noise, noise])
-  cache = selection.init_cache(CONFIG.num_layers, 2, 32, CONFIG.dim,
-                               selection.EXACT)
-  outs = []
-  for i, theta in enumerate(budgets):
-    t = jnp.full((2,), 900.0 - 100 * i)
-    k = schedule_lib.num_selected(theta, 32)
-    if masked:
-      v, cache = astraea.forward_masked(model, x, t, ctx2, cache, k,
-                                        config=selection.EXACT)
-    else:
-      v, cache = astraea.forward(model, x, t, ctx2, cache, num_selected=k,
-                                 config=selection.EXACT)
-    outs.append(v)
-    x = x - 0.1 * v
-  return outs, cache
+  return tiny.run_forward(split_model, inputs, budgets, masked,
+                          selection.EXACT)
 
 
 def test_sparse_path_equals_masked_dense_simulation(split_model, inputs):

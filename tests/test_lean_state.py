@@ -11,38 +11,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from astraea_jax import testing
+import _tiny_wan as tiny
+
 from astraea_jax.astraea import policy_specs
-from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
 from astraea_jax.astraea import wan_tokenwise as astraea
-from astraea_jax.configs import WanConfig
 from astraea_jax.sampling import sampler as dense
 
-CONFIG = WanConfig.tiny(num_layers=2, dim=64, ffn_dim=96, num_heads=2,
-                        text_dim=24, text_len=8, freq_dim=16)
-STEPS = 6
+CONFIG, STEPS = tiny.CONFIG, tiny.STEPS
 LEAN = {"bfloat16": selection.SelectionConfig(),
         "float8": selection.COMPACT}
 
 
 @pytest.fixture(scope="module")
 def split_model():
-  return testing.random_wan(CONFIG, seed=5)
+  return tiny.split_model()
 
 
 @pytest.fixture(scope="module")
 def inputs():
-  noise = dense.draw_noise(jax.random.key(0), (1, 16, 2, 8, 8))  # N = 32
-  ctx = jax.random.normal(jax.random.key(1), (1, 6, CONFIG.text_dim))
-  neg = jax.random.normal(jax.random.key(2), (1, 3, CONFIG.text_dim))
-  return noise, ctx, neg
+  return tiny.inputs()
 
 
-def rel_err(a, b):
-  return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+rel_err = tiny.rel_err
 
 
 def test_default_is_the_lean_state():
@@ -142,27 +134,6 @@ def test_update_encoding_error_bound(name, rel, floor):
   assert np.all(back[0, 0] == 0.0)
 
 
-def run_forward(split_model, inputs, budgets, masked, cfg):
-  model = nnx.merge(*split_model)
-  noise, ctx, neg = inputs
-  ctx2 = dense.cfg_context(ctx, neg)
-  x = jnp.concatenate([noise, noise])
-  cache = selection.init_cache(CONFIG.num_layers, 2, 32, CONFIG.dim, cfg)
-  outs = []
-  for i, theta in enumerate(budgets):
-    t = jnp.full((2,), 900.0 - 100 * i)
-    k = schedule_lib.num_selected(theta, 32)
-    if masked:
-      v, cache = astraea.forward_masked(model, x, t, ctx2, cache, k,
-                                        config=cfg)
-    else:
-      v, cache = astraea.forward(model, x, t, ctx2, cache, num_selected=k,
-                                 config=cfg)
-    outs.append(v)
-    x = x - 0.1 * v
-  return outs, cache
-
-
 @pytest.mark.parametrize("name,tol", [
     # The two forms compute the selected rows with different op orders
     # (float32, ~1e-6 apart); rounding that to the cache dtype can land
@@ -176,8 +147,10 @@ def test_lean_sparse_path_equals_masked_simulation(split_model, inputs, name,
                                                    tol):
   budgets = [1.0, 0.3, 0.7, 0.0, 0.5, 1.0 / 32]
   cfg = LEAN[name]
-  sparse, cache_s = run_forward(split_model, inputs, budgets, False, cfg)
-  masked, cache_m = run_forward(split_model, inputs, budgets, True, cfg)
+  sparse, cache_s = tiny.run_forward(split_model, inputs, budgets, False,
+                                     cfg)
+  masked, cache_m = tiny.run_forward(split_model, inputs, budgets, True,
+                                     cfg)
   for a, b in zip(sparse, masked):
     assert rel_err(a, b) <= tol
   # the same tokens were chosen at every step and block
