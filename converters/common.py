@@ -128,6 +128,16 @@ def open_safetensors_folder(folder, stem: str) -> Source:
       f"{folder}: no {single.name} nor {index.name}; found {found}")
 
 
+def read_json(path) -> dict:
+  """A checkpoint's JSON file (config.json, a shard index, ...), parsed;
+  CheckpointError naming the file when it cannot be read or parsed."""
+  path = pathlib.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from e
+
+
 def flatten_dict(d, prefix=()):
   out = {}
   for k, v in d.items():

@@ -37,7 +37,6 @@ wan|diffusers|umt5` on a whole folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 from collections.abc import Mapping
@@ -54,7 +53,7 @@ from converters import umt5 as umt5_converter
 from converters import wan as wan_converter
 from converters import wan_vae as vae_converter
 from converters.common import (CheckpointError, MeteredSource,
-                               open_safetensors_folder)
+                               open_safetensors_folder, read_json)
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 # Names in the original Wan2.1 release (Wan-AI/Wan2.1-T2V-1.3B and -14B).
@@ -91,13 +90,6 @@ def _weights_file(root: pathlib.Path, stem: str):
     if (root / f"{stem}{suffix}").is_file():
       return root / f"{stem}{suffix}"
   return None
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from e
 
 
 def _has_tokenizer(folder: pathlib.Path) -> bool:
@@ -153,7 +145,7 @@ def find_model_folder(src) -> ModelFolder | None:
 
 def _diffusers_folder(root: pathlib.Path, index: pathlib.Path):
   if index.is_file():
-    doc = _read_json(index)
+    doc = read_json(index)
     name = doc.get("_class_name", "WanPipeline")
     if name != "WanPipeline":
       raise CheckpointError(f"{index}: _class_name={name!r}; only the Wan2.1 "
@@ -310,7 +302,7 @@ def umt5_config_from_original(source, **overrides) -> UMT5Config:
 
 def read_transformer(folder: ModelFolder, *, dtype, text_len, bar):
   layout, transformer_dir = wan_converter.detect_layout(folder.root)
-  cfg = _read_json(transformer_dir / "config.json")
+  cfg = read_json(transformer_dir / "config.json")
   try:
     config = wan_converter.config_from_checkpoint(
         layout, cfg, text_len=text_len, param_dtype=dtype, dtype=dtype)
@@ -339,7 +331,7 @@ def read_text_encoder(folder: ModelFolder, *, dtype, allow_pth, bar):
   if folder.text_encoder.is_dir():
     te_dir = umt5_converter.find_folder(folder.text_encoder)
     config = umt5_converter.config_from_checkpoint(
-        _read_json(te_dir / "config.json"), dtype=dtype, param_dtype=dtype)
+        read_json(te_dir / "config.json"), dtype=dtype, param_dtype=dtype)
     source, layout = open_safetensors_folder(te_dir, "model"), "diffusers"
   else:
     source = open_weights(folder.text_encoder, allow_pth=allow_pth)

@@ -14,7 +14,6 @@ leading layer axis), so the checkpoint is in memory once. No torch needed.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 
@@ -25,6 +24,7 @@ from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
 from converters.common import (
   check_keys,
+  read_json,
   stream_params,
   to_ours,
   CheckpointError,
@@ -94,14 +94,6 @@ WEIGHTS_STEM = "model"
 
 
 # Configs ----------------------------------------------------------------------
-
-
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 def config_from_checkpoint(cfg: dict, **overrides) -> STDiT3Config:
@@ -235,7 +227,7 @@ def read_checkpoint(src, *, dtype="float32", progress=False):
     raise CheckpointError(
         f"{src}: no config.json; expected an OpenSora STDiT3 checkpoint "
         f"folder (config.json + {WEIGHTS_STEM}.safetensors)")
-  config = config_from_checkpoint(_read_json(cfg_path), param_dtype=dtype,
+  config = config_from_checkpoint(read_json(cfg_path), param_dtype=dtype,
                                   dtype=dtype)
   source = open_safetensors_folder(folder, WEIGHTS_STEM)
   return config, load_params(source, config, progress=progress)

@@ -52,7 +52,7 @@ from converters import opensora as stdit3_converter
 from converters import opensora_vae as vae_converter
 from converters import umt5 as t5_converter
 from converters.common import (CheckpointError, MeteredSource,
-                               open_safetensors_folder)
+                               open_safetensors_folder, read_json)
 
 # Subfolder names of each part: the published repo's name, then ours.
 PART_FOLDERS = {
@@ -75,13 +75,6 @@ class OpenSoraFolder:
   text_encoder: pathlib.Path
   tokenizer: pathlib.Path
   layout: str = "opensora"
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from e
 
 
 def _json_or_empty(path: pathlib.Path) -> dict:
@@ -193,7 +186,7 @@ def _input_bytes(folder: OpenSoraFolder) -> int:
 
 def read_transformer(folder: OpenSoraFolder, *, dtype, bar):
   config = stdit3_converter.config_from_checkpoint(
-      _read_json(folder.transformer / "config.json"), param_dtype=dtype,
+      read_json(folder.transformer / "config.json"), param_dtype=dtype,
       dtype=dtype)
   source = open_safetensors_folder(folder.transformer, WEIGHTS_STEM)
   metered = MeteredSource(source, bar)
@@ -202,7 +195,7 @@ def read_transformer(folder: OpenSoraFolder, *, dtype, bar):
 
 def read_vae(folder: OpenSoraFolder, *, bar):
   cfg_file = folder.vae / "config.json"
-  cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+  cfg = read_json(cfg_file) if cfg_file.is_file() else {}
   source = open_safetensors_folder(folder.vae, WEIGHTS_STEM)
   layout = vae_converter.detect_layout(source.keys())
   if layout != "opensora":
@@ -216,7 +209,7 @@ def read_vae(folder: OpenSoraFolder, *, bar):
 
 
 def read_text_encoder(folder: OpenSoraFolder, *, dtype, bar):
-  cfg = _read_json(folder.text_encoder / "config.json")
+  cfg = read_json(folder.text_encoder / "config.json")
   config = t5_converter.config_from_checkpoint(cfg, dtype=dtype,
                                                param_dtype=dtype)
   if not config.shared_position_bias:

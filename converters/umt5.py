@@ -20,7 +20,6 @@ preallocated numpy buffers (layers stacked on a leading axis). No torch.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 
@@ -29,9 +28,9 @@ from flax import nnx
 
 from astraea_jax.models.text import umt5
 from astraea_jax.models.text.umt5 import UMT5Config
-from converters.common import (CheckpointError, KeyMismatch, Source,
-                               flatten_dict,
-                               open_safetensors_folder, stream_params)
+from converters.common import (CheckpointError, Source, check_keys,
+                               flatten_dict, open_safetensors_folder,
+                               read_json, stream_params)
 
 # Our parameter path <- transformers key. "linear": torch (out, in) weight
 # transposed to our (in, out) kernel; "same": copied as is.
@@ -110,14 +109,6 @@ def find_folder(src) -> pathlib.Path:
       f"{src}: no config.json (nor text_encoder/config.json); expected the "
       "`text_encoder/` folder of a diffusers Wan2.1 checkpoint (a "
       "transformers UMT5EncoderModel) or a T5EncoderModel folder")
-
-
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 # config.json `model_type` -> UMT5Config.shared_position_bias.
@@ -282,16 +273,7 @@ def _check_keys(source: Source, config: UMT5Config, layout: str):
     if not aliases:
       expected["shared.weight (or encoder.embed_tokens.weight)"] = (
           embedding_shape)
-  missing = sorted(set(expected) - present)
-  unexpected = sorted(present - set(expected))
-  misshapen = sorted(
-      f"{k}: checkpoint {tuple(source.shape(k))}, expected {expected[k]}"
-      for k in present & set(expected)
-      if tuple(source.shape(k)) != tuple(expected[k]))
-  if missing or unexpected or misshapen:
-    raise KeyMismatch(missing=missing, unexpected=unexpected,
-                      misshapen=misshapen,
-                      layout=f"{_family(config)} {layout}")
+  check_keys(source, expected, layout=f"{_family(config)} {layout}")
   to_read = {k: to_transformers_key(k, layout, config) for k in expected}
   if layout == "diffusers" and len(aliases) == 2:
     del to_read["shared.weight"]
@@ -326,7 +308,7 @@ def read_checkpoint(src, *, dtype="float32", progress=False):
   `text_encoder/` folder (or the model folder holding it), or a
   `T5EncoderModel` folder; umT5 or T5 from config.json, streaming."""
   folder = find_folder(src)
-  config = config_from_checkpoint(_read_json(folder / "config.json"),
+  config = config_from_checkpoint(read_json(folder / "config.json"),
                                   dtype=dtype, param_dtype=dtype)
   source = open_safetensors_folder(folder, "model")
   return config, load_params(source, config, "diffusers", progress=progress)

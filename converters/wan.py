@@ -14,7 +14,6 @@ checkpoint is in memory once. No torch needed.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 
@@ -25,7 +24,8 @@ from astraea_jax.configs import WanConfig
 from astraea_jax.models import wan
 from converters.common import (CheckpointError, Source,
                                check_keys, flatten_dict, to_ours,
-                               open_safetensors_folder, stream_params)
+                               open_safetensors_folder, read_json,
+                               stream_params)
 
 # Our parameter path <- original key. Transform names: "linear" = torch
 # (out, in) weight transposed to our (in, out) kernel; "patch" = Conv3d
@@ -116,7 +116,7 @@ def detect_layout(src) -> tuple[str, pathlib.Path]:
     raise CheckpointError(
         f"{src}: no config.json (nor transformer/config.json); expected a "
         "Wan2.1 checkpoint folder in the original or diffusers layout")
-  cfg = _read_json(cfg_path)
+  cfg = read_json(cfg_path)
   if "num_attention_heads" in cfg and "attention_head_dim" in cfg:
     return "diffusers", folder
   if "dim" in cfg and "num_heads" in cfg:
@@ -125,14 +125,6 @@ def detect_layout(src) -> tuple[str, pathlib.Path]:
       f"{cfg_path}: unknown layout (neither the original Wan keys `dim`/"
       f"`num_heads` nor the diffusers keys `num_attention_heads`/"
       f"`attention_head_dim`); found keys {sorted(cfg)}")
-
-
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 def config_from_checkpoint(layout, cfg, *, text_len=None, **overrides):
@@ -271,8 +263,6 @@ def load_params(source: Source, layout: str, config: WanConfig, *,
                        progress=progress)
 
 
-
-
 def read_checkpoint(src, *, format="auto", dtype="float32", text_len=None,
                     progress=False):
   """(config, params) from a Wan2.1 checkpoint folder, streaming."""
@@ -281,7 +271,7 @@ def read_checkpoint(src, *, format="auto", dtype="float32", text_len=None,
     raise CheckpointError(
         f"{src}: --format {format} requested, but the folder is in the "
         f"{layout!r} layout")
-  cfg = _read_json(folder / "config.json")
+  cfg = read_json(folder / "config.json")
   try:
     config = config_from_checkpoint(layout, cfg, text_len=text_len,
                                     param_dtype=dtype, dtype=dtype)

@@ -20,7 +20,6 @@ from its hard-coded block indices to any `num_res_blocks` / `dim_mult`.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Mapping
 
@@ -31,7 +30,9 @@ from flax import nnx, traverse_util
 
 from astraea_jax.vae import wan_vae
 from astraea_jax.vae.wan_vae import WanVAE, WanVAEConfig
-from converters.common import CheckpointError, KeyMismatch, Source, as_source
+from converters import common
+from converters.common import (CheckpointError, Source, as_source,
+                               read_json)
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 # Our attribute inside a block -> original name. The original blocks are
@@ -252,17 +253,8 @@ def config_from_diffusers(cfg: dict, **overrides) -> WanVAEConfig:
 
 def check_keys(source, config: WanVAEConfig, layout: str):
   """Raise KeyMismatch naming every missing, unexpected, misshapen key."""
-  expected = expected_shapes(config, layout)
-  present = set(source.keys())
-  missing = sorted(set(expected) - present)
-  unexpected = sorted(present - set(expected))
-  misshapen = sorted(
-      f"{k}: checkpoint {tuple(source.shape(k))}, expected {expected[k]}"
-      for k in present & set(expected)
-      if tuple(source.shape(k)) != tuple(expected[k]))
-  if missing or unexpected or misshapen:
-    raise KeyMismatch(missing=missing, unexpected=unexpected,
-                      misshapen=misshapen, layout=f"Wan VAE, {layout}")
+  common.check_keys(source, expected_shapes(config, layout),
+                    layout=f"Wan VAE, {layout}")
 
 
 def load_params(source, config: WanVAEConfig, layout: str) -> dict:
@@ -373,11 +365,7 @@ def open_checkpoint(path, *, allow_pth: bool = False):
           f"{folder}: no diffusion_pytorch_model.safetensors (a diffusers "
           f"AutoencoderKLWan folder); found {found}")
     if (folder / "config.json").exists():
-      try:
-        cfg = json.loads((folder / "config.json").read_text())
-      except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: invalid JSON "
-                              f"({e})") from e
+      cfg = read_json(folder / "config.json")
     path = weights
   if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
     source = Source.from_arrays(read_pth(path, allow_pth=allow_pth))
