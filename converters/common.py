@@ -169,6 +169,47 @@ def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
   return array
 
 
+def locate_key(key: str, top_level: dict, block_re, block_keys: dict,
+               num_layers: int):
+  """A checkpoint key -> (our path, layer index or None, transform), or
+  None where the model has no such parameter.
+
+  top_level: {key: (our path, transform)} outside the stacked layers;
+  block_re: matches a layer's key, with the groups `layer` (its index),
+  `suffix` (a key of block_keys: {suffix: (our path in a layer,
+  transform)}) and, where there are several stacks, `stack` (our path's
+  first part; else "blocks").
+  """
+  if key in top_level:
+    path, transform = top_level[key]
+    return path, None, transform
+  m = block_re.match(key)
+  if m and m["suffix"] in block_keys and int(m["layer"]) < num_layers:
+    path, transform = block_keys[m["suffix"]]
+    stack = m.groupdict().get("stack", "blocks")
+    return (stack,) + path, int(m["layer"]), transform
+  return None
+
+
+def rename_key(key: str, top_level: dict, block_re, block: dict,
+               block_prefix: str) -> str | None:
+  """`key` in another layout's names, or None where it has none: a
+  top-level key through top_level {name: other name}; a layer's key
+  (block_re groups `layer`, `suffix`) to `{block_prefix}.{layer}.{other
+  name of the suffix by block}`."""
+  if key in top_level:
+    return top_level[key]
+  m = block_re.match(key)
+  if m and m["suffix"] in block:
+    return f"{block_prefix}.{m['layer']}.{block[m['suffix']]}"
+  return None
+
+
+def inverted(names: dict) -> dict:
+  """{other name: name} of a one-to-one {name: other name}."""
+  return {v: k for k, v in names.items()}
+
+
 def check_keys(source, expected: dict, *, layout: str, ignored=()):
   """Raises KeyMismatch naming every missing, unexpected (not in `ignored`)
   and misshapen key of `source` against {key: expected shape}."""

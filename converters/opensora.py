@@ -24,6 +24,7 @@ from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
 from converters.common import (
   check_keys,
+  locate_key,
   read_json,
   stream_params,
   to_ours,
@@ -89,7 +90,9 @@ IGNORED_KEYS = frozenset({
     "x_embedder_cond_mask.proj.weight", "x_embedder_cond_mask.proj.bias",
 })
 
-_BLOCK_RE = re.compile(r"^(spatial_blocks|temporal_blocks)\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(
+    r"^(?P<stack>spatial_blocks|temporal_blocks)\.(?P<layer>\d+)\."
+    r"(?P<suffix>.+)$")
 WEIGHTS_STEM = "model"
 
 
@@ -136,15 +139,8 @@ def block_keys(config: STDiT3Config) -> dict:
 
 def locate(key: str, config: STDiT3Config):
   """original key -> (our path, layer index or None, transform), or None."""
-  if key in TOP_LEVEL_KEYS:
-    path, transform = TOP_LEVEL_KEYS[key]
-    return path, None, transform
-  m = _BLOCK_RE.match(key)
-  keys = block_keys(config)
-  if m and m.group(3) in keys and int(m.group(2)) < config.depth:
-    path, transform = keys[m.group(3)]
-    return (m.group(1),) + path, int(m.group(2)), transform
-  return None
+  return locate_key(key, TOP_LEVEL_KEYS, _BLOCK_RE, block_keys(config),
+                    config.depth)
 
 
 def checkpoint_shape(our_shape, transform, config: STDiT3Config):

@@ -29,8 +29,9 @@ from flax import nnx
 from astraea_jax.models.text import umt5
 from astraea_jax.models.text.umt5 import UMT5Config
 from converters.common import (CheckpointError, Source, check_keys,
-                               flatten_dict, open_safetensors_folder,
-                               read_json, stream_params)
+                               flatten_dict, inverted, locate_key,
+                               open_safetensors_folder, read_json,
+                               rename_key, stream_params)
 
 # Our parameter path <- transformers key. "linear": torch (out, in) weight
 # transposed to our (in, out) kernel; "same": copied as is.
@@ -90,8 +91,9 @@ WAN_PER_LAYER_POSITION_BIAS = {
     "pos_embedding.embedding.weight": POSITION_BIAS_SUFFIX}
 
 LAYOUTS = ("diffusers", "wan")
-_BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
-_WAN_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(
+    r"^encoder\.block\.(?P<layer>\d+)\.(?P<suffix>.+)$")
+_WAN_BLOCK_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<suffix>.+)$")
 
 
 # Folders and configs ----------------------------------------------------------
@@ -160,24 +162,14 @@ def to_transformers_key(key: str, layout: str,
   if layout == "diffusers":
     return key
   top, block = _wan_names(config)
-  if key in top:
-    return top[key]
-  m = _WAN_BLOCK_RE.match(key)
-  if m and m.group(2) in block:
-    return f"encoder.block.{m.group(1)}.{block[m.group(2)]}"
-  return None
+  return rename_key(key, top, _WAN_BLOCK_RE, block, "encoder.block")
 
 
 def from_transformers_key(key: str, layout: str, config: UMT5Config) -> str:
   if layout == "diffusers":
     return key
   top, block = _wan_names(config)
-  inv_top = {v: k for k, v in top.items()}
-  if key in inv_top:
-    return inv_top[key]
-  m = _BLOCK_RE.match(key)
-  inv_block = {v: k for k, v in block.items()}
-  return f"blocks.{m.group(1)}.{inv_block[m.group(2)]}"
+  return rename_key(key, inverted(top), _BLOCK_RE, inverted(block), "blocks")
 
 
 def top_level_keys(config: UMT5Config) -> dict:
@@ -198,16 +190,8 @@ def locate(key: str, config: UMT5Config):
   """transformers key -> (our path, layer index or None, transform), or None."""
   if key == EMBEDDING_ALIAS:
     key = "shared.weight"
-  top = top_level_keys(config)
-  if key in top:
-    path, transform = top[key]
-    return path, None, transform
-  m = _BLOCK_RE.match(key)
-  blocks = block_keys(config)
-  if m and m.group(2) in blocks and int(m.group(1)) < config.num_layers:
-    path, transform = blocks[m.group(2)]
-    return ("blocks",) + path, int(m.group(1)), transform
-  return None
+  return locate_key(key, top_level_keys(config), _BLOCK_RE,
+                    block_keys(config), config.num_layers)
 
 
 def param_shapes(config: UMT5Config) -> dict[tuple, tuple]:

@@ -23,9 +23,10 @@ from flax import nnx
 from astraea_jax.configs import WanConfig
 from astraea_jax.models import wan
 from converters.common import (CheckpointError, Source,
-                               check_keys, flatten_dict, to_ours,
+                               check_keys, flatten_dict, inverted,
+                               locate_key, to_ours,
                                open_safetensors_folder, read_json,
-                               stream_params)
+                               rename_key, stream_params)
 
 # Our parameter path <- original key. Transform names: "linear" = torch
 # (out, in) weight transposed to our (in, out) kernel; "patch" = Conv3d
@@ -99,7 +100,7 @@ for _d, _o in (("attn1", "self_attn"), ("attn2", "cross_attn")):
   for _n in ("norm_q", "norm_k"):
     DIFFUSERS_BLOCK[f"{_d}.{_n}.weight"] = f"{_o}.{_n}.weight"
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<suffix>.+)$")
 
 
 # Layout detection and configs -----------------------------------------------
@@ -180,35 +181,21 @@ def to_original_key(key: str, layout: str) -> str | None:
   """A checkpoint key in original naming, or None if the layout lacks it."""
   if layout == "wan":
     return key
-  if key in DIFFUSERS_TOP_LEVEL:
-    return DIFFUSERS_TOP_LEVEL[key]
-  m = _BLOCK_RE.match(key)
-  if m and m.group(2) in DIFFUSERS_BLOCK:
-    return f"blocks.{m.group(1)}.{DIFFUSERS_BLOCK[m.group(2)]}"
-  return None
+  return rename_key(key, DIFFUSERS_TOP_LEVEL, _BLOCK_RE, DIFFUSERS_BLOCK,
+                    "blocks")
 
 
 def from_original_key(key: str, layout: str) -> str:
   if layout == "wan":
     return key
-  inv_top = {v: k for k, v in DIFFUSERS_TOP_LEVEL.items()}
-  if key in inv_top:
-    return inv_top[key]
-  m = _BLOCK_RE.match(key)
-  inv_block = {v: k for k, v in DIFFUSERS_BLOCK.items()}
-  return f"blocks.{m.group(1)}.{inv_block[m.group(2)]}"
+  return rename_key(key, inverted(DIFFUSERS_TOP_LEVEL), _BLOCK_RE,
+                    inverted(DIFFUSERS_BLOCK), "blocks")
 
 
 def locate(original_key: str, num_layers: int):
   """original key -> (our path, layer index or None, transform), or None."""
-  if original_key in TOP_LEVEL_KEYS:
-    path, transform = TOP_LEVEL_KEYS[original_key]
-    return path, None, transform
-  m = _BLOCK_RE.match(original_key)
-  if m and m.group(2) in BLOCK_KEYS and int(m.group(1)) < num_layers:
-    path, transform = BLOCK_KEYS[m.group(2)]
-    return ("blocks",) + path, int(m.group(1)), transform
-  return None
+  return locate_key(original_key, TOP_LEVEL_KEYS, _BLOCK_RE, BLOCK_KEYS,
+                    num_layers)
 
 
 def checkpoint_shape(our_shape, transform, config: WanConfig):
