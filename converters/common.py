@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import tqdm
+from flax import nnx
 
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
@@ -167,6 +168,42 @@ def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
   if transform == "patch":
     return array.transpose(2, 3, 4, 1, 0).reshape(-1, array.shape[0])
   return array
+
+
+def checkpoint_shape(our_shape, transform: str, patch_shape=None) -> tuple:
+  """The checkpoint tensor shape that `to_ours(tensor, transform)` turns
+  into `our_shape`; patch_shape: the Conv3d weight's, for "patch"."""
+  if transform == "linear":
+    return tuple(reversed(our_shape))
+  if transform == "patch":
+    return tuple(patch_shape)
+  return tuple(our_shape)
+
+
+def param_shapes(abstract_module) -> dict[tuple, tuple]:
+  """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
+  state = nnx.state(abstract_module, nnx.Param)
+  return {path: tuple(v.shape)
+          for path, v in flatten_dict(nnx.to_pure_dict(state)).items()}
+
+
+def checkpoint_shapes(params: dict, top_level: dict, block_keys: dict,
+                      num_layers: int, stacks: dict,
+                      patch_shape=None) -> dict:
+  """{checkpoint key: shape} of a model with {our path: shape} `params`.
+
+  top_level: {key: (our path, transform)}; block_keys: {suffix: (our path
+  in a layer, transform)}; stacks: {key prefix: our stacked layers' path
+  part}, giving `{prefix}.{i}.{suffix}` for every layer i.
+  """
+  shapes = {key: checkpoint_shape(params[path], transform, patch_shape)
+            for key, (path, transform) in top_level.items()}
+  for prefix, stack in stacks.items():
+    for i in range(num_layers):
+      for suffix, (path, transform) in block_keys.items():
+        shapes[f"{prefix}.{i}.{suffix}"] = checkpoint_shape(
+            params[(stack,) + path][1:], transform, patch_shape)
+  return shapes
 
 
 def locate_key(key: str, top_level: dict, block_re, block_keys: dict,

@@ -18,10 +18,10 @@ import pathlib
 import re
 
 import numpy as np
-from flax import nnx
 
 from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
+from converters import common
 from converters.common import (
   check_keys,
   locate_key,
@@ -143,38 +143,21 @@ def locate(key: str, config: STDiT3Config):
                     config.depth)
 
 
-def checkpoint_shape(our_shape, transform, config: STDiT3Config):
-  """The checkpoint tensor shape that maps to a leaf of `our_shape`."""
-  if transform == "linear":
-    return tuple(reversed(our_shape))
-  if transform == "patch":
-    return (config.hidden_size, config.in_channels, *config.patch_size)
-  return tuple(our_shape)
-
-
-def param_shapes(config: STDiT3Config) -> dict[tuple, tuple]:
-  """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
-  state = nnx.state(stdit3.abstract_model(config), nnx.Param)
-  return {path: tuple(v.shape)
-          for path, v in flatten_dict(nnx.to_pure_dict(state)).items()}
-
-
 def expected_checkpoint_shapes(config: STDiT3Config):
   """{checkpoint key: shape} that a model of `config` needs (no weights).
 
   Includes `rope.freqs`; excludes the ignored v1.3 keys (IGNORED_KEYS).
   """
-  params = param_shapes(config)
-  shapes = {ROPE_KEY: (config.head_dim // 2,)}
-  for key, (path, transform) in TOP_LEVEL_KEYS.items():
-    shapes[key] = checkpoint_shape(params[path], transform, config)
-  for stack in ("spatial_blocks", "temporal_blocks"):
-    for i in range(config.depth):
-      for suffix, (path, transform) in block_keys(config).items():
-        shape = params[(stack,) + path][1:]
-        shapes[f"{stack}.{i}.{suffix}"] = checkpoint_shape(shape, transform,
-                                                           config)
-  return shapes
+  return {ROPE_KEY: (config.head_dim // 2,), **common.checkpoint_shapes(
+      param_shapes(config), TOP_LEVEL_KEYS, block_keys(config), config.depth,
+      {stack: stack for stack in ("spatial_blocks", "temporal_blocks")},
+      patch_shape=(config.hidden_size, config.in_channels,
+                   *config.patch_size))}
+
+
+def param_shapes(config: STDiT3Config) -> dict[tuple, tuple]:
+  """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
+  return common.param_shapes(stdit3.abstract_model(config))
 
 
 # Loading ----------------------------------------------------------------------

@@ -24,10 +24,10 @@ import pathlib
 import re
 
 import numpy as np
-from flax import nnx
 
 from astraea_jax.models.text import umt5
 from astraea_jax.models.text.umt5 import UMT5Config
+from converters import common
 from converters.common import (CheckpointError, Source, check_keys,
                                flatten_dict, inverted, locate_key,
                                open_safetensors_folder, read_json,
@@ -196,28 +196,17 @@ def locate(key: str, config: UMT5Config):
 
 def param_shapes(config: UMT5Config) -> dict[tuple, tuple]:
   """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
-  state = nnx.state(umt5.abstract_model(config), nnx.Param)
-  return {path: tuple(v.shape)
-          for path, v in flatten_dict(nnx.to_pure_dict(state)).items()}
+  return common.param_shapes(umt5.abstract_model(config))
 
 
 def expected_checkpoint_shapes(config: UMT5Config, layout="diffusers"):
   """{checkpoint key: shape} a model of `config` needs; the embedding under
   `shared.weight` (`token_embedding.weight` in the wan layout)."""
-  params = param_shapes(config)
-  shapes = {}
-  for key, (path, transform) in top_level_keys(config).items():
-    shapes[key] = _checkpoint_shape(params[path], transform)
-  for i in range(config.num_layers):
-    for suffix, (path, transform) in block_keys(config).items():
-      shapes[f"encoder.block.{i}.{suffix}"] = _checkpoint_shape(
-          params[("blocks",) + path][1:], transform)
+  shapes = common.checkpoint_shapes(
+      param_shapes(config), top_level_keys(config), block_keys(config),
+      config.num_layers, {"encoder.block": "blocks"})
   return {from_transformers_key(k, layout, config): v
           for k, v in shapes.items()}
-
-
-def _checkpoint_shape(our_shape, transform):
-  return tuple(reversed(our_shape)) if transform == "linear" else our_shape
 
 
 # Loading ----------------------------------------------------------------------

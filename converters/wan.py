@@ -18,10 +18,10 @@ import pathlib
 import re
 
 import numpy as np
-from flax import nnx
 
 from astraea_jax.configs import WanConfig
 from astraea_jax.models import wan
+from converters import common
 from converters.common import (CheckpointError, Source,
                                check_keys, flatten_dict, inverted,
                                locate_key, to_ours,
@@ -198,34 +198,18 @@ def locate(original_key: str, num_layers: int):
                     num_layers)
 
 
-def checkpoint_shape(our_shape, transform, config: WanConfig):
-  """The checkpoint tensor shape that maps to a leaf of `our_shape`."""
-  if transform == "linear":
-    return tuple(reversed(our_shape))
-  if transform == "patch":
-    return (config.dim, config.in_dim, *config.patch_size)
-  return tuple(our_shape)
-
-
 def expected_checkpoint_shapes(config: WanConfig, layout: str = "wan"):
   """{checkpoint key: shape} that a model of `config` needs (no weights)."""
-  params = param_shapes(config)
-  shapes = {}
-  for key, (path, transform) in TOP_LEVEL_KEYS.items():
-    shapes[key] = checkpoint_shape(params[path], transform, config)
-  for i in range(config.num_layers):
-    for suffix, (path, transform) in BLOCK_KEYS.items():
-      shape = params[("blocks",) + path][1:]
-      shapes[f"blocks.{i}.{suffix}"] = checkpoint_shape(shape, transform,
-                                                        config)
+  shapes = common.checkpoint_shapes(
+      param_shapes(config), TOP_LEVEL_KEYS, BLOCK_KEYS, config.num_layers,
+      {"blocks": "blocks"},
+      patch_shape=(config.dim, config.in_dim, *config.patch_size))
   return {from_original_key(k, layout): v for k, v in shapes.items()}
 
 
 def param_shapes(config: WanConfig) -> dict[tuple, tuple]:
   """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
-  state = nnx.state(wan.abstract_model(config), nnx.Param)
-  return {path: tuple(v.shape)
-          for path, v in flatten_dict(nnx.to_pure_dict(state)).items()}
+  return common.param_shapes(wan.abstract_model(config))
 
 
 # Loading -----------------------------------------------------------------------
