@@ -39,9 +39,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from collections.abc import Mapping
 
-import numpy as np
 import tqdm
 
 from astraea_jax import checkpoint, outputs
@@ -52,8 +50,9 @@ from converters import opensora_folder
 from converters import umt5 as umt5_converter
 from converters import wan as wan_converter
 from converters import wan_vae as vae_converter
-from converters.common import (CheckpointError, MeteredSource,
-                               open_safetensors_folder, read_json)
+from converters.common import (CheckpointError, MeteredSource, PthSource,
+                               open_safetensors_folder, pth_refused,
+                               read_json)
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 # Names in the original Wan2.1 release (Wan-AI/Wan2.1-T2V-1.3B and -14B).
@@ -187,68 +186,6 @@ def _raise_missing(root, layout, missing):
 
 
 # Sources ----------------------------------------------------------------------
-
-
-def pth_refused(path) -> CheckpointError:
-  return CheckpointError(
-      f"{path} is a PyTorch pickle; loading a pickle can execute code, so it "
-      "is refused by default. Pass --allow-pth (Python: allow_pth=True) to "
-      "read it with torch.load(weights_only=True), or convert it to "
-      "safetensors first.")
-
-
-class PthSource:
-  """The tensors of a PyTorch `.pth` state dict, read lazily.
-
-  Refused unless allow_pth (unpickling can run code). Then needs torch and
-  loads with weights_only=True (tensors and containers only) and
-  mmap=True, so tensors are paged in one at a time as they are read.
-  """
-
-  def __init__(self, path, *, allow_pth: bool = False):
-    self.path = pathlib.Path(path)
-    if not allow_pth:
-      raise pth_refused(self.path)
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise CheckpointError(
-          f"{self.path}: reading a .pth needs PyTorch (pip install torch), "
-          "or convert the file to safetensors where torch is installed") from e
-    self._torch = torch
-    try:
-      try:
-        obj = torch.load(self.path, map_location="cpu", weights_only=True,
-                         mmap=True)
-      except RuntimeError as e:  # legacy (non-zip) files cannot be mapped
-        if "mmap" not in str(e):
-          raise
-        obj = torch.load(self.path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many kinds
-      raise CheckpointError(f"{self.path}: torch.load(weights_only=True) "
-                            f"failed: {type(e).__name__}: {e}") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"),
-                                               Mapping):
-      obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor)
-        for k, v in obj.items()):
-      raise CheckpointError(f"{self.path}: not a state dict of tensors "
-                            f"(got {type(obj).__name__})")
-    self._tensors = dict(obj)
-
-  def keys(self):
-    return list(self._tensors)
-
-  def shape(self, key):
-    return tuple(self._tensors[key].shape)
-
-  def get(self, key) -> np.ndarray:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
-    tensor = self._tensors[key].detach().contiguous()
-    if tensor.dtype == self._torch.bfloat16:  # numpy has no bfloat16: bits
-      return tensor.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
 
 
 def open_weights(path, *, allow_pth: bool):
