@@ -191,6 +191,17 @@ def open_safetensors_folder(folder, stem: str) -> Source:
       f"{folder}: no {single.name} nor {index.name}; found {found}")
 
 
+def weights_file(folder, name: str, what: str) -> pathlib.Path:
+  """folder/name, a checkpoint folder's weights file; when it is absent,
+  CheckpointError saying what the folder should be and what it holds."""
+  folder = pathlib.Path(folder)
+  weights = folder / name
+  if not weights.exists():
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(f"{folder}: no {name} ({what}); found {found}")
+  return weights
+
+
 def read_json(path) -> dict:
   """A checkpoint's JSON file (config.json, a shard index, ...), parsed;
   CheckpointError naming the file when it cannot be read or parsed."""

@@ -352,12 +352,9 @@ def load_vae(path, *, config: OpenSoraVAEConfig | None = None,
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or folder")
   if path.is_dir():
-    weights = path / "model.safetensors"
-    if not weights.exists():
-      found = sorted(p.name for p in path.iterdir())
-      raise CheckpointError(
-          f"{path}: no model.safetensors (the OpenSora VAE folder, e.g. "
-          f"hpcai-tech/OpenSora-VAE-v1.2); found {found}")
+    weights = common.weights_file(
+        path, "model.safetensors",
+        "the OpenSora VAE folder, e.g. hpcai-tech/OpenSora-VAE-v1.2")
     if config is None and (path / "config.json").exists():
       config = config_from_opensora(read_json(path / "config.json"))
     path = weights
@@ -372,12 +369,8 @@ def load_spatial_vae(path, *, config: OpenSoraVAEConfig | None = None,
   precision, micro_batch_size."""
   path = pathlib.Path(path)
   folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-  weights = folder / "diffusion_pytorch_model.safetensors"
-  if not weights.exists():
-    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise CheckpointError(
-        f"{folder}: no diffusion_pytorch_model.safetensors (a diffusers "
-        f"AutoencoderKL folder); found {found}")
+  weights = common.weights_file(folder, "diffusion_pytorch_model.safetensors",
+                                "a diffusers AutoencoderKL folder")
   if config is None:
     spatial = (spatial_config_from_diffusers(read_json(folder /
                                                         "config.json"))

@@ -320,12 +320,9 @@ def open_checkpoint(path, *, allow_pth: bool = False):
   cfg = None
   if path.is_dir():
     folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if not weights.exists():
-      found = sorted(p.name for p in folder.iterdir())
-      raise CheckpointError(
-          f"{folder}: no diffusion_pytorch_model.safetensors (a diffusers "
-          f"AutoencoderKLWan folder); found {found}")
+    weights = common.weights_file(folder,
+                                  "diffusion_pytorch_model.safetensors",
+                                  "a diffusers AutoencoderKLWan folder")
     if (folder / "config.json").exists():
       cfg = read_json(folder / "config.json")
     path = weights
