@@ -40,9 +40,7 @@ import dataclasses
 import pathlib
 import re
 
-import tqdm
-
-from astraea_jax import checkpoint, outputs
+from astraea_jax import checkpoint
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.models.text.umt5 import UMT5Config
 from converters import manifest as manifest_lib
@@ -176,13 +174,9 @@ def _diffusers_folder(root: pathlib.Path, index: pathlib.Path):
 
 
 def _raise_missing(root, layout, missing):
-  if missing:
-    found = sorted(p.name + ("/" if p.is_dir() else "")
-                   for p in root.iterdir())
-    raise CheckpointError(
-        f"{root}: incomplete Wan2.1 model folder ({layout} layout):\n  "
-        + "\n  ".join(missing) + f"\nfound: {found}\n(to convert one part "
-        "alone, name it with --format wan|diffusers|umt5)")
+  manifest_lib.check_complete(
+      root, f"Wan2.1 model folder ({layout} layout)", missing,
+      "to convert one part alone, name it with --format wan|diffusers|umt5")
 
 
 # Sources ----------------------------------------------------------------------
@@ -306,42 +300,30 @@ def convert(folder: ModelFolder, dst, *, dtype: str = "float32",
   _, transformer_dir = wan_converter.detect_layout(folder.root)
   rel = lambda p: str(p.relative_to(folder.root)) + ("/" if p.is_dir()
                                                      else "")
-  with outputs.atomic_folder(dst, overwrite=overwrite,
-                             command="convert") as tmp, tqdm.tqdm(
-      total=_input_bytes(folder, transformer_dir), unit="B", unit_scale=True,
-      unit_divisor=1024, desc="converting", disable=not progress) as bar:
-    sub = {}
-    bar.set_postfix_str("transformer")
-    config, params = read_transformer(folder, dtype=dtype, text_len=text_len,
-                                      bar=bar)
-    checkpoint.save(tmp / "transformer", config, params)
-    sub["transformer"] = config
-    del params
-    bar.set_postfix_str("vae")
-    vae_config, params = read_vae(folder, allow_pth=allow_pth, bar=bar)
-    checkpoint.save(tmp / "vae", vae_config, params)
-    del params
-    bar.set_postfix_str("text encoder")
-    te_config, params = read_text_encoder(folder, dtype=dtype,
-                                          allow_pth=allow_pth, bar=bar)
-    if te_config.d_model != config.text_dim:
-      raise CheckpointError(
-          f"the text encoder's width {te_config.d_model} != the "
-          f"transformer's text_dim={config.text_dim}")
-    checkpoint.save(tmp / "text_encoder", te_config, params)
-    del params
-    manifest_lib.copy_tokenizer(folder.tokenizer, tmp / "tokenizer",
-                                te_config.vocab_size)
-    bar.update(bar.total - bar.n)
-    return manifest_lib.write_manifest(
-        tmp, manifest_format=checkpoint.MANIFEST_FORMAT,
-        source=source_name or str(folder.root), layout=folder.layout,
-        text_len=config.text_len, converted_from={
-            "transformer": rel(transformer_dir), "vae": rel(folder.vae),
-            "text_encoder": rel(folder.text_encoder),
-            "tokenizer": rel(folder.tokenizer)},
-        configs={"transformer": config, "vae": vae_config,
-                 "text_encoder": te_config})
+  return manifest_lib.convert_parts(
+      dst, {"transformer": lambda bar: read_transformer(
+                folder, dtype=dtype, text_len=text_len, bar=bar),
+            "vae": lambda bar: read_vae(folder, allow_pth=allow_pth, bar=bar),
+            "text_encoder": lambda bar: read_text_encoder(
+                folder, dtype=dtype, allow_pth=allow_pth, bar=bar)},
+      check_fit=_check_fit, tokenizer=folder.tokenizer,
+      input_bytes=_input_bytes(folder, transformer_dir), overwrite=overwrite,
+      progress=progress, text_len=lambda config: config.text_len,
+      manifest_format=checkpoint.MANIFEST_FORMAT,
+      source=source_name or str(folder.root), layout=folder.layout,
+      converted_from={
+          "transformer": rel(transformer_dir), "vae": rel(folder.vae),
+          "text_encoder": rel(folder.text_encoder),
+          "tokenizer": rel(folder.tokenizer)})
+
+
+def _check_fit(transformer, vae, text_encoder):
+  """The text encoder's width must be the transformer's text_dim."""
+  del vae  # only the text encoder is checked against the transformer
+  if text_encoder.d_model != transformer.text_dim:
+    raise CheckpointError(
+        f"the text encoder's width {text_encoder.d_model} != the "
+        f"transformer's text_dim={transformer.text_dim}")
 
 
 # Sources on the Hugging Face hub ----------------------------------------------

@@ -42,9 +42,7 @@ import dataclasses
 import json
 import pathlib
 
-import tqdm
-
-from astraea_jax import checkpoint, outputs
+from astraea_jax import checkpoint
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.vae.opensora_vae import SpatialVAEConfig, TemporalVAEConfig
 from converters import manifest as manifest_lib
@@ -140,13 +138,9 @@ def find_opensora_folder(src) -> OpenSoraFolder | None:
     missing.append(f"no tokenizer: expected {tokenizer_lib.TOKENIZER_JSON} "
                    f"or {tokenizer_lib.SENTENCEPIECE_MODEL} in the text "
                    "encoder's folder or in tokenizer/")
-  if missing:
-    found = sorted(p.name + ("/" if p.is_dir() else "")
-                   for p in root.iterdir())
-    raise CheckpointError(
-        f"{root}: incomplete OpenSora v1.2 model folder:\n  "
-        + "\n  ".join(missing) + f"\nfound: {found}\n(to convert the "
-        "STDiT3 alone, pass its folder with --format opensora)")
+  manifest_lib.check_complete(
+      root, "OpenSora v1.2 model folder", missing,
+      "to convert the STDiT3 alone, pass its folder with --format opensora")
   return OpenSoraFolder(root, parts["transformer"], parts["vae"], te,
                         tokenizer)
 
@@ -243,32 +237,18 @@ def convert(folder: OpenSoraFolder, dst, *, dtype: str = "float32",
   float32).
   """
   rel = lambda p: str(p.relative_to(folder.root)) + "/"
-  with outputs.atomic_folder(dst, overwrite=overwrite,
-                             command="convert") as tmp, tqdm.tqdm(
-      total=_input_bytes(folder), unit="B", unit_scale=True,
-      unit_divisor=1024, desc="converting", disable=not progress) as bar:
-    bar.set_postfix_str("transformer")
-    config, params = read_transformer(folder, dtype=dtype, bar=bar)
-    checkpoint.save(tmp / "transformer", config, params)
-    del params
-    bar.set_postfix_str("vae")
-    vae_cfg, params = read_vae(folder, bar=bar)
-    checkpoint.save(tmp / "vae", vae_cfg, params)
-    del params
-    bar.set_postfix_str("text encoder")
-    te_cfg, params = read_text_encoder(folder, dtype=dtype, bar=bar)
-    check_fit(config, vae_cfg, te_cfg)
-    checkpoint.save(tmp / "text_encoder", te_cfg, params)
-    del params
-    manifest_lib.copy_tokenizer(folder.tokenizer, tmp / "tokenizer",
-                                te_cfg.vocab_size)
-    bar.update(bar.total - bar.n)
-    return manifest_lib.write_manifest(
-        tmp, manifest_format=checkpoint.OPENSORA_MANIFEST_FORMAT,
-        source=source_name or str(folder.root), layout=folder.layout,
-        text_len=config.model_max_length, converted_from={
-            "transformer": rel(folder.transformer), "vae": rel(folder.vae),
-            "text_encoder": rel(folder.text_encoder),
-            "tokenizer": rel(folder.tokenizer)},
-        configs={"transformer": config, "vae": vae_cfg,
-                 "text_encoder": te_cfg})
+  return manifest_lib.convert_parts(
+      dst, {"transformer": lambda bar: read_transformer(folder, dtype=dtype,
+                                                        bar=bar),
+            "vae": lambda bar: read_vae(folder, bar=bar),
+            "text_encoder": lambda bar: read_text_encoder(
+                folder, dtype=dtype, bar=bar)},
+      check_fit=check_fit, tokenizer=folder.tokenizer,
+      input_bytes=_input_bytes(folder), overwrite=overwrite,
+      progress=progress, text_len=lambda config: config.model_max_length,
+      manifest_format=checkpoint.OPENSORA_MANIFEST_FORMAT,
+      source=source_name or str(folder.root), layout=folder.layout,
+      converted_from={
+          "transformer": rel(folder.transformer), "vae": rel(folder.vae),
+          "text_encoder": rel(folder.text_encoder),
+          "tokenizer": rel(folder.tokenizer)})
