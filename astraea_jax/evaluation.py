@@ -49,9 +49,7 @@ import dataclasses
 import io
 import json
 import math
-import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -602,22 +600,9 @@ def plot(path, rows, *, title: str = "") -> bool:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120),
-                binary=True)
+  outputs.write_figure(path, fig, dpi=120)
   plt.close(fig)
   return True
-
-
-def _atomic_write(path, write, *, binary=False):
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "wb" if binary else "w") as f:
-    if isinstance(write, str):
-      f.write(write)
-    else:
-      write(f)
-  os.replace(tmp, path)
 
 
 def _json_safe(x):
@@ -653,21 +638,21 @@ def write_report(out, problem: Problem, runs, rows, *, benchmark="eval",
            "md": out / f"{stem}.md", "json": out / json_name,
            "png": out / f"{stem}.png"}
   outputs.mark_folder(out, command="eval")
-  _atomic_write(paths["csv"], _csv(rows, COLUMNS))
+  outputs.write_text(paths["csv"], _csv(rows, COLUMNS))
   run_cols = ("method", "label", "prompt", "seed", "speedup_h200",
               "speedup_cpu", "seconds", "psnr", "ssim", "lpips",
               "computed_fraction", "timing_includes_compile")
-  _atomic_write(paths["runs_csv"], _csv(runs, run_cols))
+  outputs.write_text(paths["runs_csv"], _csv(runs, run_cols))
   title = f"{problem.name}, {c.steps} steps, {len(problem.samples)} samples"
   md = markdown(rows, title=title)
   if goals:
     md += "\n| target | value | goal |\n|---|---|---|\n" + "".join(
         f"| {g['name']} | {g['value']:.3f} | {g['op']} {g['target']} |\n"
         for g in goals)
-  _atomic_write(paths["md"], md)
+  outputs.write_text(paths["md"], md)
   doc = {"benchmark": benchmark, **environment(), "settings": settings,
          "rows": rows, "targets": goals}
-  _atomic_write(paths["json"], json.dumps(_json_safe(doc), indent=2) + "\n")
+  outputs.write_json(paths["json"], _json_safe(doc))
   if not plot(paths["png"], rows, title=title):
     paths.pop("png")
   return {k: str(v) for k, v in paths.items()}

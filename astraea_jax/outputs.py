@@ -22,6 +22,7 @@ The rule:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pathlib
@@ -257,3 +258,11 @@ def write_text(path, text: str) -> pathlib.Path:
 
 def write_json(path, doc, *, indent: int = 2) -> pathlib.Path:
   return write_text(path, json.dumps(doc, indent=indent) + "\n")
+
+
+def write_figure(path, fig, **savefig) -> pathlib.Path:
+  """A matplotlib figure as PNG, written atomically (write_bytes);
+  savefig: its options (dpi, bbox_inches, ...)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", **savefig)
+  return write_bytes(path, buf.getvalue())

@@ -20,7 +20,6 @@ benchmarks/results.
 from __future__ import annotations
 
 import argparse
-import time
 
 import common
 import jax
@@ -126,47 +125,25 @@ def main():
                          targets)
 
   # Dense: our sampler's jitted step.
-  model_fn = opensora.opensora_model_fn(graphdef, params, conditions)
-  state = {"lat": noise, "st": scheduler.init(noise)}
-
-  def dense_step():
-    state["lat"], state["st"], _ = dense.step_function()(
-        model_fn, scheduler, gs, state["lat"], state["st"], ())
-    return state["lat"]
-
-  t0 = time.perf_counter()
-  jax.block_until_ready(dense_step())
-  compile_dense = time.perf_counter() - t0
-  t_dense = common.time_call(dense_step, repeats=args.repeats, warmup=0)
-  peak_dense = common.peak_memory_bytes()
-  rows.append({"method": "dense", "tokens": n, "ms_per_step": 1e3 * t_dense,
-               "compile_s": compile_dense})
-  print(f"dense: {1e3 * t_dense:.1f} ms/step (compile {compile_dense:.1f} s)")
+  row, t_dense, peak_dense = common.time_dense_step(
+      common.Stepper(scheduler, gs, noise),
+      opensora.opensora_model_fn(graphdef, params, conditions), n,
+      args.repeats)
+  rows.append(row)
 
   # Astraea: every K_f the schedules use.
   schedules = {b: schedule_lib.default_schedule(b, STEPS)
                for b in MEAN_BUDGETS}
   budgets = sorted({float(x) for s in schedules.values() for x in s},
                    reverse=True)
-  a = {"lat": noise, "st": scheduler.init(noise),
-       "cache": astraea.init_cache(config, 2, n, cfg)}
-
-  def astraea_step(k_f, layout):
-    a["lat"], a["st"], a["cache"] = dense.step_function()(
-        astraea.model_fn(graphdef, params, conditions), scheduler, gs,
-        a["lat"], a["st"], a["cache"],
-        plan=astraea.Plan(k_f, cfg, layout))
-    return a["lat"]
+  a = common.Stepper(scheduler, gs, noise,
+                     astraea.init_cache(config, 2, n, cfg))
+  astraea_fn = astraea.model_fn(graphdef, params, conditions)
 
   def time_budget(theta, layout):
     k_f = schedule_lib.num_selected(theta, per_frame)
-    a["st"] = scheduler.init(noise)  # keep the step index in range
-    t0 = time.perf_counter()
-    jax.block_until_ready(astraea_step(k_f, layout))
-    compile_s = time.perf_counter() - t0
-    a["st"] = scheduler.init(noise)
-    seconds = common.time_call(lambda: astraea_step(k_f, layout),
-                               repeats=args.repeats, warmup=0)
+    compile_s, seconds = a.time(astraea_fn, args.repeats,
+                                plan=astraea.Plan(k_f, cfg, layout))
     print(f"budget {theta:.1f} (K_f={k_f}/{per_frame}, {layout}): "
           f"{1e3 * seconds:.1f} ms/step = {seconds / t_dense:.3f} of dense")
     return k_f, seconds, compile_s
@@ -202,7 +179,7 @@ def main():
   k04 = schedule_lib.num_selected(0.4, per_frame)
   x_tokens = jax.random.normal(jax.random.key(3), (2, n, config.hidden_size))
   book = bookkeeping_fn(config.depth, (frames, per_frame), k04, cfg)
-  t_book = common.time_call(book, x_tokens, a["cache"], repeats=args.repeats)
+  t_book = common.time_call(book, x_tokens, a.carry, repeats=args.repeats)
   rows.append({"method": "selection_and_cache_bookkeeping", "budget": 0.4,
                "tokens_per_frame": k04, "ms_per_step": 1e3 * t_book,
                "fraction_of_step": t_book / timings[0.4]})

@@ -14,7 +14,6 @@ the selection + cache bookkeeping alone, and peak GPU memory.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,6 @@ from astraea_jax import testing
 from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.configs import WanConfig
 from astraea_jax.sampling import sampler as dense
 
 MEAN_BUDGETS = (0.3, 0.4, 0.5, 0.7)
@@ -59,39 +57,18 @@ def main():
                       choices=["float32", "bfloat16"])
   args = parser.parse_args()
   steps = 50
-  if args.small:
-    config = WanConfig.tiny(num_layers=2)
-    shape, text_len = (1, 16, 3, 8, 12), 16
-  else:
-    config = WanConfig.wan21_t2v_1_3b(dtype="bfloat16",
-                                      param_dtype="bfloat16")
-    shape, text_len = (1, 16, 21, 60, 104), 512
+  config, shape, text_len = common.wan_setup(args.small)
   graphdef, params = testing.random_wan(config, seed=0)
-  noise = dense.draw_noise(jax.random.key(0), shape)
-  ctx = jax.random.normal(jax.random.key(1), (1, text_len, config.text_dim))
-  ctx2 = dense.cfg_context(ctx, jnp.zeros_like(ctx))
-  scheduler = dense.make_scheduler("unipc", steps, shift=3.0)
+  noise, ctx2, scheduler, n = common.wan_inputs(config, shape, text_len,
+                                                steps, shift=3.0)
   gs = jnp.float32(5.0)
-  n = int(np.prod([s // p for s, p in zip(shape[2:], config.patch_size)]))
   rows, timings = [], {}
 
   # Dense: our sampler's jitted step.
-  model_fn = dense.wan_model_fn(graphdef, params, ctx2)
-  state = {"lat": noise, "st": scheduler.init(noise)}
-
-  def dense_step():
-    state["lat"], state["st"], _ = dense.step_function()(
-        model_fn, scheduler, gs, state["lat"], state["st"], ())
-    return state["lat"]
-
-  t0 = time.perf_counter()
-  jax.block_until_ready(dense_step())
-  compile_dense = time.perf_counter() - t0
-  t_dense = common.time_call(dense_step, repeats=args.repeats, warmup=0)
-  peak_dense = common.peak_memory_bytes()
-  rows.append({"method": "dense", "tokens": n, "ms_per_step": 1e3 * t_dense,
-               "compile_s": compile_dense})
-  print(f"dense: {1e3 * t_dense:.1f} ms/step (compile {compile_dense:.1f} s)")
+  row, t_dense, peak_dense = common.time_dense_step(
+      common.Stepper(scheduler, gs, noise),
+      dense.wan_model_fn(graphdef, params, ctx2), n, args.repeats)
+  rows.append(row)
 
   # Astraea: every K the schedules use.
   cfg = selection.SelectionConfig(cache_dtype=args.cache_dtype)
@@ -100,24 +77,13 @@ def main():
   budgets = sorted({float(x) for s in schedules.values() for x in s},
                    reverse=True)
   cache = selection.init_cache(config.num_layers, 2, n, config.dim, cfg)
-  a = {"lat": noise, "st": scheduler.init(noise), "cache": cache}
+  a = common.Stepper(scheduler, gs, noise, cache)
   astraea_fn = astraea.model_fn(graphdef, params, ctx2)
-
-  def astraea_step(k):
-    a["lat"], a["st"], a["cache"] = dense.step_function()(
-        astraea_fn, scheduler, gs, a["lat"], a["st"], a["cache"],
-        plan=astraea.Plan(k, cfg))
-    return a["lat"]
 
   for theta in budgets:  # 1.0 first: fills the cache
     k = schedule_lib.num_selected(theta, n)
-    a["st"] = scheduler.init(noise)  # keep the step index in range
-    t0 = time.perf_counter()
-    jax.block_until_ready(astraea_step(k))
-    compile_s = time.perf_counter() - t0
-    a["st"] = scheduler.init(noise)
-    timings[theta] = common.time_call(lambda: astraea_step(k),
-                                      repeats=args.repeats, warmup=0)
+    compile_s, timings[theta] = a.time(astraea_fn, args.repeats,
+                                       plan=astraea.Plan(k, cfg))
     rows.append({"method": "astraea_step", "budget": theta, "tokens": k,
                  "ms_per_step": 1e3 * timings[theta],
                  "fraction_of_dense": timings[theta] / t_dense,
@@ -129,7 +95,7 @@ def main():
   k04 = schedule_lib.num_selected(0.4, n)
   x_tokens = jax.random.normal(jax.random.key(3), (2, n, config.dim))
   book = bookkeeping_fn(config.num_layers, k04, cfg)
-  t_book = common.time_call(book, x_tokens, a["cache"], repeats=args.repeats)
+  t_book = common.time_call(book, x_tokens, a.carry, repeats=args.repeats)
   rows.append({"method": "selection_and_cache_bookkeeping", "budget": 0.4,
                "tokens": k04, "ms_per_step": 1e3 * t_book,
                "fraction_of_step": t_book / timings.get(0.4, np.nan)})

@@ -33,7 +33,6 @@ import numpy as np
 from astraea_jax import testing
 from astraea_jax.astraea import policies as policies_lib
 from astraea_jax.astraea import policy_specs, step_plans
-from astraea_jax.configs import WanConfig
 from astraea_jax.sampling import sampler as dense
 
 STEPS = 50
@@ -81,21 +80,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
   t_start = time.perf_counter()
-  if args.small:
-    config = WanConfig.tiny(num_layers=2)
-    shape, text_len = (1, 16, 3, 8, 12), 16
-  else:
-    config = WanConfig.wan21_t2v_1_3b(dtype="bfloat16",
-                                      param_dtype="bfloat16")
-    shape, text_len = (1, 16, 21, 60, 104), 512
+  config, shape, text_len = common.wan_setup(args.small)
   graphdef, params = testing.random_wan(config, seed=0)
-  noise = dense.draw_noise(jax.random.key(0), shape)
-  ctx = jax.random.normal(jax.random.key(1), (1, text_len, config.text_dim))
-  ctx2 = dense.cfg_context(ctx, jnp.zeros_like(ctx))
-  scheduler = dense.make_scheduler("unipc", STEPS, shift=SHIFT)
+  noise, ctx2, scheduler, n = common.wan_inputs(config, shape, text_len,
+                                                STEPS, SHIFT)
   timesteps = np.asarray(scheduler.timesteps)
   gs = jnp.float32(GUIDANCE)
-  n = int(np.prod([s // p for s, p in zip(shape[2:], config.patch_size)]))
   sweep = policy_specs.default_sweep()
   todo = measurements(sweep, timesteps, n)
   print(f"{len(sweep)} policy settings, {len(todo)} distinct step "

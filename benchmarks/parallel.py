@@ -59,7 +59,6 @@ if "--small" in sys.argv:  # fake CPU devices must be set before JAX starts
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
-import functools
 import json
 import pathlib
 import tempfile
@@ -163,19 +162,6 @@ def predict_step_seconds(t_one_gpu, *, devices, config, num_heads, tokens,
 # Measurements --------------------------------------------------------------
 
 
-def time_step(step, repeats):
-  """(compile + first run seconds, median seconds of `repeats` runs)."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(step())
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(step())
-    times.append(time.perf_counter() - t0)
-  return first, float(np.median(times))
-
-
 def measure_config(graphdef, params, noise, ctx2, scheduler, n, budgets,
                    repeats, mesh=None, sp=None, config_name="1gpu",
                    log=print):
@@ -193,22 +179,16 @@ def measure_config(graphdef, params, noise, ctx2, scheduler, n, budgets,
     model_fn = dense.wan_model_fn(graphdef, params, ctx2)
   config = selection.SelectionConfig()
 
-  def init_state():
-    st = scheduler.init(noise)
-    return st if mesh is None else parallel.replicate(st, mesh)
-
   # The mesh's step pins its output shardings (no recompile at step 2).
   rep = None if mesh is None else jax.sharding.NamedSharding(mesh, P())
-  step_fn = dense.step_function(None if mesh is None else (rep, rep, rep))
-  state = {"lat": noise, "st": init_state()}
-
-  def dense_step():
-    state["lat"], state["st"], _ = step_fn(model_fn, scheduler, gs,
-                                           state["lat"], state["st"], ())
-    return state["lat"]
+  init_state = (scheduler.init if mesh is None
+                else lambda x: parallel.replicate(scheduler.init(x), mesh))
+  run = common.Stepper(
+      scheduler, gs, noise, init_state=init_state,
+      step_fn=dense.step_function(None if mesh is None else (rep, rep, rep)))
 
   times, compiles = {}, {}
-  compiles["dense"], times["dense"] = time_step(dense_step, repeats)
+  compiles["dense"], times["dense"] = run.time(model_fn, repeats)
   log(f"  {config_name}: dense {1e3 * times['dense']:.1f} ms/step "
       f"(first {compiles['dense']:.1f} s)")
   model_config = nnx_config(graphdef, params)
@@ -217,7 +197,6 @@ def measure_config(graphdef, params, noise, ctx2, scheduler, n, budgets,
                                  model_config.dim, config)
   else:
     cache = sp_wan.init_cache(model_config, 2, n, sp, config)
-  a = {"lat": noise, "st": init_state(), "cache": cache}
 
   if mesh is None:
     astraea_fn = astraea.model_fn(graphdef, params, ctx2)
@@ -226,19 +205,14 @@ def measure_config(graphdef, params, noise, ctx2, scheduler, n, budgets,
     astraea_fn = sp_sampler.astraea_model_fn(graphdef, params, ctx2)
     astraea_step_fn = dense.step_function(
         (rep, rep, cache["update"].sharding))
-
-  def astraea_step(k):
-    plan = (astraea.Plan(k, config) if mesh is None
-            else sp_sampler.Plan(k, config, sp))
-    a["lat"], a["st"], a["cache"] = astraea_step_fn(
-        astraea_fn, scheduler, gs, a["lat"], a["st"], a["cache"], plan=plan)
-    return a["lat"]
+  a = common.Stepper(scheduler, gs, noise, cache, init_state=init_state,
+                     step_fn=astraea_step_fn)
 
   for theta in budgets:  # 1.0 first: fills the cache
     k = schedule_lib.num_selected(theta, n)
-    a["st"] = init_state()  # keep the step index in range
-    compiles[theta], times[theta] = time_step(
-        functools.partial(astraea_step, k), repeats)
+    plan = (astraea.Plan(k, config) if mesh is None
+            else sp_sampler.Plan(k, config, sp))
+    compiles[theta], times[theta] = a.time(astraea_fn, repeats, plan=plan)
     log(f"  {config_name}: astraea budget {theta:.1f} "
         f"{1e3 * times[theta]:.1f} ms/step (first {compiles[theta]:.1f} s)")
   return times, compiles
@@ -272,7 +246,7 @@ def measure_bandwidth(devices, tokens, dim, repeats, iters=10):
       return jax.lax.fori_loop(0, iters, lambda _, z: op(z), y)
     fn = jax.jit(parallel.shard_map(body, mesh=mesh, in_specs=P(None, "seq"),
                                     out_specs=P(None, "seq")))
-    _, seconds = time_step(lambda fn=fn: fn(x), repeats)
+    _, seconds = common.timed(lambda fn=fn: fn(x), repeats)
     out[name] = local_bytes * share * iters / seconds
   return out, local_bytes
 
@@ -334,13 +308,8 @@ def main():
   rows, bandwidth = [], {}
 
   for res, (shape, shift) in resolutions.items():
-    n_tok = int(np.prod([s // p for s, p in zip(shape[2:],
-                                                config.patch_size)]))
-    noise = dense.draw_noise(jax.random.key(0), shape)
-    ctx = jax.random.normal(jax.random.key(1), (1, text_len,
-                                                config.text_dim))
-    ctx2 = dense.cfg_context(ctx, jnp.zeros_like(ctx))
-    scheduler = dense.make_scheduler("unipc", STEPS, shift=shift)
+    noise, ctx2, scheduler, n_tok = common.wan_inputs(
+        config, shape, text_len, STEPS, shift)
     base = {"resolution": res, "tokens": n_tok}
     log(f"{res}: {n_tok} tokens")
     one, compiles = measure_config(graphdef, params, noise, ctx2, scheduler,

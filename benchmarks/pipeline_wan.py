@@ -82,19 +82,6 @@ def gib(n):
   return None if n is None else n / 2**30
 
 
-def timed(fn, repeats):
-  """(first-call seconds, median seconds of `repeats` more calls)."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return first, float(np.median(times))
-
-
 def build(small: bool):
   if small:
     config = WanConfig.tiny(num_layers=2)
@@ -139,8 +126,7 @@ def main(argv=None):
   pipe, (height, width, frames) = build(args.small)
   config = pipe.transformer.config
   shape = pipe.latent_shape(height, width, frames)
-  tokens = int(np.prod([s // p for s, p in zip(shape[2:],
-                                                config.patch_size)]))
+  tokens = common.num_tokens(config, shape)
   rows, peaks = [], {}
   print(f"{height}x{width}x{frames}: latent {shape}, {tokens} tokens; "
         f"params GiB: transformer {gib(param_bytes(pipe.transformer)):.2f}, "
@@ -157,8 +143,8 @@ def main(argv=None):
                            pipe.text_encoder.config.vocab_size)
   mask = (jnp.arange(length) < min(PROMPT_TOKENS, length))[None].astype(
       jnp.int32)
-  compile_text, t_text = timed(lambda: encode(estate, ids, mask),
-                               args.repeats)
+  compile_text, t_text = common.timed(lambda: encode(estate, ids, mask),
+                                      args.repeats)
   context = encode(estate, ids, mask)
   negative = encode(estate, ids[:, ::-1], mask)
   peaks["text"] = common.peak_memory_bytes()
@@ -173,16 +159,10 @@ def main(argv=None):
   scheduler = dense.make_scheduler("unipc", STEPS, shift=SHIFT)
   guidance = jnp.float32(GUIDANCE)
   noise = dense.draw_noise(jax.random.key(0), shape)
-  model_fn = dense.wan_model_fn(tgraph, params, context_2b)
-  run = {"lat": noise, "st": scheduler.init(noise)}
-
-  def dense_step():
-    run["lat"], run["st"], _ = dense.step_function()(
-        model_fn, scheduler, guidance, run["lat"], run["st"], ())
-    return run["lat"]
-
-  compile_dense, t_dense = timed(dense_step, args.time_steps)
-  latents = run["lat"]
+  run = common.Stepper(scheduler, guidance, noise)
+  compile_dense, t_dense = run.time(
+      dense.wan_model_fn(tgraph, params, context_2b), args.time_steps)
+  latents = run.lat
   peaks["denoise_dense"] = common.peak_memory_bytes()
   rows.append({"stage": "denoise", "method": "dense", "steps": STEPS,
                "tokens": tokens, "s_per_step": t_dense,
@@ -195,19 +175,14 @@ def main(argv=None):
   sel = selection.SelectionConfig()
   sched = schedule_lib.default_schedule(BUDGET, STEPS)
   cache = selection.init_cache(config.num_layers, 2, tokens, config.dim, sel)
-  a = {"lat": noise, "st": scheduler.init(noise), "cache": cache}
-
-  def astraea_step(k):
-    a["lat"], a["st"], a["cache"] = dense.step_function()(
-        astraea.model_fn(tgraph, params, context_2b), scheduler, guidance,
-        a["lat"], a["st"], a["cache"], plan=astraea.Plan(k, sel))
-    return a["lat"]
+  a = common.Stepper(scheduler, guidance, noise, cache)
+  astraea_fn = astraea.model_fn(tgraph, params, context_2b)
 
   per_budget = {}
   for theta in sorted({float(b) for b in sched}, reverse=True):  # 1.0 first
     k = schedule_lib.num_selected(theta, tokens)
-    a["st"] = scheduler.init(noise)  # keep the step index in range
-    compile_k, t_k = timed(lambda k=k: astraea_step(k), args.repeats)
+    compile_k, t_k = a.time(astraea_fn, args.repeats,
+                            plan=astraea.Plan(k, sel))
     per_budget[theta] = t_k
     rows.append({"stage": "denoise_astraea_step", "budget": theta,
                  "tokens_selected": k, "s_per_step": t_k,
@@ -228,7 +203,8 @@ def main(argv=None):
   # 3. Decode the dense run's latents.
   vgraph, vstate = nnx.split(pipe.vae)
   decode = jax.jit(lambda s, z: nnx.merge(vgraph, s).decode(z, clamp=True))
-  compile_vae, t_vae = timed(lambda: decode(vstate, latents), args.repeats)
+  compile_vae, t_vae = common.timed(lambda: decode(vstate, latents),
+                                    args.repeats)
   video = decode(vstate, latents)
   assert video.shape == (1, 3, frames, height, width), video.shape
   peaks["decode"] = common.peak_memory_bytes()

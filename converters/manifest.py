@@ -1,6 +1,7 @@
-"""What every whole-model conversion writes besides the weights: the
-tokenizer files (copied, then checked to load) and `manifest.json`, which
-`checkpoint.read_manifest` reads back."""
+"""What every whole-model conversion does: the parts converted one after
+the other into one folder (`convert_parts`), the tokenizer files (copied,
+then checked to load) and `manifest.json`, which `checkpoint.read_manifest`
+reads back."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 import pathlib
 import shutil
 
-from astraea_jax import checkpoint
+import tqdm
+
+from astraea_jax import checkpoint, outputs
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from converters.common import CheckpointError
 
@@ -16,6 +19,47 @@ from converters.common import CheckpointError
 TOKENIZER_FILES = (tokenizer_lib.TOKENIZER_JSON,
                    tokenizer_lib.SENTENCEPIECE_MODEL, "tokenizer_config.json",
                    "special_tokens_map.json")
+
+
+def check_complete(root: pathlib.Path, what: str, missing: list, hint: str):
+  """Raises CheckpointError naming each part a whole-model folder lacks
+  (`missing`) and what the folder holds, if anything is missing."""
+  if missing:
+    found = sorted(p.name + ("/" if p.is_dir() else "")
+                   for p in root.iterdir())
+    raise CheckpointError(
+        f"{root}: incomplete {what}:\n  " + "\n  ".join(missing)
+        + f"\nfound: {found}\n({hint})")
+
+
+def convert_parts(dst, parts: dict, *, check_fit, tokenizer: pathlib.Path,
+                  input_bytes: int, overwrite: bool, progress: bool,
+                  text_len, **manifest) -> dict:
+  """Converts a whole model into DST atomically; returns the manifest.
+
+  parts: {"transformer" | "vae" | "text_encoder": read(bar) -> (config,
+  params)}, read and saved to DST/<part> one at a time (one part's
+  parameters in memory); check_fit(configs) raises where the parts do not
+  fit together; the tokenizer folder is copied; text_len(transformer
+  config) and `manifest` (write_manifest's other arguments) go into
+  manifest.json. One progress bar over input_bytes.
+  """
+  with outputs.atomic_folder(dst, overwrite=overwrite,
+                             command="convert") as tmp, tqdm.tqdm(
+      total=input_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+      desc="converting", disable=not progress) as bar:
+    configs = {}
+    for part, read in parts.items():
+      bar.set_postfix_str(part.replace("_", " "))
+      configs[part], params = read(bar)
+      checkpoint.save(tmp / part, configs[part], params)
+      del params
+    check_fit(**configs)
+    copy_tokenizer(tokenizer, tmp / "tokenizer",
+                   configs["text_encoder"].vocab_size)
+    bar.update(bar.total - bar.n)
+    return write_manifest(tmp, text_len=text_len(configs["transformer"]),
+                          configs=configs, **manifest)
 
 
 def copy_tokenizer(src: pathlib.Path, dst: pathlib.Path, vocab_size: int):

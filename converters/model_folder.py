@@ -37,15 +37,10 @@ wan|diffusers|umt5` on a whole folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
-from collections.abc import Mapping
 
-import numpy as np
-import tqdm
-
-from astraea_jax import checkpoint, outputs
+from astraea_jax import checkpoint
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.models.text.umt5 import UMT5Config
 from converters import manifest as manifest_lib
@@ -53,8 +48,9 @@ from converters import opensora_folder
 from converters import umt5 as umt5_converter
 from converters import wan as wan_converter
 from converters import wan_vae as vae_converter
-from converters.common import (CheckpointError, MeteredSource,
-                               open_safetensors_folder)
+from converters.common import (CheckpointError, MeteredSource, PthSource,
+                               open_safetensors_folder, pth_refused,
+                               read_json)
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 # Names in the original Wan2.1 release (Wan-AI/Wan2.1-T2V-1.3B and -14B).
@@ -91,13 +87,6 @@ def _weights_file(root: pathlib.Path, stem: str):
     if (root / f"{stem}{suffix}").is_file():
       return root / f"{stem}{suffix}"
   return None
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from e
 
 
 def _has_tokenizer(folder: pathlib.Path) -> bool:
@@ -153,7 +142,7 @@ def find_model_folder(src) -> ModelFolder | None:
 
 def _diffusers_folder(root: pathlib.Path, index: pathlib.Path):
   if index.is_file():
-    doc = _read_json(index)
+    doc = read_json(index)
     name = doc.get("_class_name", "WanPipeline")
     if name != "WanPipeline":
       raise CheckpointError(f"{index}: _class_name={name!r}; only the Wan2.1 "
@@ -185,78 +174,12 @@ def _diffusers_folder(root: pathlib.Path, index: pathlib.Path):
 
 
 def _raise_missing(root, layout, missing):
-  if missing:
-    found = sorted(p.name + ("/" if p.is_dir() else "")
-                   for p in root.iterdir())
-    raise CheckpointError(
-        f"{root}: incomplete Wan2.1 model folder ({layout} layout):\n  "
-        + "\n  ".join(missing) + f"\nfound: {found}\n(to convert one part "
-        "alone, name it with --format wan|diffusers|umt5)")
+  manifest_lib.check_complete(
+      root, f"Wan2.1 model folder ({layout} layout)", missing,
+      "to convert one part alone, name it with --format wan|diffusers|umt5")
 
 
 # Sources ----------------------------------------------------------------------
-
-
-def pth_refused(path) -> CheckpointError:
-  return CheckpointError(
-      f"{path} is a PyTorch pickle; loading a pickle can execute code, so it "
-      "is refused by default. Pass --allow-pth (Python: allow_pth=True) to "
-      "read it with torch.load(weights_only=True), or convert it to "
-      "safetensors first.")
-
-
-class PthSource:
-  """The tensors of a PyTorch `.pth` state dict, read lazily.
-
-  Refused unless allow_pth (unpickling can run code). Then needs torch and
-  loads with weights_only=True (tensors and containers only) and
-  mmap=True, so tensors are paged in one at a time as they are read.
-  """
-
-  def __init__(self, path, *, allow_pth: bool = False):
-    self.path = pathlib.Path(path)
-    if not allow_pth:
-      raise pth_refused(self.path)
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise CheckpointError(
-          f"{self.path}: reading a .pth needs PyTorch (pip install torch), "
-          "or convert the file to safetensors where torch is installed") from e
-    self._torch = torch
-    try:
-      try:
-        obj = torch.load(self.path, map_location="cpu", weights_only=True,
-                         mmap=True)
-      except RuntimeError as e:  # legacy (non-zip) files cannot be mapped
-        if "mmap" not in str(e):
-          raise
-        obj = torch.load(self.path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many kinds
-      raise CheckpointError(f"{self.path}: torch.load(weights_only=True) "
-                            f"failed: {type(e).__name__}: {e}") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"),
-                                               Mapping):
-      obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor)
-        for k, v in obj.items()):
-      raise CheckpointError(f"{self.path}: not a state dict of tensors "
-                            f"(got {type(obj).__name__})")
-    self._tensors = dict(obj)
-
-  def keys(self):
-    return list(self._tensors)
-
-  def shape(self, key):
-    return tuple(self._tensors[key].shape)
-
-  def get(self, key) -> np.ndarray:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
-    tensor = self._tensors[key].detach().contiguous()
-    if tensor.dtype == self._torch.bfloat16:  # numpy has no bfloat16: bits
-      return tensor.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
 
 
 def open_weights(path, *, allow_pth: bool):
@@ -310,7 +233,7 @@ def umt5_config_from_original(source, **overrides) -> UMT5Config:
 
 def read_transformer(folder: ModelFolder, *, dtype, text_len, bar):
   layout, transformer_dir = wan_converter.detect_layout(folder.root)
-  cfg = _read_json(transformer_dir / "config.json")
+  cfg = read_json(transformer_dir / "config.json")
   try:
     config = wan_converter.config_from_checkpoint(
         layout, cfg, text_len=text_len, param_dtype=dtype, dtype=dtype)
@@ -339,7 +262,7 @@ def read_text_encoder(folder: ModelFolder, *, dtype, allow_pth, bar):
   if folder.text_encoder.is_dir():
     te_dir = umt5_converter.find_folder(folder.text_encoder)
     config = umt5_converter.config_from_checkpoint(
-        _read_json(te_dir / "config.json"), dtype=dtype, param_dtype=dtype)
+        read_json(te_dir / "config.json"), dtype=dtype, param_dtype=dtype)
     source, layout = open_safetensors_folder(te_dir, "model"), "diffusers"
   else:
     source = open_weights(folder.text_encoder, allow_pth=allow_pth)
@@ -377,42 +300,30 @@ def convert(folder: ModelFolder, dst, *, dtype: str = "float32",
   _, transformer_dir = wan_converter.detect_layout(folder.root)
   rel = lambda p: str(p.relative_to(folder.root)) + ("/" if p.is_dir()
                                                      else "")
-  with outputs.atomic_folder(dst, overwrite=overwrite,
-                             command="convert") as tmp, tqdm.tqdm(
-      total=_input_bytes(folder, transformer_dir), unit="B", unit_scale=True,
-      unit_divisor=1024, desc="converting", disable=not progress) as bar:
-    sub = {}
-    bar.set_postfix_str("transformer")
-    config, params = read_transformer(folder, dtype=dtype, text_len=text_len,
-                                      bar=bar)
-    checkpoint.save(tmp / "transformer", config, params)
-    sub["transformer"] = config
-    del params
-    bar.set_postfix_str("vae")
-    vae_config, params = read_vae(folder, allow_pth=allow_pth, bar=bar)
-    checkpoint.save(tmp / "vae", vae_config, params)
-    del params
-    bar.set_postfix_str("text encoder")
-    te_config, params = read_text_encoder(folder, dtype=dtype,
-                                          allow_pth=allow_pth, bar=bar)
-    if te_config.d_model != config.text_dim:
-      raise CheckpointError(
-          f"the text encoder's width {te_config.d_model} != the "
-          f"transformer's text_dim={config.text_dim}")
-    checkpoint.save(tmp / "text_encoder", te_config, params)
-    del params
-    manifest_lib.copy_tokenizer(folder.tokenizer, tmp / "tokenizer",
-                                te_config.vocab_size)
-    bar.update(bar.total - bar.n)
-    return manifest_lib.write_manifest(
-        tmp, manifest_format=checkpoint.MANIFEST_FORMAT,
-        source=source_name or str(folder.root), layout=folder.layout,
-        text_len=config.text_len, converted_from={
-            "transformer": rel(transformer_dir), "vae": rel(folder.vae),
-            "text_encoder": rel(folder.text_encoder),
-            "tokenizer": rel(folder.tokenizer)},
-        configs={"transformer": config, "vae": vae_config,
-                 "text_encoder": te_config})
+  return manifest_lib.convert_parts(
+      dst, {"transformer": lambda bar: read_transformer(
+                folder, dtype=dtype, text_len=text_len, bar=bar),
+            "vae": lambda bar: read_vae(folder, allow_pth=allow_pth, bar=bar),
+            "text_encoder": lambda bar: read_text_encoder(
+                folder, dtype=dtype, allow_pth=allow_pth, bar=bar)},
+      check_fit=_check_fit, tokenizer=folder.tokenizer,
+      input_bytes=_input_bytes(folder, transformer_dir), overwrite=overwrite,
+      progress=progress, text_len=lambda config: config.text_len,
+      manifest_format=checkpoint.MANIFEST_FORMAT,
+      source=source_name or str(folder.root), layout=folder.layout,
+      converted_from={
+          "transformer": rel(transformer_dir), "vae": rel(folder.vae),
+          "text_encoder": rel(folder.text_encoder),
+          "tokenizer": rel(folder.tokenizer)})
+
+
+def _check_fit(transformer, vae, text_encoder):
+  """The text encoder's width must be the transformer's text_dim."""
+  del vae  # only the text encoder is checked against the transformer
+  if text_encoder.d_model != transformer.text_dim:
+    raise CheckpointError(
+        f"the text encoder's width {text_encoder.d_model} != the "
+        f"transformer's text_dim={transformer.text_dim}")
 
 
 # Sources on the Hugging Face hub ----------------------------------------------

@@ -14,17 +14,18 @@ leading layer axis), so the checkpoint is in memory once. No torch needed.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 
 import numpy as np
-from flax import nnx
 
 from astraea_jax.configs import STDiT3Config
 from astraea_jax.models import stdit3
+from converters import common
 from converters.common import (
   check_keys,
+  locate_key,
+  read_json,
   stream_params,
   to_ours,
   CheckpointError,
@@ -89,19 +90,13 @@ IGNORED_KEYS = frozenset({
     "x_embedder_cond_mask.proj.weight", "x_embedder_cond_mask.proj.bias",
 })
 
-_BLOCK_RE = re.compile(r"^(spatial_blocks|temporal_blocks)\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(
+    r"^(?P<stack>spatial_blocks|temporal_blocks)\.(?P<layer>\d+)\."
+    r"(?P<suffix>.+)$")
 WEIGHTS_STEM = "model"
 
 
 # Configs ----------------------------------------------------------------------
-
-
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 def config_from_checkpoint(cfg: dict, **overrides) -> STDiT3Config:
@@ -144,31 +139,8 @@ def block_keys(config: STDiT3Config) -> dict:
 
 def locate(key: str, config: STDiT3Config):
   """original key -> (our path, layer index or None, transform), or None."""
-  if key in TOP_LEVEL_KEYS:
-    path, transform = TOP_LEVEL_KEYS[key]
-    return path, None, transform
-  m = _BLOCK_RE.match(key)
-  keys = block_keys(config)
-  if m and m.group(3) in keys and int(m.group(2)) < config.depth:
-    path, transform = keys[m.group(3)]
-    return (m.group(1),) + path, int(m.group(2)), transform
-  return None
-
-
-def checkpoint_shape(our_shape, transform, config: STDiT3Config):
-  """The checkpoint tensor shape that maps to a leaf of `our_shape`."""
-  if transform == "linear":
-    return tuple(reversed(our_shape))
-  if transform == "patch":
-    return (config.hidden_size, config.in_channels, *config.patch_size)
-  return tuple(our_shape)
-
-
-def param_shapes(config: STDiT3Config) -> dict[tuple, tuple]:
-  """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
-  state = nnx.state(stdit3.abstract_model(config), nnx.Param)
-  return {path: tuple(v.shape)
-          for path, v in flatten_dict(nnx.to_pure_dict(state)).items()}
+  return locate_key(key, TOP_LEVEL_KEYS, _BLOCK_RE, block_keys(config),
+                    config.depth)
 
 
 def expected_checkpoint_shapes(config: STDiT3Config):
@@ -176,17 +148,16 @@ def expected_checkpoint_shapes(config: STDiT3Config):
 
   Includes `rope.freqs`; excludes the ignored v1.3 keys (IGNORED_KEYS).
   """
-  params = param_shapes(config)
-  shapes = {ROPE_KEY: (config.head_dim // 2,)}
-  for key, (path, transform) in TOP_LEVEL_KEYS.items():
-    shapes[key] = checkpoint_shape(params[path], transform, config)
-  for stack in ("spatial_blocks", "temporal_blocks"):
-    for i in range(config.depth):
-      for suffix, (path, transform) in block_keys(config).items():
-        shape = params[(stack,) + path][1:]
-        shapes[f"{stack}.{i}.{suffix}"] = checkpoint_shape(shape, transform,
-                                                           config)
-  return shapes
+  return {ROPE_KEY: (config.head_dim // 2,), **common.checkpoint_shapes(
+      param_shapes(config), TOP_LEVEL_KEYS, block_keys(config), config.depth,
+      {stack: stack for stack in ("spatial_blocks", "temporal_blocks")},
+      patch_shape=(config.hidden_size, config.in_channels,
+                   *config.patch_size))}
+
+
+def param_shapes(config: STDiT3Config) -> dict[tuple, tuple]:
+  """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
+  return common.param_shapes(stdit3.abstract_model(config))
 
 
 # Loading ----------------------------------------------------------------------
@@ -235,7 +206,7 @@ def read_checkpoint(src, *, dtype="float32", progress=False):
     raise CheckpointError(
         f"{src}: no config.json; expected an OpenSora STDiT3 checkpoint "
         f"folder (config.json + {WEIGHTS_STEM}.safetensors)")
-  config = config_from_checkpoint(_read_json(cfg_path), param_dtype=dtype,
+  config = config_from_checkpoint(read_json(cfg_path), param_dtype=dtype,
                                   dtype=dtype)
   source = open_safetensors_folder(folder, WEIGHTS_STEM)
   return config, load_params(source, config, progress=progress)

@@ -42,9 +42,7 @@ import dataclasses
 import json
 import pathlib
 
-import tqdm
-
-from astraea_jax import checkpoint, outputs
+from astraea_jax import checkpoint
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.vae.opensora_vae import SpatialVAEConfig, TemporalVAEConfig
 from converters import manifest as manifest_lib
@@ -52,7 +50,7 @@ from converters import opensora as stdit3_converter
 from converters import opensora_vae as vae_converter
 from converters import umt5 as t5_converter
 from converters.common import (CheckpointError, MeteredSource,
-                               open_safetensors_folder)
+                               open_safetensors_folder, read_json)
 
 # Subfolder names of each part: the published repo's name, then ours.
 PART_FOLDERS = {
@@ -75,13 +73,6 @@ class OpenSoraFolder:
   text_encoder: pathlib.Path
   tokenizer: pathlib.Path
   layout: str = "opensora"
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from e
 
 
 def _json_or_empty(path: pathlib.Path) -> dict:
@@ -147,13 +138,9 @@ def find_opensora_folder(src) -> OpenSoraFolder | None:
     missing.append(f"no tokenizer: expected {tokenizer_lib.TOKENIZER_JSON} "
                    f"or {tokenizer_lib.SENTENCEPIECE_MODEL} in the text "
                    "encoder's folder or in tokenizer/")
-  if missing:
-    found = sorted(p.name + ("/" if p.is_dir() else "")
-                   for p in root.iterdir())
-    raise CheckpointError(
-        f"{root}: incomplete OpenSora v1.2 model folder:\n  "
-        + "\n  ".join(missing) + f"\nfound: {found}\n(to convert the "
-        "STDiT3 alone, pass its folder with --format opensora)")
+  manifest_lib.check_complete(
+      root, "OpenSora v1.2 model folder", missing,
+      "to convert the STDiT3 alone, pass its folder with --format opensora")
   return OpenSoraFolder(root, parts["transformer"], parts["vae"], te,
                         tokenizer)
 
@@ -193,7 +180,7 @@ def _input_bytes(folder: OpenSoraFolder) -> int:
 
 def read_transformer(folder: OpenSoraFolder, *, dtype, bar):
   config = stdit3_converter.config_from_checkpoint(
-      _read_json(folder.transformer / "config.json"), param_dtype=dtype,
+      read_json(folder.transformer / "config.json"), param_dtype=dtype,
       dtype=dtype)
   source = open_safetensors_folder(folder.transformer, WEIGHTS_STEM)
   metered = MeteredSource(source, bar)
@@ -202,7 +189,7 @@ def read_transformer(folder: OpenSoraFolder, *, dtype, bar):
 
 def read_vae(folder: OpenSoraFolder, *, bar):
   cfg_file = folder.vae / "config.json"
-  cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+  cfg = read_json(cfg_file) if cfg_file.is_file() else {}
   source = open_safetensors_folder(folder.vae, WEIGHTS_STEM)
   layout = vae_converter.detect_layout(source.keys())
   if layout != "opensora":
@@ -216,7 +203,7 @@ def read_vae(folder: OpenSoraFolder, *, bar):
 
 
 def read_text_encoder(folder: OpenSoraFolder, *, dtype, bar):
-  cfg = _read_json(folder.text_encoder / "config.json")
+  cfg = read_json(folder.text_encoder / "config.json")
   config = t5_converter.config_from_checkpoint(cfg, dtype=dtype,
                                                param_dtype=dtype)
   if not config.shared_position_bias:
@@ -250,32 +237,18 @@ def convert(folder: OpenSoraFolder, dst, *, dtype: str = "float32",
   float32).
   """
   rel = lambda p: str(p.relative_to(folder.root)) + "/"
-  with outputs.atomic_folder(dst, overwrite=overwrite,
-                             command="convert") as tmp, tqdm.tqdm(
-      total=_input_bytes(folder), unit="B", unit_scale=True,
-      unit_divisor=1024, desc="converting", disable=not progress) as bar:
-    bar.set_postfix_str("transformer")
-    config, params = read_transformer(folder, dtype=dtype, bar=bar)
-    checkpoint.save(tmp / "transformer", config, params)
-    del params
-    bar.set_postfix_str("vae")
-    vae_cfg, params = read_vae(folder, bar=bar)
-    checkpoint.save(tmp / "vae", vae_cfg, params)
-    del params
-    bar.set_postfix_str("text encoder")
-    te_cfg, params = read_text_encoder(folder, dtype=dtype, bar=bar)
-    check_fit(config, vae_cfg, te_cfg)
-    checkpoint.save(tmp / "text_encoder", te_cfg, params)
-    del params
-    manifest_lib.copy_tokenizer(folder.tokenizer, tmp / "tokenizer",
-                                te_cfg.vocab_size)
-    bar.update(bar.total - bar.n)
-    return manifest_lib.write_manifest(
-        tmp, manifest_format=checkpoint.OPENSORA_MANIFEST_FORMAT,
-        source=source_name or str(folder.root), layout=folder.layout,
-        text_len=config.model_max_length, converted_from={
-            "transformer": rel(folder.transformer), "vae": rel(folder.vae),
-            "text_encoder": rel(folder.text_encoder),
-            "tokenizer": rel(folder.tokenizer)},
-        configs={"transformer": config, "vae": vae_cfg,
-                 "text_encoder": te_cfg})
+  return manifest_lib.convert_parts(
+      dst, {"transformer": lambda bar: read_transformer(folder, dtype=dtype,
+                                                        bar=bar),
+            "vae": lambda bar: read_vae(folder, bar=bar),
+            "text_encoder": lambda bar: read_text_encoder(
+                folder, dtype=dtype, bar=bar)},
+      check_fit=check_fit, tokenizer=folder.tokenizer,
+      input_bytes=_input_bytes(folder), overwrite=overwrite,
+      progress=progress, text_len=lambda config: config.model_max_length,
+      manifest_format=checkpoint.OPENSORA_MANIFEST_FORMAT,
+      source=source_name or str(folder.root), layout=folder.layout,
+      converted_from={
+          "transformer": rel(folder.transformer), "vae": rel(folder.vae),
+          "text_encoder": rel(folder.text_encoder),
+          "tokenizer": rel(folder.tokenizer)})

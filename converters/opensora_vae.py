@@ -21,7 +21,6 @@ and linears rename `kernel` to `weight`; OpenSora's `CausalConv3d` wraps its
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
 import jax
@@ -41,7 +40,8 @@ from astraea_jax.vae.opensora_vae import (
   SpatialVAEConfig,
   TemporalVAEConfig,
 )
-from converters.common import CheckpointError, KeyMismatch, as_source
+from converters import common
+from converters.common import CheckpointError, as_source, read_json
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 LAYOUTS = ("opensora", "diffusers")
@@ -271,23 +271,15 @@ def check_keys(source, config: OpenSoraVAEConfig, layout: str):
   missing, unexpected and misshapen key."""
   expected = expected_shapes(config, layout)
   paths = key_map(config, layout)
-  present = set(source.keys())
-  if layout == "opensora":
-    present -= set(NORMALISATION_KEYS)
+  ignored = set(NORMALISATION_KEYS) if layout == "opensora" else set()
+  present = set(source.keys()) - ignored
   to_read, wanted = {}, {}
   for key, shape in expected.items():
     found = [k for k in (key, *_aliases(key)) if k in present]
     name = found[0] if found else key
     to_read[name], wanted[name] = paths[key], shape
-  missing = sorted(set(wanted) - present)
-  unexpected = sorted(present - set(wanted))
-  misshapen = sorted(
-      f"{k}: checkpoint {tuple(source.shape(k))}, expected {wanted[k]}"
-      for k in present & set(wanted)
-      if tuple(source.shape(k)) != tuple(wanted[k]))
-  if missing or unexpected or misshapen:
-    raise KeyMismatch(missing=missing, unexpected=unexpected,
-                      misshapen=misshapen, layout=f"OpenSora VAE, {layout}")
+  common.check_keys(source, wanted, layout=f"OpenSora VAE, {layout}",
+                    ignored=ignored)
   return to_read
 
 
@@ -340,13 +332,6 @@ def vae_from_state_dict(state_dict, config: OpenSoraVAEConfig | None = None,
 # Files ------------------------------------------------------------------------
 
 
-def _read_json(path):
-  try:
-    return json.loads(pathlib.Path(path).read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
-
-
 def _open(path):
   try:
     return SafetensorsFile(path)
@@ -367,14 +352,11 @@ def load_vae(path, *, config: OpenSoraVAEConfig | None = None,
   if not path.exists():
     raise CheckpointError(f"{path}: no such file or folder")
   if path.is_dir():
-    weights = path / "model.safetensors"
-    if not weights.exists():
-      found = sorted(p.name for p in path.iterdir())
-      raise CheckpointError(
-          f"{path}: no model.safetensors (the OpenSora VAE folder, e.g. "
-          f"hpcai-tech/OpenSora-VAE-v1.2); found {found}")
+    weights = common.weights_file(
+        path, "model.safetensors",
+        "the OpenSora VAE folder, e.g. hpcai-tech/OpenSora-VAE-v1.2")
     if config is None and (path / "config.json").exists():
-      config = config_from_opensora(_read_json(path / "config.json"))
+      config = config_from_opensora(read_json(path / "config.json"))
     path = weights
   return vae_from_state_dict(_open(path), config, **overrides)
 
@@ -387,14 +369,10 @@ def load_spatial_vae(path, *, config: OpenSoraVAEConfig | None = None,
   precision, micro_batch_size."""
   path = pathlib.Path(path)
   folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-  weights = folder / "diffusion_pytorch_model.safetensors"
-  if not weights.exists():
-    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise CheckpointError(
-        f"{folder}: no diffusion_pytorch_model.safetensors (a diffusers "
-        f"AutoencoderKL folder); found {found}")
+  weights = common.weights_file(folder, "diffusion_pytorch_model.safetensors",
+                                "a diffusers AutoencoderKL folder")
   if config is None:
-    spatial = (spatial_config_from_diffusers(_read_json(folder /
+    spatial = (spatial_config_from_diffusers(read_json(folder /
                                                         "config.json"))
                if (folder / "config.json").exists() else SpatialVAEConfig())
     t = TemporalVAEConfig(in_out_channels=spatial.latent_channels)

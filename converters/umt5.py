@@ -20,18 +20,18 @@ preallocated numpy buffers (layers stacked on a leading axis). No torch.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 
 import numpy as np
-from flax import nnx
 
 from astraea_jax.models.text import umt5
 from astraea_jax.models.text.umt5 import UMT5Config
-from converters.common import (CheckpointError, KeyMismatch, Source,
-                               flatten_dict,
-                               open_safetensors_folder, stream_params)
+from converters import common
+from converters.common import (CheckpointError, Source, check_keys,
+                               flatten_dict, inverted, locate_key,
+                               open_safetensors_folder, read_json,
+                               rename_key, stream_params)
 
 # Our parameter path <- transformers key. "linear": torch (out, in) weight
 # transposed to our (in, out) kernel; "same": copied as is.
@@ -91,8 +91,9 @@ WAN_PER_LAYER_POSITION_BIAS = {
     "pos_embedding.embedding.weight": POSITION_BIAS_SUFFIX}
 
 LAYOUTS = ("diffusers", "wan")
-_BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
-_WAN_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(
+    r"^encoder\.block\.(?P<layer>\d+)\.(?P<suffix>.+)$")
+_WAN_BLOCK_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<suffix>.+)$")
 
 
 # Folders and configs ----------------------------------------------------------
@@ -110,14 +111,6 @@ def find_folder(src) -> pathlib.Path:
       f"{src}: no config.json (nor text_encoder/config.json); expected the "
       "`text_encoder/` folder of a diffusers Wan2.1 checkpoint (a "
       "transformers UMT5EncoderModel) or a T5EncoderModel folder")
-
-
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 # config.json `model_type` -> UMT5Config.shared_position_bias.
@@ -169,24 +162,14 @@ def to_transformers_key(key: str, layout: str,
   if layout == "diffusers":
     return key
   top, block = _wan_names(config)
-  if key in top:
-    return top[key]
-  m = _WAN_BLOCK_RE.match(key)
-  if m and m.group(2) in block:
-    return f"encoder.block.{m.group(1)}.{block[m.group(2)]}"
-  return None
+  return rename_key(key, top, _WAN_BLOCK_RE, block, "encoder.block")
 
 
 def from_transformers_key(key: str, layout: str, config: UMT5Config) -> str:
   if layout == "diffusers":
     return key
   top, block = _wan_names(config)
-  inv_top = {v: k for k, v in top.items()}
-  if key in inv_top:
-    return inv_top[key]
-  m = _BLOCK_RE.match(key)
-  inv_block = {v: k for k, v in block.items()}
-  return f"blocks.{m.group(1)}.{inv_block[m.group(2)]}"
+  return rename_key(key, inverted(top), _BLOCK_RE, inverted(block), "blocks")
 
 
 def top_level_keys(config: UMT5Config) -> dict:
@@ -207,42 +190,23 @@ def locate(key: str, config: UMT5Config):
   """transformers key -> (our path, layer index or None, transform), or None."""
   if key == EMBEDDING_ALIAS:
     key = "shared.weight"
-  top = top_level_keys(config)
-  if key in top:
-    path, transform = top[key]
-    return path, None, transform
-  m = _BLOCK_RE.match(key)
-  blocks = block_keys(config)
-  if m and m.group(2) in blocks and int(m.group(1)) < config.num_layers:
-    path, transform = blocks[m.group(2)]
-    return ("blocks",) + path, int(m.group(1)), transform
-  return None
+  return locate_key(key, top_level_keys(config), _BLOCK_RE,
+                    block_keys(config), config.num_layers)
 
 
 def param_shapes(config: UMT5Config) -> dict[tuple, tuple]:
   """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
-  state = nnx.state(umt5.abstract_model(config), nnx.Param)
-  return {path: tuple(v.shape)
-          for path, v in flatten_dict(nnx.to_pure_dict(state)).items()}
+  return common.param_shapes(umt5.abstract_model(config))
 
 
 def expected_checkpoint_shapes(config: UMT5Config, layout="diffusers"):
   """{checkpoint key: shape} a model of `config` needs; the embedding under
   `shared.weight` (`token_embedding.weight` in the wan layout)."""
-  params = param_shapes(config)
-  shapes = {}
-  for key, (path, transform) in top_level_keys(config).items():
-    shapes[key] = _checkpoint_shape(params[path], transform)
-  for i in range(config.num_layers):
-    for suffix, (path, transform) in block_keys(config).items():
-      shapes[f"encoder.block.{i}.{suffix}"] = _checkpoint_shape(
-          params[("blocks",) + path][1:], transform)
+  shapes = common.checkpoint_shapes(
+      param_shapes(config), top_level_keys(config), block_keys(config),
+      config.num_layers, {"encoder.block": "blocks"})
   return {from_transformers_key(k, layout, config): v
           for k, v in shapes.items()}
-
-
-def _checkpoint_shape(our_shape, transform):
-  return tuple(reversed(our_shape)) if transform == "linear" else our_shape
 
 
 # Loading ----------------------------------------------------------------------
@@ -282,16 +246,7 @@ def _check_keys(source: Source, config: UMT5Config, layout: str):
     if not aliases:
       expected["shared.weight (or encoder.embed_tokens.weight)"] = (
           embedding_shape)
-  missing = sorted(set(expected) - present)
-  unexpected = sorted(present - set(expected))
-  misshapen = sorted(
-      f"{k}: checkpoint {tuple(source.shape(k))}, expected {expected[k]}"
-      for k in present & set(expected)
-      if tuple(source.shape(k)) != tuple(expected[k]))
-  if missing or unexpected or misshapen:
-    raise KeyMismatch(missing=missing, unexpected=unexpected,
-                      misshapen=misshapen,
-                      layout=f"{_family(config)} {layout}")
+  check_keys(source, expected, layout=f"{_family(config)} {layout}")
   to_read = {k: to_transformers_key(k, layout, config) for k in expected}
   if layout == "diffusers" and len(aliases) == 2:
     del to_read["shared.weight"]
@@ -326,7 +281,7 @@ def read_checkpoint(src, *, dtype="float32", progress=False):
   `text_encoder/` folder (or the model folder holding it), or a
   `T5EncoderModel` folder; umT5 or T5 from config.json, streaming."""
   folder = find_folder(src)
-  config = config_from_checkpoint(_read_json(folder / "config.json"),
+  config = config_from_checkpoint(read_json(folder / "config.json"),
                                   dtype=dtype, param_dtype=dtype)
   source = open_safetensors_folder(folder, "model")
   return config, load_params(source, config, "diffusers", progress=progress)

@@ -14,18 +14,19 @@ checkpoint is in memory once. No torch needed.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 
 import numpy as np
-from flax import nnx
 
 from astraea_jax.configs import WanConfig
 from astraea_jax.models import wan
+from converters import common
 from converters.common import (CheckpointError, Source,
-                               check_keys, flatten_dict, to_ours,
-                               open_safetensors_folder, stream_params)
+                               check_keys, flatten_dict, inverted,
+                               locate_key, to_ours,
+                               open_safetensors_folder, read_json,
+                               rename_key, stream_params)
 
 # Our parameter path <- original key. Transform names: "linear" = torch
 # (out, in) weight transposed to our (in, out) kernel; "patch" = Conv3d
@@ -99,7 +100,7 @@ for _d, _o in (("attn1", "self_attn"), ("attn2", "cross_attn")):
   for _n in ("norm_q", "norm_k"):
     DIFFUSERS_BLOCK[f"{_d}.{_n}.weight"] = f"{_o}.{_n}.weight"
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<suffix>.+)$")
 
 
 # Layout detection and configs -----------------------------------------------
@@ -116,7 +117,7 @@ def detect_layout(src) -> tuple[str, pathlib.Path]:
     raise CheckpointError(
         f"{src}: no config.json (nor transformer/config.json); expected a "
         "Wan2.1 checkpoint folder in the original or diffusers layout")
-  cfg = _read_json(cfg_path)
+  cfg = read_json(cfg_path)
   if "num_attention_heads" in cfg and "attention_head_dim" in cfg:
     return "diffusers", folder
   if "dim" in cfg and "num_heads" in cfg:
@@ -125,14 +126,6 @@ def detect_layout(src) -> tuple[str, pathlib.Path]:
       f"{cfg_path}: unknown layout (neither the original Wan keys `dim`/"
       f"`num_heads` nor the diffusers keys `num_attention_heads`/"
       f"`attention_head_dim`); found keys {sorted(cfg)}")
-
-
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 def config_from_checkpoint(layout, cfg, *, text_len=None, **overrides):
@@ -188,65 +181,35 @@ def to_original_key(key: str, layout: str) -> str | None:
   """A checkpoint key in original naming, or None if the layout lacks it."""
   if layout == "wan":
     return key
-  if key in DIFFUSERS_TOP_LEVEL:
-    return DIFFUSERS_TOP_LEVEL[key]
-  m = _BLOCK_RE.match(key)
-  if m and m.group(2) in DIFFUSERS_BLOCK:
-    return f"blocks.{m.group(1)}.{DIFFUSERS_BLOCK[m.group(2)]}"
-  return None
+  return rename_key(key, DIFFUSERS_TOP_LEVEL, _BLOCK_RE, DIFFUSERS_BLOCK,
+                    "blocks")
 
 
 def from_original_key(key: str, layout: str) -> str:
   if layout == "wan":
     return key
-  inv_top = {v: k for k, v in DIFFUSERS_TOP_LEVEL.items()}
-  if key in inv_top:
-    return inv_top[key]
-  m = _BLOCK_RE.match(key)
-  inv_block = {v: k for k, v in DIFFUSERS_BLOCK.items()}
-  return f"blocks.{m.group(1)}.{inv_block[m.group(2)]}"
+  return rename_key(key, inverted(DIFFUSERS_TOP_LEVEL), _BLOCK_RE,
+                    inverted(DIFFUSERS_BLOCK), "blocks")
 
 
 def locate(original_key: str, num_layers: int):
   """original key -> (our path, layer index or None, transform), or None."""
-  if original_key in TOP_LEVEL_KEYS:
-    path, transform = TOP_LEVEL_KEYS[original_key]
-    return path, None, transform
-  m = _BLOCK_RE.match(original_key)
-  if m and m.group(2) in BLOCK_KEYS and int(m.group(1)) < num_layers:
-    path, transform = BLOCK_KEYS[m.group(2)]
-    return ("blocks",) + path, int(m.group(1)), transform
-  return None
-
-
-def checkpoint_shape(our_shape, transform, config: WanConfig):
-  """The checkpoint tensor shape that maps to a leaf of `our_shape`."""
-  if transform == "linear":
-    return tuple(reversed(our_shape))
-  if transform == "patch":
-    return (config.dim, config.in_dim, *config.patch_size)
-  return tuple(our_shape)
+  return locate_key(original_key, TOP_LEVEL_KEYS, _BLOCK_RE, BLOCK_KEYS,
+                    num_layers)
 
 
 def expected_checkpoint_shapes(config: WanConfig, layout: str = "wan"):
   """{checkpoint key: shape} that a model of `config` needs (no weights)."""
-  params = param_shapes(config)
-  shapes = {}
-  for key, (path, transform) in TOP_LEVEL_KEYS.items():
-    shapes[key] = checkpoint_shape(params[path], transform, config)
-  for i in range(config.num_layers):
-    for suffix, (path, transform) in BLOCK_KEYS.items():
-      shape = params[("blocks",) + path][1:]
-      shapes[f"blocks.{i}.{suffix}"] = checkpoint_shape(shape, transform,
-                                                        config)
+  shapes = common.checkpoint_shapes(
+      param_shapes(config), TOP_LEVEL_KEYS, BLOCK_KEYS, config.num_layers,
+      {"blocks": "blocks"},
+      patch_shape=(config.dim, config.in_dim, *config.patch_size))
   return {from_original_key(k, layout): v for k, v in shapes.items()}
 
 
 def param_shapes(config: WanConfig) -> dict[tuple, tuple]:
   """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
-  state = nnx.state(wan.abstract_model(config), nnx.Param)
-  return {path: tuple(v.shape)
-          for path, v in flatten_dict(nnx.to_pure_dict(state)).items()}
+  return common.param_shapes(wan.abstract_model(config))
 
 
 # Loading -----------------------------------------------------------------------
@@ -271,8 +234,6 @@ def load_params(source: Source, layout: str, config: WanConfig, *,
                        progress=progress)
 
 
-
-
 def read_checkpoint(src, *, format="auto", dtype="float32", text_len=None,
                     progress=False):
   """(config, params) from a Wan2.1 checkpoint folder, streaming."""
@@ -281,7 +242,7 @@ def read_checkpoint(src, *, format="auto", dtype="float32", text_len=None,
     raise CheckpointError(
         f"{src}: --format {format} requested, but the folder is in the "
         f"{layout!r} layout")
-  cfg = _read_json(folder / "config.json")
+  cfg = read_json(folder / "config.json")
   try:
     config = config_from_checkpoint(layout, cfg, text_len=text_len,
                                     param_dtype=dtype, dtype=dtype)

@@ -20,9 +20,7 @@ from its hard-coded block indices to any `num_res_blocks` / `dim_mult`.
 
 from __future__ import annotations
 
-import json
 import pathlib
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +29,9 @@ from flax import nnx, traverse_util
 
 from astraea_jax.vae import wan_vae
 from astraea_jax.vae.wan_vae import WanVAE, WanVAEConfig
-from converters.common import CheckpointError, KeyMismatch, Source, as_source
+from converters import common
+from converters.common import (CheckpointError, Source, as_source,
+                               read_json)
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 # Our attribute inside a block -> original name. The original blocks are
@@ -252,17 +252,8 @@ def config_from_diffusers(cfg: dict, **overrides) -> WanVAEConfig:
 
 def check_keys(source, config: WanVAEConfig, layout: str):
   """Raise KeyMismatch naming every missing, unexpected, misshapen key."""
-  expected = expected_shapes(config, layout)
-  present = set(source.keys())
-  missing = sorted(set(expected) - present)
-  unexpected = sorted(present - set(expected))
-  misshapen = sorted(
-      f"{k}: checkpoint {tuple(source.shape(k))}, expected {expected[k]}"
-      for k in present & set(expected)
-      if tuple(source.shape(k)) != tuple(expected[k]))
-  if missing or unexpected or misshapen:
-    raise KeyMismatch(missing=missing, unexpected=unexpected,
-                      misshapen=misshapen, layout=f"Wan VAE, {layout}")
+  common.check_keys(source, expected_shapes(config, layout),
+                    layout=f"Wan VAE, {layout}")
 
 
 def load_params(source, config: WanVAEConfig, layout: str) -> dict:
@@ -309,48 +300,11 @@ def vae_from_state_dict(state_dict, config: WanVAEConfig | None = None, *,
 
 
 def read_pth(path, *, allow_pth: bool = False) -> dict[str, np.ndarray]:
-  """The state dict of a PyTorch `.pth` as numpy arrays, only if allowed.
-
-  Refuses unless `allow_pth=True`, before opening the file: a pickle can run
-  code when loaded. Then needs torch and loads with weights_only=True
-  (tensors and containers only).
-  """
-  path = pathlib.Path(path)
-  if not allow_pth:
-    raise CheckpointError(
-        f"{path} is a PyTorch pickle; loading a pickle can execute code, so "
-        "it is refused by default. Pass --allow-pth (Python: allow_pth=True) "
-        "to read it with torch.load(weights_only=True), or convert it to "
-        "safetensors first.")
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise CheckpointError(
-        f"{path}: reading a .pth needs PyTorch (pip install torch), or "
-        "convert the file to safetensors on a machine that has it") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch.load raises many kinds
-    raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: "
-                          f"{type(e).__name__}: {e}") from e
-  if isinstance(obj, Mapping) and "state_dict" in obj and \
-      isinstance(obj["state_dict"], Mapping):
-    obj = obj["state_dict"]
-  if not isinstance(obj, Mapping) or not all(
-      isinstance(k, str) and isinstance(v, torch.Tensor)
-      for k, v in obj.items()):
-    raise CheckpointError(f"{path}: not a state dict of tensors "
-                          f"(got {type(obj).__name__})")
-  return {k: _torch_to_numpy(v) for k, v in obj.items()}
-
-
-def _torch_to_numpy(tensor):
-  import ml_dtypes  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  tensor = tensor.detach().cpu().contiguous()
-  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: bit view
-    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-  return tensor.numpy()
+  """The state dict of a PyTorch `.pth` as numpy arrays, only if allowed
+  (`common.PthSource`: refused before opening the file unless
+  allow_pth=True, then torch.load(weights_only=True))."""
+  source = common.PthSource(path, allow_pth=allow_pth)
+  return {k: source.get(k) for k in source.keys()}
 
 
 def open_checkpoint(path, *, allow_pth: bool = False):
@@ -366,18 +320,11 @@ def open_checkpoint(path, *, allow_pth: bool = False):
   cfg = None
   if path.is_dir():
     folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if not weights.exists():
-      found = sorted(p.name for p in folder.iterdir())
-      raise CheckpointError(
-          f"{folder}: no diffusion_pytorch_model.safetensors (a diffusers "
-          f"AutoencoderKLWan folder); found {found}")
+    weights = common.weights_file(folder,
+                                  "diffusion_pytorch_model.safetensors",
+                                  "a diffusers AutoencoderKLWan folder")
     if (folder / "config.json").exists():
-      try:
-        cfg = json.loads((folder / "config.json").read_text())
-      except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: invalid JSON "
-                              f"({e})") from e
+      cfg = read_json(folder / "config.json")
     path = weights
   if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
     source = Source.from_arrays(read_pth(path, allow_pth=allow_pth))

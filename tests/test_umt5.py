@@ -17,7 +17,6 @@ terms).
 """
 
 import importlib
-import importlib.util
 import io
 import json
 import re
@@ -27,15 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from _t5_cases import (assert_fp32_close, check_original_wan_layout,
+                       hf_tensors, random_batch, random_hf_encoder, run_hf,
+                       run_ours, write_folder)
 
 from astraea_jax.models.text import umt5
 from astraea_jax.models.text.tokenizer import (TokenizerFilesError,
                                                UMT5Tokenizer, clean_prompt)
 from astraea_jax.models.text.umt5 import UMT5Config
 from converters import umt5 as converter
-from converters.common import CheckpointError, KeyMismatch, Source
-from converters.safetensors_io import save_file
+from converters.common import CheckpointError, KeyMismatch
 
 torch = importlib.import_module("torch")
 transformers = importlib.import_module("transformers")
@@ -52,45 +52,7 @@ PROMPTS = [
 ]
 
 
-def assert_fp32_close(out, ref):
-  out, ref = np.asarray(out), np.asarray(ref)
-  assert out.shape == ref.shape, (out.shape, ref.shape)
-  err = np.abs(out.astype(np.float64) - ref).max()
-  bound = 1e-5 * np.abs(ref).max() + 1e-6
-  assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
-
-
 # References and builders ------------------------------------------------------
-
-
-def hf_config(config: UMT5Config):
-  return transformers.UMT5Config(
-      vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
-      d_ff=config.d_ff, num_layers=config.num_layers,
-      num_heads=config.num_heads,
-      relative_attention_num_buckets=config.relative_attention_num_buckets,
-      relative_attention_max_distance=config.relative_attention_max_distance,
-      layer_norm_epsilon=config.layer_norm_epsilon,
-      feed_forward_proj=config.feed_forward_proj, dropout_rate=0.0)
-
-
-def random_hf_encoder(config: UMT5Config, seed=0):
-  """UMT5EncoderModel with every parameter random: projections N(0,
-  1/fan_in), embeddings and position biases N(0, 1), norm gains 1 + N(0,
-  0.2^2) (transformers initialises gains to 1, which would hide a
-  misplaced gain)."""
-  model = transformers.UMT5EncoderModel(hf_config(config)).eval()
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if "layer_norm" in name:
-        p.copy_(1 + 0.2 * noise)
-      elif name.endswith(("shared.weight", "relative_attention_bias.weight")):
-        p.copy_(noise)
-      else:
-        p.copy_(noise / p.shape[1] ** 0.5)
-  return model
 
 
 def save_hf(model, folder, **kwargs):
@@ -102,37 +64,6 @@ def save_hf(model, folder, **kwargs):
 def ours_from_folder(folder, dtype="float32"):
   config, params = converter.read_checkpoint(folder, dtype=dtype)
   return umt5.from_params(config, params)
-
-
-def run_ours(model, ids, mask, *, wan_text_len=None):
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, ids, mask):
-    encoder = nnx.merge(graphdef, state)
-    if wan_text_len is None:
-      return encoder(ids, mask)
-    return encoder.encode_for_wan(ids, mask, text_len=wan_text_len)
-
-  return np.asarray(run(state, jnp.asarray(ids, jnp.int32),
-                        jnp.asarray(mask, jnp.int32)))
-
-
-def run_hf(model, ids, mask):
-  with torch.no_grad():
-    return model(torch.as_tensor(ids, dtype=torch.long),
-                 torch.as_tensor(mask, dtype=torch.long)
-                 ).last_hidden_state.numpy()
-
-
-def random_batch(config, length, seed=0):
-  """3 sequences: no padding, padded after length//2, a single real token."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(0, config.vocab_size, (3, length))
-  mask = np.ones((3, length), np.int64)
-  mask[1, length // 2:] = 0
-  mask[2, 1:] = 0
-  return ids, mask
 
 
 # Relative position buckets ----------------------------------------------------
@@ -205,48 +136,10 @@ def test_bfloat16_is_as_close_as_the_references_bfloat16(tmp_path):
       err, err_reference)
 
 
-def load_wan_t5_module():
-  """`wan/modules/t5.py` of the wan22 package, up to its `T5EncoderModel`
-  wrapper (whose default argument calls torch.cuda at import) and without
-  its tokenizer import; wan/__init__ is not run (it touches CUDA)."""
-  spec = importlib.util.find_spec("wan")
-  if spec is None:
-    raise ImportError("wan22 is not installed (pip install --no-deps wan22)")
-  path = spec.submodule_search_locations[0] + "/modules/t5.py"
-  with open(path) as f:
-    source = f.read()
-  source = source[:source.index("class T5EncoderModel")]
-  source = re.sub(r"^from \.tokenizers import .*$", "", source,
-                  flags=re.MULTILINE)
-  module = types.ModuleType("wan_t5_reference")
-  exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102
-  return module
-
-
 def test_original_wan_layout_matches_original_code():
   """The original T5Encoder hard-codes max_dist=128; 150 tokens reach it."""
-  config = CONFIG.replace(relative_attention_max_distance=128)
-  params = converter.load_params(
-      Source.from_arrays({k: v.numpy() for k, v in random_hf_encoder(
-          config, seed=7).state_dict().items()}), config)
-  wan_tensors = converter.to_checkpoint(params, config, layout="wan")
-  wan_t5 = load_wan_t5_module()
-  reference = wan_t5.T5Encoder(
-      vocab=config.vocab_size, dim=config.d_model, dim_attn=config.inner_dim,
-      dim_ffn=config.d_ff, num_heads=config.num_heads,
-      num_layers=config.num_layers,
-      num_buckets=config.relative_attention_num_buckets, shared_pos=False,
-      dropout=0.0).eval()
-  reference.load_state_dict({k: torch.from_numpy(v)
-                             for k, v in wan_tensors.items()})
-  back = converter.load_params(Source.from_arrays(wan_tensors), config,
-                               layout="wan")
-  jax.tree.map(np.testing.assert_array_equal, back, params)
-  ids, mask = random_batch(config, 150, seed=7)
-  with torch.no_grad():
-    ref = reference(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
-  assert_fp32_close(run_ours(umt5.from_params(config, params), ids, mask),
-                    ref)
+  check_original_wan_layout(
+      CONFIG.replace(relative_attention_max_distance=128), seed=7)
 
 
 # Converter: layouts, tied embeddings, errors ---------------------------------
@@ -268,18 +161,6 @@ def test_sharded_folder_and_model_root(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, sharded, single)
 
 
-def write_text_encoder(folder, config, tensors, **config_changes):
-  folder.mkdir(parents=True)
-  (folder / "config.json").write_text(json.dumps(
-      {**hf_config(config).to_dict(), **config_changes}))
-  save_file(tensors, folder / "model.safetensors")
-  return folder
-
-
-def hf_tensors(model):
-  return {k: v.numpy() for k, v in model.state_dict().items()}
-
-
 @pytest.mark.parametrize("present", ["both, different", "embed_tokens only"])
 def test_embedding_names(tmp_path, present):
   """`encoder.embed_tokens.weight` is what the encoder reads: transformers
@@ -292,7 +173,7 @@ def test_embedding_names(tmp_path, present):
     tensors["shared.weight"] = other
   else:
     del tensors["shared.weight"]
-  folder = write_text_encoder(tmp_path / "te", CONFIG, tensors)
+  folder = write_folder(tmp_path / "te", CONFIG, tensors)
   ids, mask = random_batch(CONFIG, 12, seed=2)
   ref = run_hf(transformers.UMT5EncoderModel.from_pretrained(folder).eval(),
                ids, mask)
@@ -308,7 +189,7 @@ def test_key_mismatch_names_every_offending_key(tmp_path):
       (CONFIG.inner_dim, CONFIG.d_model), np.float32)
   tensors["encoder.final_layer_norm.weight"] = np.ones(
       CONFIG.d_model + 1, np.float32)
-  folder = write_text_encoder(tmp_path / "te", CONFIG, tensors)
+  folder = write_folder(tmp_path / "te", CONFIG, tensors)
   with pytest.raises(KeyMismatch) as e:
     converter.read_checkpoint(folder)
   assert e.value.missing == [
@@ -326,7 +207,7 @@ def test_key_mismatch_names_every_offending_key(tmp_path):
 def test_missing_embedding_is_named(tmp_path):
   tensors = hf_tensors(random_hf_encoder(CONFIG, seed=3))
   del tensors["encoder.embed_tokens.weight"], tensors["shared.weight"]
-  folder = write_text_encoder(tmp_path / "te", CONFIG, tensors)
+  folder = write_folder(tmp_path / "te", CONFIG, tensors)
   with pytest.raises(KeyMismatch, match=r"shared\.weight \(or encoder\."
                      r"embed_tokens\.weight\)"):
     converter.read_checkpoint(folder)
@@ -338,7 +219,7 @@ def test_missing_embedding_is_named(tmp_path):
 ])
 def test_unsupported_configs_are_refused(tmp_path, changes, message):
   tensors = hf_tensors(random_hf_encoder(CONFIG, seed=4))
-  folder = write_text_encoder(tmp_path / "te", CONFIG, tensors, **changes)
+  folder = write_folder(tmp_path / "te", CONFIG, tensors, **changes)
   with pytest.raises(CheckpointError, match=re.escape(message)):
     converter.read_checkpoint(folder)
 

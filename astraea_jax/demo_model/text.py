@@ -106,12 +106,8 @@ class TextEncoder(nnx.Module):
     self.position_embedding = nnx.Param(
         0.02 * jax.random.normal(rngs.params(), (c.text_len, c.dim), F32))
 
-    @nnx.split_rngs(splits=c.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(rngs):
-      return TextLayer(c, rngs=rngs)
-
-    self.layers = make(rngs)
+    self.layers = layers.stacked(lambda r: TextLayer(c, rngs=r), c.num_layers,
+                                 rngs)
     self.final_norm = layers.LayerNorm(c.dim, eps=c.eps, param_dtype=F32,
                                        rngs=rngs)
 

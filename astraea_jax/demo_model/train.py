@@ -38,7 +38,6 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -333,7 +332,7 @@ def save_checkpoint(workdir, state, history: list[dict]):
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp / "state", _to_saveable(state))
   checkpointer.wait_until_finished()
-  _write_json(tmp / LOSS_FILE, history)
+  outputs.write_json(tmp / LOSS_FILE, history, indent=1)
   os.rename(tmp, dst)
   for old in checkpoint_steps(workdir)[:-KEEP_CHECKPOINTS]:
     shutil.rmtree(root / f"{old:08d}")
@@ -354,14 +353,6 @@ def restore_checkpoint(workdir, template, step: int | None = None):
   saved = ocp.StandardCheckpointer().restore(path / "state", abstract)
   history = json.loads((path / LOSS_FILE).read_text())
   return _from_saveable(saved, template), history
-
-
-def _write_json(path, doc):
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    f.write(json.dumps(doc, indent=1) + "\n")
-  os.replace(tmp, path)
 
 
 def _run_doc(config, tc):
@@ -409,11 +400,8 @@ def plot_loss(history: list[dict], path) -> bool:
   ax.set_ylabel("flow-matching loss (mean over the logging window)")
   ax.set_title("demo model training")
   ax.grid(alpha=0.3)
-  path = pathlib.Path(path)
-  tmp = path.parent / f".{path.stem}.partial{path.suffix}"
-  fig.savefig(tmp, dpi=100, bbox_inches="tight")
+  outputs.write_figure(path, fig, dpi=100, bbox_inches="tight")
   plt.close(fig)
-  os.replace(tmp, path)
   return True
 
 
@@ -453,7 +441,7 @@ def train(workdir, config: model_lib.DemoConfig, tc: TrainConfig, *,
   workdir = pathlib.Path(workdir)
   _check_run(workdir, config, tc, resume)
   outputs.mark_folder(workdir, command="train-demo")
-  _write_json(workdir / RUN_FILE, _run_doc(config, tc))
+  outputs.write_json(workdir / RUN_FILE, _run_doc(config, tc), indent=1)
   optimizer = make_optimizer(tc)
   graphdefs, state = init_state(config, tc, optimizer)
   history = []
@@ -521,7 +509,7 @@ def train(workdir, config: model_lib.DemoConfig, tc: TrainConfig, *,
                     "grad_norm": float(window[-1]["grad_norm"]),
                     "seconds": time.perf_counter() - t_start})
   save_checkpoint(workdir, state, history)
-  _write_json(workdir / LOSS_FILE, history)
+  outputs.write_json(workdir / LOSS_FILE, history, indent=1)
   if not plot_loss(history, workdir / LOSS_PLOT):
     print("train-demo: matplotlib is not installed; no loss.png (the "
           "history is in loss.json)")
@@ -613,7 +601,8 @@ def run_cli(args) -> int:
         "stopped_by": result.stopped_by,
         "final_loss": result.history[-1]["loss"] if result.history else None,
     }
-    _write_json(pathlib.Path(args.workdir) / "summary.json", summary)
+    outputs.write_json(pathlib.Path(args.workdir) / "summary.json", summary,
+                       indent=1)
     print(f"train-demo: step {summary['steps']} ({result.steps_this_run} this"
           f" run, {summary['steps_per_second'] or 0:.2f} steps/s, compile "
           f"{result.compile_seconds:.0f} s, {result.attention} attention, "

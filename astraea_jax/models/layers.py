@@ -108,6 +108,18 @@ def linear(in_features, out_features, *, dtype, param_dtype, rngs):
 # Timestep embedding ---------------------------------------------------------
 
 
+def stacked(make, count: int, rngs: nnx.Rngs):
+  """`count` modules `make(rngs)` with their parameters stacked on a
+  leading axis (one vmapped init): the layers a model scans over."""
+
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def build(rngs):
+    return make(rngs)
+
+  return build(rngs)
+
+
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   """Sinusoidal embedding [cos(t*w), sin(t*w)], w_i = max_period^(-i/half).
 

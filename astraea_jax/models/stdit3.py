@@ -514,8 +514,10 @@ class STDiT3(nnx.Module):
                             activation=jax.nn.silu, **f32)
     self.t_block = layers.linear(c.hidden_size, 6 * c.hidden_size, **f32)
     self.y_embedder = CaptionEmbedder(c, rngs=rngs)
-    self.spatial_blocks = _stacked_blocks(c, temporal=False, rngs=rngs)
-    self.temporal_blocks = _stacked_blocks(c, temporal=True, rngs=rngs)
+    self.spatial_blocks = layers.stacked(
+        lambda r: STDiT3Block(c, temporal=False, rngs=r), c.depth, rngs)
+    self.temporal_blocks = layers.stacked(
+        lambda r: STDiT3Block(c, temporal=True, rngs=r), c.depth, rngs)
     self.final_layer = FinalLayer(c, rngs=rngs)
 
   # Pieces, public so that token-wise samplers can reuse them. -------------
@@ -630,17 +632,6 @@ class STDiT3(nnx.Module):
     tokens, aux = self.run_blocks(tokens, cond, self.grid(x.shape))
     out = self.unembed(tokens, cond, x.shape)
     return (out, aux) if return_aux else out
-
-
-def _stacked_blocks(config, *, temporal, rngs):
-  """depth blocks with parameters stacked on a leading axis."""
-
-  @nnx.split_rngs(splits=config.depth)
-  @nnx.vmap(in_axes=(0,), out_axes=0)
-  def make(rngs):
-    return STDiT3Block(config, temporal=temporal, rngs=rngs)
-
-  return make(rngs)
 
 
 # Pure functions ---------------------------------------------------------------

@@ -248,7 +248,8 @@ class WanDiT(nnx.Module):
     self.time_embedding = MLP(c.freq_dim, c.dim, c.dim, activation=jax.nn.silu,
                               **f32)
     self.time_projection = layers.linear(c.dim, 6 * c.dim, **f32)
-    self.blocks = _stacked_blocks(c, rngs)
+    self.blocks = layers.stacked(lambda r: WanBlock(c, rngs=r),
+                                 c.num_layers, rngs)
     self.head = Head(c, rngs=rngs)
 
   # Pieces, public so that token-wise samplers can reuse them. -------------
@@ -329,17 +330,6 @@ class WanDiT(nnx.Module):
     x, aux = self.run_blocks(x, e0, ctx, rope)
     out = self.unembed(x, e, latents.shape)
     return (out, aux) if return_aux else out
-
-
-def _stacked_blocks(config, rngs):
-  """num_layers blocks with parameters stacked on a leading axis."""
-
-  @nnx.split_rngs(splits=config.num_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0)
-  def make(rngs):
-    return WanBlock(config, rngs=rngs)
-
-  return make(rngs)
 
 
 # Pure functions over arrays --------------------------------------------------

@@ -378,8 +378,24 @@ class Resample(nnx.Module):
     return x, cache
 
 
-def _silu_head(norm, conv, x, cache):
-  return conv(jax.nn.silu(norm(x)), cache)
+def _middle(dim, kw):
+  """The (res, attn, res) middle of the encoder and the decoder."""
+  return nnx.List([ResidualBlock(dim, dim, **kw), AttentionBlock(dim, **kw),
+                   ResidualBlock(dim, dim, **kw)])
+
+
+def _cached_chain(module, blocks, x, cache, first):
+  """module.conv1 -> blocks -> head (norm, SiLU, conv), each with its slot
+  of the causal cache: x, new cache (a list: conv1, each block, head)."""
+  cache = list(cache) if cache is not None else [None] * (len(blocks) + 2)
+  new = []
+  x, c = module.conv1(x, cache[0])
+  new.append(c)
+  for block, c in zip(blocks, cache[1:-1]):
+    x, c = block(x, c, first=first)
+    new.append(c)
+  x, c = module.head_conv(jax.nn.silu(module.head_norm(x)), cache[-1])
+  return x, new + [c]
 
 
 class Encoder3d(nnx.Module):
@@ -400,24 +416,14 @@ class Encoder3d(nnx.Module):
         blocks.append(Resample(out_dim, mode, **kw))
     self.downsamples = nnx.List(blocks)
     top = dims[-1]
-    self.middle = nnx.List([ResidualBlock(top, top, **kw),
-                            AttentionBlock(top, **kw),
-                            ResidualBlock(top, top, **kw)])
+    self.middle = _middle(top, kw)
     self.head_norm = RMSNorm(top, **kw)
     self.head_conv = CausalConv3d(top, 2 * config.z_dim, (3, 3, 3), **kw)
 
   def __call__(self, x, cache=None, *, first=False):
     """x (B, T, H, W, 3) -> (B, T', H/8, W/8, 2 z_dim), new cache (a list)."""
-    blocks = [*self.downsamples, *self.middle]
-    cache = list(cache) if cache is not None else [None] * (len(blocks) + 2)
-    new = []
-    x, c = self.conv1(x, cache[0])
-    new.append(c)
-    for block, c in zip(blocks, cache[1:-1]):
-      x, c = block(x, c, first=first)
-      new.append(c)
-    x, c = _silu_head(self.head_norm, self.head_conv, x, cache[-1])
-    return x, new + [c]
+    return _cached_chain(self, [*self.downsamples, *self.middle], x, cache,
+                         first)
 
 
 class Decoder3d(nnx.Module):
@@ -429,9 +435,7 @@ class Decoder3d(nnx.Module):
     dims = [config.base_dim * m for m in (mult[-1], *mult[::-1])]
     temporal_upsample = config.temporal_downsample[::-1]
     self.conv1 = CausalConv3d(config.z_dim, dims[0], (3, 3, 3), **kw)
-    self.middle = nnx.List([ResidualBlock(dims[0], dims[0], **kw),
-                            AttentionBlock(dims[0], **kw),
-                            ResidualBlock(dims[0], dims[0], **kw)])
+    self.middle = _middle(dims[0], kw)
     blocks = []
     for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
       if i > 0:  # the previous stage's upsampling conv halved the channels
@@ -448,16 +452,8 @@ class Decoder3d(nnx.Module):
 
   def __call__(self, x, cache=None, *, first=False):
     """x (B, 1, h, w, z_dim) -> (B, 1 or 4, 8h, 8w, 3), new cache."""
-    blocks = [*self.middle, *self.upsamples]
-    cache = list(cache) if cache is not None else [None] * (len(blocks) + 2)
-    new = []
-    x, c = self.conv1(x, cache[0])
-    new.append(c)
-    for block, c in zip(blocks, cache[1:-1]):
-      x, c = block(x, c, first=first)
-      new.append(c)
-    x, c = _silu_head(self.head_norm, self.head_conv, x, cache[-1])
-    return x, new + [c]
+    return _cached_chain(self, [*self.middle, *self.upsamples], x, cache,
+                         first)
 
 
 # The VAE ---------------------------------------------------------------------

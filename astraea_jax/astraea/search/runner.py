@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -99,13 +97,8 @@ def plot(path, history, schedule, target_budget) -> bool:
   ax_sched.set_ylabel("token budget")
   ax_sched.legend()
   fig.tight_layout()
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".png")
-  os.close(fd)
-  fig.savefig(tmp, dpi=100)
+  outputs.write_figure(path, fig, dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
   return True
 
 
@@ -150,15 +143,6 @@ def load_samples(embedding_paths, text_dim: int, problem: Problem):
                      for j in range(problem.samples)])
   return (noise, stack([pairs[i][0] for i in idx]),
           stack([pairs[i][1] for i in idx]))
-
-
-def _write_json(path, doc):
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(doc, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
@@ -226,7 +210,7 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
           jax.random.key(config.seed + 1), config=check_config))[:proxy_check]
       check = {**rank_correlation(fitness_fn, full, genomes),
                "fingerprints": [full.fingerprint, fitness_fn.fingerprint]}
-      _write_json(check_path, check)
+      outputs.write_json(check_path, check)
     report["proxy"] = {**dataclasses.asdict(proxy),
                        "spearman": check["spearman"],
                        "check_genomes": len(check["genomes"])}
@@ -256,7 +240,7 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
                     target_budget=config.target_budget,
                     fitness_mse=report.get("fitness_full", result.fitness),
                     steps=config.steps, searched_with=str(model_path))
-  _write_json(out / "report.json", report)
+  outputs.write_json(out / "report.json", report)
   plot(out / "search.png", result.history, result.schedule,
        config.target_budget)
   return report

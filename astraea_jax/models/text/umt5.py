@@ -297,7 +297,8 @@ class UMT5Encoder(nnx.Module):
     self.config = c
     self.embed_tokens = nnx.Embed(c.vocab_size, c.d_model,
                                   param_dtype=c.weight_dtype, rngs=rngs)
-    self.blocks = _stacked_layers(c, rngs)
+    self.blocks = layers.stacked(lambda r: UMT5Layer(c, rngs=r),
+                                 c.num_layers, rngs)
     # T5: the one position bias table of all layers (transformers keeps it
     # in layer 0: `encoder.block.0.layer.0.SelfAttention.
     # relative_attention_bias`). umT5: None, each layer has its own.
@@ -345,17 +346,6 @@ class UMT5Encoder(nnx.Module):
     """Wan's text context: `wan_prompt_embeds(encode(...), mask)`."""
     return wan_prompt_embeds(self.encode(token_ids, attention_mask),
                              attention_mask, text_len=text_len)
-
-
-def _stacked_layers(config, rngs):
-  """num_layers layers with parameters stacked on a leading axis."""
-
-  @nnx.split_rngs(splits=config.num_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0)
-  def make(rngs):
-    return UMT5Layer(config, rngs=rngs)
-
-  return make(rngs)
 
 
 # Pure functions ---------------------------------------------------------------
