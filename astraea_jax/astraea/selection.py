@@ -189,8 +189,9 @@ def encode_input(x, config: SelectionConfig):
     return x.astype(_input_dtype(config))
   # x = head + tail, both bfloat16 (the tail is x's rounding error), each
   # times P in bfloat16 with float32 accumulation: P^T x to ~2^-16 of |x|.
-  # A float32 GEMM at HIGHEST precision gave the same numbers but took
-  # 8-9 s of XLA autotuning per step program on the H100 (2-3 s without).
+  # (A float32 GEMM at HIGHEST precision: step programs compiled in 8-9 s
+  # on the H100 against 2-3 s for the exact state; with these two matmuls
+  # a cold Astraea 0.4 run came out 2.4 s faster, not the whole gap.)
   p = jnp.asarray(sketch_matrix(x.shape[-1], config.delta_sketch),
                   jnp.bfloat16)
   x = x.astype(F32)
