@@ -85,6 +85,25 @@ def test_generate_compare(converted, tmp_path, capsys):
   assert not np.array_equal(f.get("latents_full"), f.get("latents_astraea"))
 
 
+def test_generate_with_the_compact_state(converted, tmp_path, capsys):
+  """--cache-dtype reaches the sampler, report.json and the printed
+  summary (the config's state is not dumped as a raw object: that was a
+  crash)."""
+  runs = {}
+  for name, extra in (("default", []), ("compact", ["--cache-dtype",
+                                                     "float8"])):
+    out = tmp_path / name
+    assert cli.main(["generate", str(converted / "ckpt"), "--text-embeddings",
+                     str(converted / "emb.safetensors"), "--out", str(out),
+                     "--budget", "0.5", *GEN, *extra]) == 0
+    runs[name] = json.loads((out / "report.json").read_text())["astraea"]
+  printed = capsys.readouterr().out
+  assert "float8 updates, Delta sketch 64" in printed
+  assert (runs["default"]["cache_dtype"], runs["compact"]["cache_dtype"]) == (
+      "bfloat16", "float8")
+  assert runs["compact"]["delta_sketch"] == 64
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--schedule", "SCHED"], "has 2 budgets but --steps is 3"),
     (["--height", "36"], "multiples of 16"),

@@ -123,7 +123,7 @@ def write_outputs(out, paths, results, videos, report, *, overwrite, fps):
 
 def _config_fields(config: GenerateConfig, *unreported) -> dict:
   return {k: v for k, v in vars(config).items()
-          if k not in ("schedule", *unreported)}
+          if k not in ("schedule", "selection", *unreported)}
 
 
 def prepare_wan(model_path, out, *, config, prompt, negative_prompt,
