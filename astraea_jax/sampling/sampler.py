@@ -195,8 +195,9 @@ def compile_plans(step, plans, args):
   signature = _signature(args)
   for i, plan in enumerate(dict.fromkeys(plans)):
     key = (plan, signature)
-    if key not in _EXECUTABLES:
-      _EXECUTABLES[key] = _pool().submit(
+    cached = _EXECUTABLES.get(key)
+    if cached is None or (cached.done() and cached.exception() is not None):
+      _EXECUTABLES[key] = _pool().submit(  # (a failed compile is retried)
           lambda p=plan: step.lower(*args, plan=p).compile())
       started.add(plan)
     out[plan] = _EXECUTABLES[key]
