@@ -1,8 +1,10 @@
 """The tiny Wan2.1 model, inputs and forward loop of the Astraea tests
-(test_astraea.py: the exact state; test_lean_state.py: the lean ones)."""
+(test_astraea.py: the exact state; test_lean_state.py: the lean ones).
+`split_model` and `inputs` are module-scoped fixtures: import them."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from astraea_jax import testing
@@ -18,10 +20,12 @@ STEPS = 6
 TOKENS = 32
 
 
+@pytest.fixture(scope="module")
 def split_model():
   return testing.random_wan(CONFIG, seed=5)
 
 
+@pytest.fixture(scope="module")
 def inputs():
   noise = dense.draw_noise(jax.random.key(0), (1, 16, 2, 8, 8))  # N = 32
   ctx = jax.random.normal(jax.random.key(1), (1, 6, CONFIG.text_dim))

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import _tiny_wan as tiny
+from _tiny_wan import inputs, split_model  # noqa: F401 (fixtures)
 
 from astraea_jax.astraea import wan_tokenwise as astraea
 from astraea_jax.astraea import schedule as schedule_lib
@@ -14,18 +15,6 @@ from astraea_jax.astraea import selection
 from astraea_jax.sampling import sampler as dense
 
 CONFIG, STEPS = tiny.CONFIG, tiny.STEPS
-
-
-@pytest.fixture(scope="module")
-def split_model():
-  return tiny.split_model()
-
-
-@pytest.fixture(scope="module")
-def inputs():
-  return tiny.inputs()
-
-
 rel_err = tiny.rel_err
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import _tiny_wan as tiny
+from _tiny_wan import inputs, split_model  # noqa: F401 (fixtures)
 
 from astraea_jax.astraea import policy_specs
 from astraea_jax.astraea import selection
@@ -22,18 +23,6 @@ from astraea_jax.sampling import sampler as dense
 CONFIG, STEPS = tiny.CONFIG, tiny.STEPS
 LEAN = {"bfloat16": selection.SelectionConfig(),
         "float8": selection.COMPACT}
-
-
-@pytest.fixture(scope="module")
-def split_model():
-  return tiny.split_model()
-
-
-@pytest.fixture(scope="module")
-def inputs():
-  return tiny.inputs()
-
-
 rel_err = tiny.rel_err
 
 
