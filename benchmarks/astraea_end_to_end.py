@@ -92,34 +92,27 @@ VIDEOS = {"480p": (480, 832, 81), "720p": (720, 1280, 81),
 
 
 def _draw_params(abstract, seed):
-  """Random parameters drawn leaf by leaf (stacked blocks layer by layer)
-  in their own dtype, so that drawing the 14B model never holds a float32
-  copy of a whole leaf: the peak stays the sampler's, not the draw's."""
+  """`testing.random_params`' values rules, drawn leaf by leaf (stacked
+  blocks layer by layer) in each leaf's own dtype, so that drawing the 14B
+  model never holds a float32 copy of a whole leaf: the peak stays the
+  sampler's, not the draw's."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  def scale(name, shape):
-    if "kernel" in name:
-      return shape[-2] ** -0.5, 0.0
-    if "modulation" in name:
-      return 0.5, 0.0
-    if "norm" in name and "weight" in name:
-      return 0.1, 1.0
-    return 0.1, 0.0
+  from astraea_jax import testing  # pylint: disable=g-import-not-at-top
 
   paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   keys = jax.random.split(jax.random.key(seed), len(paths))
   leaves = []
   for key, (path, leaf) in zip(keys, paths):
-    name = jax.tree_util.keystr(path)
-    std, mean = scale(name, leaf.shape)
+    stacked = leaf.ndim >= 3  # (layers, ...): one layer at a time
 
-    def one(k, shape=leaf.shape[1:] if leaf.ndim >= 3 else leaf.shape,
-            dtype=leaf.dtype, std=std, mean=mean):
-      return (mean + std * jax.random.normal(k, shape, jnp.float32)).astype(
-          dtype)
+    def one(k, leaf=leaf, name=jax.tree_util.keystr(path), stacked=stacked):
+      shape = leaf.shape[1:] if stacked else leaf.shape
+      x = jax.random.normal(k, shape, jnp.float32)
+      # fan-in is shape[-2] of a layer and of the stack alike
+      return testing.scaled_like_init(name, x, leaf.shape).astype(leaf.dtype)
 
-    if leaf.ndim >= 3:  # (layers, ...): one layer at a time
+    if stacked:
       leaves.append(jax.jit(lambda ks, one=one: jax.lax.map(one, ks))(
           jax.random.split(key, leaf.shape[0])))
     else:
