@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from astraea_jax import configs, outputs
+from astraea_jax import placement as placement_lib
 from astraea_jax.models import stdit3, wan
 from astraea_jax.models.text import umt5
 from astraea_jax.vae import opensora_vae, wan_vae
@@ -167,13 +168,17 @@ def _abstract_model(config):
   return CONFIG_CLASSES[config.MODEL][1].abstract_model(config)
 
 
-def load_model(path, *, dtype: str | None = None):
+def load_model(path, *, dtype: str | None = None,
+               placement: str = "accelerator"):
   """The ready model (WanDiT, STDiT3, UMT5Encoder, WanVAE or OpenSoraVAE)
   from a converted checkpoint folder.
 
   dtype: optional compute dtype override ("float32" / "bfloat16"); the
-  parameters stay in the dtype they were converted to.
+  parameters stay in the dtype they were converted to. placement: where
+  the parameters live (`astraea_jax.placement`): "accelerator" (default),
+  "offload" (host memory, placed per stage by a pipeline) or "cpu".
   """
+  placement_lib.check(placement)
   path = pathlib.Path(path).absolute()
   config = load_config(path)
   if dtype is not None:
@@ -190,13 +195,13 @@ def load_model(path, *, dtype: str | None = None):
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
   except Exception as e:  # orbax/tensorstore errors have no common base
     raise CheckpointReadError(damaged_checkpoint_message(path, e)) from e
-  # orbax returns NumPy arrays here: put them on the device once, or every
-  # jitted step copies all parameters host -> device again (about the 6 s
-  # by which a 50-step Wan2.1-1.3B run through `astraea generate` trailed
-  # the in-process one, #25).
-  params = jax.device_put(params, jax.devices()[0])
+  # orbax returns NumPy arrays here: put them on the device once (unless
+  # offloaded: a pipeline then places them per stage), or every jitted step
+  # copies all parameters host -> device again (about the 6 s by which a
+  # 50-step Wan2.1-1.3B run through `astraea generate` trailed the
+  # in-process one, #25).
   nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return placement_lib.park(nnx.merge(graphdef, state), placement)
 
 
 def params_of(model) -> dict:

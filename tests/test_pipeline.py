@@ -434,15 +434,79 @@ def test_generate_writes_an_mp4(folders, ours, tmp_path, capsys, layout):
 
 
 def test_generate_folder_output_has_videos(folders, tmp_path):
+  """Also with the text encoder on the CPU device (here the only device:
+  the path, not the speed)."""
   out = tmp_path / "out"
   assert cli.main(["generate", str(folders["converted"]), "--prompt", PROMPT,
                    "--height", str(HEIGHT), "--width", str(WIDTH),
                    "--frames", str(FRAMES), "--steps", str(STEPS),
-                   "--out", str(out)]) == 0
+                   "--text-encoder-device", "cpu", "--out", str(out)]) == 0
   report = json.loads((out / "report.json").read_text())
   assert report["prompt"] == PROMPT and report["negative_prompt"] == ""
+  assert report["text_encoder_device"] == "cpu"
   frames, _ = testing.read_mp4(out / "video_full.mp4")
   assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3)
+
+
+def test_offloaded_stages_keep_the_numbers(folders, ours, noise):
+  """`from_pretrained` offloads by default: each model is on the device
+  only during its stage, and the numbers are those of a pipeline that
+  keeps every model on the device (the same programs on the same
+  parameters: bit for bit), also with the text encoder on the CPU device;
+  the decode streamed to the host ("np") is the on-device chunked decode."""
+  from astraea_jax import placement
+  resident = pipelines.WanPipeline.from_pretrained(folders["converted"],
+                                                   offload=False)
+  on_cpu = pipelines.WanPipeline.from_pretrained(
+      folders["converted"], text_encoder_device="cpu")
+  for part in ("text_encoder", "transformer", "vae"):
+    assert placement.is_on_host(getattr(ours, part))
+    assert not placement.is_on_host(getattr(resident, part))
+  assert on_cpu.text_encoder.embed_tokens.embedding[...].devices() == {
+      jax.devices("cpu")[0]}
+  kw = dict(height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+            num_inference_steps=STEPS, guidance_scale=SCALE, shift=SHIFT,
+            noise=jnp.asarray(noise), progress=False)
+  contexts = [p.encode_prompt(PROMPT, NEGATIVE)
+              for p in (ours, resident, on_cpu)]
+  for c in contexts[1:]:
+    np.testing.assert_array_equal(np.asarray(c[0]), contexts[0][0])
+  latents = [p(prompt_embeds=contexts[0][0],
+               negative_prompt_embeds=contexts[0][1], output_type="latents",
+               **kw) for p in (ours, resident)]
+  np.testing.assert_array_equal(np.asarray(latents[0]), latents[1])
+  # Released again after every stage.
+  for part in ("text_encoder", "transformer", "vae"):
+    assert placement.is_on_host(getattr(ours, part))
+  streamed = ours.decode(latents[0], to_host=True)
+  assert isinstance(streamed, np.ndarray) and streamed.dtype == np.float32
+  np.testing.assert_array_equal(
+      streamed, np.asarray(resident.decode(latents[0], progress=True)))
+
+
+def test_generate_out_of_memory_names_the_stage(folders, tmp_path, capsys,
+                                                monkeypatch):
+  """A device out-of-memory error while decoding (simulated: XLA's
+  RESOURCE_EXHAUSTED text) ends in one line naming the stage and what would
+  fit, and no output file: nothing was written."""
+  from astraea_jax.vae import wan_vae
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                       "allocate 3221225472 bytes.")
+
+  monkeypatch.setattr(wan_vae, "_decode_next", out_of_memory)
+  out = tmp_path / "v.mp4"
+  assert cli.main(["generate", str(folders["converted"]), "--prompt", PROMPT,
+                   "--height", str(HEIGHT), "--width", str(WIDTH),
+                   "--frames", str(FRAMES), "--steps", "1",
+                   "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert "decoding ran out of device memory" in err and "--vae-tile" in err
+  assert "Traceback" not in err
+  assert [l for l in err.splitlines() if "error" in l] == [
+      err.splitlines()[-1]]  # one line, after the progress bars
+  assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("changes,message", [

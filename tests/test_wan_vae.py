@@ -283,3 +283,38 @@ def test_pth_refused_without_allow_pth(tmp_path, weights, monkeypatch, io,
   # Allowed: weights_only load, the same model as from safetensors.
   vae = converter.load_vae(path, allow_pth=True)
   testing.assert_close(wan_vae.decode_jit(vae, io["z"]), decoded, rel=0, abs_=0)
+
+
+def test_tiled_decode_is_close_to_whole_frames():
+  """Spatial tiling (`decode_tiled`, `astraea generate --vae-tile`) on the
+  tiny random VAE, 12 x 20 latents (96 x 160 pixels), 3 latent frames.
+
+  A tile covering the frame is the untiled decode exactly; smaller tiles
+  are not (a tile's convolutions see zeros past its edge, its attention
+  only its own pixels), and the linear blend over the overlap is what
+  keeps the seams small. Measured here: tiles of 96 px (1 x 2 tiles, the
+  default overlap 24 px) 30.2 dB PSNR against whole frames, without
+  overlap 26.6 dB. Bounds: >= 28 dB, and the blend >= 2 dB better than
+  none (random weights make texture, the hardest case for seams: a real
+  VAE's smooth output differs less)."""
+  vae = wan_vae.WanVAE(WanVAEConfig.tiny(), rngs=nnx.Rngs(0))
+  latents = np.random.default_rng(0).standard_normal(
+      (1, 16, 3, 12, 20)).astype(np.float32)
+  # Whole frames one latent frame at a time: `decode`'s numbers (the jitted
+  # whole decode vs these chunks: tests/test_pipeline.py).
+  whole = wan_vae.decode_chunked(vae, latents, to_host=True)
+  np.testing.assert_array_equal(
+      wan_vae.decode_tiled(vae, latents, tile=160), whole)
+
+  def psnr(video):
+    return 10 * np.log10(4.0 / np.mean((video - whole) ** 2))
+
+  blended = psnr(wan_vae.decode_tiled(vae, latents, tile=96))
+  seams = psnr(wan_vae.decode_tiled(vae, latents, tile=96, overlap=0))
+  assert blended >= 28 and blended >= seams + 2, (blended, seams)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    wan_vae.decode_tiled(vae, latents, tile=100)
+  # 12 latent rows fit one 96 px tile; 20 columns take two, the second
+  # flush with the right edge (latent starts 0 and 8: 4 columns shared).
+  assert wan_vae.tile_grid(vae.config, 12, 20, 96) == (12, 3, [(0, 0),
+                                                               (0, 8)])

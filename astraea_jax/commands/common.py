@@ -60,6 +60,20 @@ NONNEGATIVE_INT = number(int, 0)
 POSITIVE = number(float, 0, low_open=True)
 NONNEGATIVE = number(float, 0)
 FRACTION = number(float, 0, 1, high_open=True)
+_AT_LEAST_16 = number(int, 16)
+
+
+def vae_tile(text: str) -> int:
+  """--vae-tile: pixels, a multiple of 8 (the Wan VAE's factor), >= 16."""
+  value = _AT_LEAST_16(text)
+  if value % 8:
+    raise argparse.ArgumentTypeError(
+        f"{value} is not a multiple of 8 (the VAE's spatial factor); e.g. "
+        "256")
+  return value
+
+
+vae_tile.__name__ = "int"
 
 
 class UsageError(ValueError):

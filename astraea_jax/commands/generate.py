@@ -127,7 +127,8 @@ def _config_fields(config: GenerateConfig, *unreported) -> dict:
 
 
 def prepare_wan(model_path, out, *, config, prompt, negative_prompt,
-                embeddings_path, vae_path, allow_pth, dtype, fps):
+                embeddings_path, vae_path, allow_pth, dtype, fps,
+                text_encoder_device):
   """(WanPipeline, (context, negative), report fields) for a Wan2.1
   folder or transformer."""
   del fps  # only the MP4's frame rate: Wan2.1 has no fps condition
@@ -152,13 +153,15 @@ def prepare_wan(model_path, out, *, config, prompt, negative_prompt,
   vae = (wan_vae_converter.load_vae(vae_path, allow_pth=allow_pth)
          if vae_path is not None else None)
   pipe = wan_pipeline.WanPipeline.from_checkpoint(                   # 1.
-      model_path, vae=vae, dtype=dtype, load_text_encoder=prompt is not None)
+      model_path, vae=vae, dtype=dtype, load_text_encoder=prompt is not None,
+      text_encoder_device=text_encoder_device)
   report = _config_fields(config)
   if prompt is not None:                                             # 2.
     conditioning = pipe.encode_prompt(prompt, negative_prompt or "",
                                       progress=True)
-    pipe.text_encoder = None  # free its memory before sampling
-    report.update(prompt=prompt, negative_prompt=negative_prompt or "")
+    pipe.text_encoder = None  # free its (host) memory before sampling
+    report.update(prompt=prompt, negative_prompt=negative_prompt or "",
+                  text_encoder_device=text_encoder_device)
   else:
     conditioning = read_text_embeddings(embeddings_path,
                                         pipe.transformer.config.text_dim)
@@ -166,7 +169,8 @@ def prepare_wan(model_path, out, *, config, prompt, negative_prompt,
 
 
 def prepare_opensora(model_path, out, *, config, prompt, negative_prompt,
-                     embeddings_path, vae_path, allow_pth, dtype, fps):
+                     embeddings_path, vae_path, allow_pth, dtype, fps,
+                     text_encoder_device):
   """(OpenSoraPipeline, (y, mask), report fields) for an OpenSora folder;
   refuses the options v1.2 has no use for."""
   del out, allow_pth
@@ -176,6 +180,8 @@ def prepare_opensora(model_path, out, *, config, prompt, negative_prompt,
           negative_prompt is not None,
       "--vae (the folder has its VAE)": vae_path is not None,
       "--devices": config.devices is not None,
+      "--vae-tile (its VAE decodes 17-frame chunks)":
+          config.vae_tile is not None,
       "--shift (OpenSora transforms timesteps by resolution instead)":
           config.shift is not None,
       f"--scheduler {config.scheduler} (OpenSora samples with rectified-flow"
@@ -193,10 +199,12 @@ def prepare_opensora(model_path, out, *, config, prompt, negative_prompt,
       config.height, config.width, config.frames, vae_config=vae_config,
       patch_size=transformer_config.patch_size,
       channels=transformer_config.in_channels)
-  pipe = pipeline_class.from_pretrained(model_path, dtype=dtype)     # 1.
+  pipe = pipeline_class.from_pretrained(                              # 1.
+      model_path, dtype=dtype, text_encoder_device=text_encoder_device)
   conditioning = pipe.encode_prompt(prompt, progress=True)           # 2.
-  pipe.text_encoder = None  # free its memory before sampling
+  pipe.text_encoder = None  # free its (host) memory before sampling
   report = {"model": OPENSORA, "prompt": prompt,
+            "text_encoder_device": text_encoder_device,
             "text": opensora_pipeline.prompt_text(prompt), "fps": fps,
             **_config_fields(config, "shift")}
   return pipe, conditioning, report
@@ -208,13 +216,15 @@ PREPARE = {WAN: prepare_wan, OPENSORA: prepare_opensora}
 def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
              vae_path=None, allow_pth=False, dtype=None, overwrite=False,
              prompt=None, negative_prompt=None, save_latents=False,
-             fps: float = video_lib.WAN_FPS, sources=()):
+             fps: float = video_lib.WAN_FPS, sources=(),
+             text_encoder_device: str = "accelerator"):
   """Runs the pipeline; returns the report dict (see the module doc).
 
   Give `prompt` (str; needs a whole-model folder) or `embeddings_path`.
   The report's "outputs" lists the files written. sources: other (flag,
   path) pairs the caller read (e.g. the --schedule file), which the outputs
-  must not overlap either.
+  must not overlap either. Each model is on the accelerator only during
+  its stage (`placement`); text_encoder_device="cpu" encodes on the CPU.
   """
   if (prompt is None) == (embeddings_path is None):
     raise ValueError("give a prompt (--prompt) or text embeddings "
@@ -227,7 +237,8 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   pipe, conditioning, report = PREPARE[model_family(model_path)](
       model_path, out, config=config, prompt=prompt,
       negative_prompt=negative_prompt, embeddings_path=embeddings_path,
-      vae_path=vae_path, allow_pth=allow_pth, dtype=dtype, fps=fps)
+      vae_path=vae_path, allow_pth=allow_pth, dtype=dtype, fps=fps,
+      text_encoder_device=text_encoder_device)
   results, videos, run_report = pipe.generate(conditioning, config,
                                               fps=fps)          # 3.-5.
   report.update(run_report, outputs=[str(p) for p in paths.values()])
@@ -316,13 +327,14 @@ def run(args) -> int:
       steps=steps, guidance_scale=pick("guidance"), shift=args.shift,
       scheduler=pick("scheduler"), seed=args.seed, budget=None,
       schedule=schedule, compare=args.compare, devices=args.devices,
-      selection=state)
+      selection=state, vae_tile=args.vae_tile)
   report = generate(model, args.text_embeddings, args.out, config=config,
                     vae_path=args.vae, allow_pth=args.allow_pth,
                     dtype=args.dtype, overwrite=args.overwrite,
                     prompt=args.prompt, negative_prompt=args.negative_prompt,
                     save_latents=args.save_latents, fps=pick("fps"),
-                    sources=common.sources(("--schedule", args.schedule)))
+                    sources=common.sources(("--schedule", args.schedule)),
+                    text_encoder_device=args.text_encoder_device)
   _print_report(report, args.out)
   return 0
 
@@ -384,6 +396,17 @@ def add_parser(sub, parents):
   p.add_argument("--allow-pth", action="store_true",
                  help="allow reading a PyTorch pickle (.pth) VAE")
   common.add_dtype_option(p)
+  p.add_argument("--vae-tile", type=common.vae_tile, default=None,
+                 metavar="PIXELS",
+                 help="Wan: decode in spatial tiles of PIXELS (a multiple of "
+                      "8, e.g. 256), blended where they meet: for sizes "
+                      "above 720p or small GPUs (close to, not equal to, "
+                      "whole frames); default: whole frames")
+  p.add_argument("--text-encoder-device", choices=["accelerator", "cpu"],
+                 default="accelerator",
+                 help="where the text encoder runs: on the accelerator "
+                      "(default; it leaves before sampling starts) or on the "
+                      "CPU (no accelerator memory, slower: as Wan's t5_cpu)")
   p.add_argument("--devices", type=common.POSITIVE_INT, default=None,
                  help="sample on N devices: the CFG branches over a data "
                       "axis, each video's tokens over the rest (sequence "

@@ -13,6 +13,7 @@ beyond the shared arguments. Subclasses register themselves by `MODEL`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import ClassVar
@@ -23,8 +24,10 @@ import numpy as np
 from flax import nnx
 
 from astraea_jax import checkpoint, metrics
+from astraea_jax import placement as placement_lib
 from astraea_jax.astraea import selection as selection_lib
 from astraea_jax.models.text import tokenizer as tokenizer_lib
+from astraea_jax.sampling import memory
 from astraea_jax.sampling import sampler as dense_sampler
 
 F32 = jnp.float32
@@ -52,6 +55,8 @@ class GenerateConfig:
   devices: int | None = None  # N: astraea_jax.parallel over N devices
   # Astraea's token state (None: selection.SelectionConfig()'s lean one).
   selection: selection_lib.SelectionConfig | None = None
+  # Decode in spatial tiles of this many pixels (None: whole frames).
+  vae_tile: int | None = None
 
   @property
   def accelerated(self) -> bool:
@@ -83,9 +88,47 @@ def latent_size(height: int, width: int, num_frames: int, frames: int, *,
   return height // spatial_factor, width // spatial_factor
 
 
+# {component: (its stage, what fits when the stage runs out of memory)}.
+STAGES = {
+    "text_encoder": ("text encoding", "run the text encoder on the CPU "
+                     "(--text-encoder-device cpu; text_encoder_device='cpu')"),
+    "transformer": ("denoising", "a smaller video (--size/--frames); with "
+                    "--budget the 8-bit token state (--cache-dtype float8); "
+                    "or more devices (--devices N)"),
+    "vae": ("decoding", "decode in spatial tiles (--vae-tile 256; "
+            "decode(tile=256))"),
+}
+
+
+def stage(component: str):
+  """Decorates a pipeline method that computes with `component`
+  ("text_encoder", "transformer" or "vae"): an offloaded component is on
+  the accelerator while the method runs and released after it
+  (`placement.placed`); outputs computed on the CPU device (a "cpu" text
+  encoder) come back on the accelerator; running out of device memory
+  ends in one `DoesNotFitError` naming the stage and what would fit."""
+  name, advice = STAGES[component]
+
+  def wrap(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+      with memory.stage(name, advice), placement_lib.placed(
+          getattr(self, component)):
+        return placement_lib.to_accelerator(method(self, *args, **kwargs))
+    return run
+
+  return wrap
+
+
+OUTPUT_TYPES = ("video", "np", "latents")
+
+
 def check_output_type(output_type: str):
-  if output_type not in ("video", "latents"):
-    raise ValueError(f"{output_type=} must be 'video' or 'latents'")
+  """"video": a device array; "np": NumPy frames, each decoded chunk copied
+  to the host as it finishes (the whole video never sits on the
+  accelerator); "latents": no decoding."""
+  if output_type not in OUTPUT_TYPES:
+    raise ValueError(f"{output_type=} must be one of {OUTPUT_TYPES}")
 
 
 def check_one_text_input(prompt, prompt_embeds):
@@ -165,31 +208,46 @@ class Pipeline(nnx.Module):
                  for name in ("transformer", "vae"))
 
   @staticmethod
-  def _load_text_parts(path, manifest, dtype):
+  def _load_text_parts(path, manifest, dtype, placement="accelerator"):
     """(text encoder, tokenizer) of a converted whole-model folder."""
     part = lambda name: checkpoint.component_path(path, manifest, name)
-    return (checkpoint.load_model(part("text_encoder"), dtype=dtype),
+    return (checkpoint.load_model(part("text_encoder"), dtype=dtype,
+                                  placement=placement),
             tokenizer_lib.UMT5Tokenizer.from_folder(part("tokenizer")))
 
   @classmethod
   def from_pretrained(cls, path, *, dtype: str | None = None,
                       vae_dtype: str | None = None,
                       text_encoder_dtype: str | None = None,
-                      load_text_encoder: bool = True):
+                      load_text_encoder: bool = True, offload: bool = True,
+                      text_encoder_device: str = "accelerator"):
     """From a converted whole-model folder (`astraea convert` output).
 
     dtype: compute dtype of the transformer (default: as converted);
     text_encoder_dtype defaults to `dtype`; vae_dtype to the VAE's own
     (float32). load_text_encoder=False skips the encoder and tokenizer
-    (prompts then come as embeddings).
+    (prompts then come as embeddings). offload (default): each model's
+    parameters stay in host memory and are on the accelerator only during
+    its stage (text encoding, denoising, decoding), so the accelerator
+    holds one model at a time; False keeps all of them there (no copy per
+    call: faster for many videos from one pipeline). text_encoder_device
+    "cpu" runs the text encoder on the CPU (no accelerator memory; slow).
+    See `astraea_jax.placement`.
     """
+    if text_encoder_device not in ("accelerator", "cpu"):
+      raise ValueError(f"{text_encoder_device=} must be 'accelerator' or "
+                       "'cpu'")
+    where = "offload" if offload else "accelerator"
     path = pathlib.Path(path)
     manifest = cls.read_manifest(path)
     part = lambda name: checkpoint.component_path(path, manifest, name)
-    transformer = checkpoint.load_model(part("transformer"), dtype=dtype)
-    vae = checkpoint.load_model(part("vae"), dtype=vae_dtype)
-    text_parts = (cls._load_text_parts(path, manifest,
-                                       text_encoder_dtype or dtype)
+    transformer = checkpoint.load_model(part("transformer"), dtype=dtype,
+                                        placement=where)
+    vae = checkpoint.load_model(part("vae"), dtype=vae_dtype,
+                                placement=where)
+    text_parts = (cls._load_text_parts(
+        path, manifest, text_encoder_dtype or dtype,
+        "cpu" if text_encoder_device == "cpu" else where)
                   if load_text_encoder else (None, None))
     return cls(transformer, vae, *text_parts,
                text_len=manifest.get("text_len"))
@@ -204,7 +262,7 @@ class Pipeline(nnx.Module):
     raise NotImplementedError
 
   def decode(self, latents, *, num_frames: int | None = None,
-             progress: bool = False):
+             progress: bool = False, to_host: bool = False):
     raise NotImplementedError
 
   def _video_options(self, height: int, width: int, num_frames: int) -> dict:
@@ -241,7 +299,7 @@ class Pipeline(nnx.Module):
     if output_type == "latents":
       return latents
     return self.decode(latents, num_frames=num_frames,                 # 4.
-                       progress=progress)
+                       progress=progress, to_host=output_type == "np")
 
   # `astraea generate` ---------------------------------------------------------
 
@@ -259,6 +317,25 @@ class Pipeline(nnx.Module):
                    **self._generate_options(config, fps))
     report = {"latent_shape": list(shape), "seed": config.seed}
     results = {}
+    name, advice = STAGES["transformer"]
+    with memory.stage(name, advice), placement_lib.placed(
+        self.transformer):  # placed once for both runs
+      self._sample_runs(noise, conditioning, config, options, report,
+                        results)
+    videos = {}
+    if self.vae is not None:
+      tiled = {} if config.vae_tile is None else {"tile": config.vae_tile}
+      videos = {k: self.decode(v, num_frames=config.frames, progress=True,
+                               to_host=True, **tiled)
+                for k, v in results.items()}
+    if config.accelerated and config.compare:
+      compare_report(report, results, videos)
+    return results, videos, report
+
+  def _sample_runs(self, noise, conditioning, config, options, report,
+                   results):
+    """`generate`'s sampling: Astraea and/or the full model into
+    `results`, their times into `report`."""
     if config.accelerated:
       t0 = time.perf_counter()
       state = config.selection or selection_lib.SelectionConfig()
@@ -288,10 +365,3 @@ class Pipeline(nnx.Module):
           "seconds": time.perf_counter() - t0,
           "seconds_without_compiles": dense_sampler.steady_seconds(
               step_seconds, [0] * len(step_seconds))}
-    videos = {}
-    if self.vae is not None:
-      videos = {k: self.decode(v, num_frames=config.frames, progress=True)
-                for k, v in results.items()}
-    if config.accelerated and config.compare:
-      compare_report(report, results, videos)
-    return results, videos, report

@@ -144,6 +144,7 @@ class OpenSoraPipeline(base.Pipeline):
     return self.text_encoder.encode(jnp.asarray(ids, jnp.int32),
                                     jnp.asarray(mask, jnp.int32))[:, None]
 
+  @base.stage("text_encoder")
   def encode_prompt(self, prompt, *, aesthetic_score=AESTHETIC_SCORE,
                     progress: bool = False):
     """(y (B, 1, L, D) float32, mask (B, L) int32) for a prompt or a list;
@@ -178,6 +179,7 @@ class OpenSoraPipeline(base.Pipeline):
 
   # 3. Denoising --------------------------------------------------------------
 
+  @base.stage("transformer")
   def denoise(self, noise, y, mask, *, height: int, width: int,
               num_frames: int, fps: float = DEFAULTS["fps"],
               num_inference_steps: int = DEFAULTS["steps"],
@@ -209,13 +211,16 @@ class OpenSoraPipeline(base.Pipeline):
 
   # 4. Decoding ---------------------------------------------------------------
 
+  @base.stage("vae")
   def decode(self, latents, *, num_frames: int | None = None,
-             progress: bool = False):
+             progress: bool = False, to_host: bool = False):
     """latents (B, 4, T', h, w) -> video (B, 3, num_frames, 8h, 8w) float32
-    in [-1, 1]. progress=False: `OpenSoraVAE.decode` jitted (pure);
-    progress=True: its independent micro-frame chunks one by one from the
-    host with a progress bar (the same computation per chunk). num_frames
-    is required: the latents do not determine it."""
+    in [-1, 1]. progress=False and to_host=False: `OpenSoraVAE.decode`
+    jitted (pure); otherwise its independent micro-frame chunks one by one
+    from the host (the same computation per chunk), with a progress bar if
+    `progress`, and with to_host each chunk copied to host memory as it
+    finishes (a NumPy video). num_frames is required: the latents do not
+    determine it."""
     if self.vae is None:
       raise ValueError("this pipeline has no VAE to decode with")
     if num_frames is None:
@@ -225,22 +230,24 @@ class OpenSoraPipeline(base.Pipeline):
       raise ValueError(
           f"{num_frames=} frames encode to {cfg.latent_frames(num_frames)} "
           f"latent frames, but the latents have {latents.shape[2]}")
-    if not progress or cfg.micro_frame_size is None:
-      return opensora_vae.decode_jit(self.vae, latents,
-                                     num_frames=num_frames, clamp=True)
+    if (not progress and not to_host) or cfg.micro_frame_size is None:
+      video = opensora_vae.decode_jit(self.vae, latents,
+                                      num_frames=num_frames, clamp=True)
+      return np.asarray(video) if to_host else video
     full, rest = cfg.micro_chunks(num_frames)
     per_chunk = cfg.temporal.latent_frames(cfg.micro_frame_size)
     chunks = [(i * per_chunk, (i + 1) * per_chunk, cfg.micro_frame_size)
               for i in range(full)]
     if rest:
       chunks.append((full * per_chunk, latents.shape[2], rest))
+    keep = np.asarray if to_host else jax.block_until_ready
     videos = []
     for start, stop, frames in tqdm.tqdm(chunks, desc="decoding",
-                                         unit="chunk"):
-      videos.append(opensora_vae.decode_jit(
+                                         unit="chunk", disable=not progress):
+      videos.append(keep(opensora_vae.decode_jit(
           self.vae, latents[:, :, start:stop], num_frames=frames,
-          clamp=True).block_until_ready())
-    return jnp.concatenate(videos, axis=2)
+          clamp=True)))
+    return (np if to_host else jnp).concatenate(videos, axis=2)
 
   # All of it -----------------------------------------------------------------
 
@@ -258,7 +265,9 @@ class OpenSoraPipeline(base.Pipeline):
 
     prompt: a string or list; or prompt_embeds (B, 1, L, D) with
     prompt_mask (B, L) (None: all tokens valid). noise: the initial
-    latents; default drawn from `seed`. output_type: "video" or "latents".
+    latents; default drawn from `seed`. output_type: "video" (a device
+    array), "np" (NumPy, each decoded chunk copied to the host as it
+    finishes) or "latents".
     """
     base.check_output_type(output_type)
     base.check_one_text_input(prompt, prompt_embeds)

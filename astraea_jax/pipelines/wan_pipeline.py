@@ -39,7 +39,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 from flax import nnx
 
@@ -91,36 +90,6 @@ def _encode_jit(graphdef, state, ids, mask, text_len):
                                                    text_len=text_len)
 
 
-def _latents_to_decoder_input(vae: wan_vae.WanVAE, latents):
-  """De-normalise and apply the post-quant conv exactly as `WanVAE.decode`
-  (and the references) do, z / (1 / std) + mean: (B, z, T, h, w) ->
-  (B, T, h, w, z) channels-last."""
-  cfg = vae.config
-  mean = jnp.asarray(np.asarray(cfg.latents_mean, np.float32))
-  inv_std = jnp.asarray(
-      np.float32(1.0) / np.asarray(cfg.latents_std, np.float32))
-  z = jnp.moveaxis(latents.astype(F32), 1, -1) / inv_std + mean
-  return vae.conv2(z.astype(cfg.compute_dtype))[0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_first(graphdef, state, latents):
-  vae = nnx.merge(graphdef, state)
-  x = _latents_to_decoder_input(vae, latents)
-  frames, cache = vae.decoder(x[:, :1], None, first=True)
-  return x, frames, cache
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_next(graphdef, state, x, cache):
-  return nnx.merge(graphdef, state).decoder(x, cache, first=False)
-
-
-def _finish_video(chunks):
-  video = jnp.concatenate(chunks, axis=1)  # (B, T, H, W, 3)
-  return wan_vae.clamp_video(jnp.moveaxis(video.astype(F32), -1, 1))
-
-
 # The pipeline -----------------------------------------------------------------
 
 
@@ -151,12 +120,15 @@ class WanPipeline(base.Pipeline):
 
   @classmethod
   def from_checkpoint(cls, path, *, vae=None, dtype: str | None = None,
-                      load_text_encoder: bool = True) -> WanPipeline:
+                      load_text_encoder: bool = True,
+                      text_encoder_device: str = "accelerator"
+                      ) -> WanPipeline:
     """A converted whole-model folder (`from_pretrained`), or a converted
     transformer alone with `vae` (a loaded VAE, or None)."""
     if checkpoint.is_model_folder(path):
       return cls.from_pretrained(path, dtype=dtype,
-                                 load_text_encoder=load_text_encoder)
+                                 load_text_encoder=load_text_encoder,
+                                 text_encoder_device=text_encoder_device)
     return cls(checkpoint.load_model(path, dtype=dtype), vae)
 
   @classmethod
@@ -186,6 +158,7 @@ class WanPipeline(base.Pipeline):
         jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
         text_len=self.text_len)
 
+  @base.stage("text_encoder")
   def encode_prompt(self, prompt, negative_prompt="", *,
                     progress: bool = False):
     """(context, negative_context), each (B, text_len, text_dim) float32.
@@ -230,6 +203,7 @@ class WanPipeline(base.Pipeline):
 
   # 3. Denoising --------------------------------------------------------------
 
+  @base.stage("transformer")
   def denoise(self, noise, context, negative_context, *,
               num_inference_steps: int = 50, guidance_scale: float = 5.0,
               shift: float | None = None, scheduler="unipc", budget=None,
@@ -266,13 +240,20 @@ class WanPipeline(base.Pipeline):
 
   # 4. Decoding ---------------------------------------------------------------
 
+  @base.stage("vae")
   def decode(self, latents, *, num_frames: int | None = None,
-             progress: bool = False):
+             progress: bool = False, to_host: bool = False,
+             tile: int | None = None):
     """latents (B, 16, F, h, w) -> video (B, 3, 1 + 4(F-1), 8h, 8w) float32
-    in [-1, 1]. progress=False: `WanVAE.decode` jitted (pure; works under
-    an outer jit too); progress=True: the same chunks run one by one from
-    the host with a progress bar (same numbers). num_frames: the video's
-    frames, if given checked against the latents."""
+    in [-1, 1]. With neither `progress` nor `to_host` nor `tile`:
+    `WanVAE.decode` jitted (pure; works under an outer jit too). Otherwise
+    one latent frame at a time from the host (`wan_vae.decode_chunked`, the
+    same numbers), with a progress bar if `progress`; to_host copies each
+    chunk's frames to host memory as it finishes (a NumPy video, never
+    whole on the device). tile: decode in spatial tiles of `tile` pixels
+    (`wan_vae.decode_tiled`: for sizes above 720p or small GPUs; close to,
+    not equal to, the untiled video), a NumPy video. num_frames: the
+    video's frames, if given checked against the latents."""
     if self.vae is None:
       raise ValueError("this pipeline has no VAE to decode with")
     if num_frames is not None and (self.vae.config.latent_frames(num_frames)
@@ -281,20 +262,18 @@ class WanPipeline(base.Pipeline):
           f"{num_frames=} frames encode to "
           f"{self.vae.config.latent_frames(num_frames)} latent frames, but "
           f"the latents have {latents.shape[2]}")
-    if not progress:
+    if not progress and not to_host and tile is None:
       return wan_vae.decode_jit(self.vae, latents, clamp=True)
-    graphdef, state = nnx.split(self.vae)
-    num_frames = latents.shape[2]
-    bar = tqdm.tqdm(total=num_frames, desc="decoding", unit="latent frame")
-    with bar:
-      x, first, cache = _decode_first(graphdef, state, jnp.asarray(latents))
-      chunks = [first.block_until_ready()]
-      bar.update()
-      for t in range(1, num_frames):
-        frames, cache = _decode_next(graphdef, state, x[:, t:t + 1], cache)
-        chunks.append(frames.block_until_ready())
-        bar.update()
-    return _finish_video(chunks)
+    _, _, frames, h, w = latents.shape
+    tiles = (1 if tile is None else
+             len(wan_vae.tile_grid(self.vae.config, h, w, tile)[2]))
+    with tqdm.tqdm(total=frames * tiles, desc="decoding",
+                   unit="latent frame", disable=not progress) as bar:
+      if tile is not None:
+        return wan_vae.decode_tiled(self.vae, latents, tile=tile,
+                                    on_frame=bar.update)
+      return wan_vae.decode_chunked(self.vae, latents, to_host=to_host,
+                                    on_frame=bar.update)
 
   # All of it -----------------------------------------------------------------
 
@@ -311,8 +290,9 @@ class WanPipeline(base.Pipeline):
     negative_prompt_embeds (B, L, text_dim) instead. noise: the initial
     latents (B, 16, F, h, w); default drawn from `seed`. budget / schedule:
     Astraea (see `denoise`); neither = the full model. output_type:
-    "video" or "latents" (skip decoding). shift None = 3.0 up to 480p,
-    5.0 above (Wan2.1's defaults).
+    "video" (a device array), "np" (NumPy: each decoded chunk copied to the
+    host as it finishes) or "latents" (skip decoding). shift None = 3.0 up
+    to 480p, 5.0 above (Wan2.1's defaults).
     """
     base.check_output_type(output_type)
     base.check_one_text_input(prompt, prompt_embeds)

@@ -18,6 +18,7 @@ simulate a small device. CPU backends report no limit: no check there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -90,3 +91,29 @@ def check_fits(compiled, args, *, hint=None, device=None) -> int:
         + (extra or "Use a smaller video (--size/--frames) or more "
            "devices (--devices)"))
   return need
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """True for the device allocator's out-of-memory errors (XLA's
+  RESOURCE_EXHAUSTED), which have no exception type of their own."""
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+@contextlib.contextmanager
+def stage(name: str, advice: str):
+  """An out-of-memory error inside the block becomes one DoesNotFitError
+  naming the stage (`name`, e.g. "decoding") and what would fit
+  (`advice`), instead of XLA's RESOURCE_EXHAUSTED text; nothing was
+  written (the commands write their outputs only after every stage)."""
+  try:
+    yield
+  except DoesNotFitError:
+    raise
+  except Exception as e:  # XlaRuntimeError / JaxRuntimeError
+    if not is_out_of_memory(e):
+      raise
+    first = str(e).strip().splitlines()[0][:200]
+    raise DoesNotFitError(
+        f"{name} ran out of device memory ({first}); nothing was written. "
+        f"To fit: {advice}") from e

@@ -501,6 +501,15 @@ class WanVAE(nnx.Module):
                                            np.float32)
     return jnp.asarray(mean), jnp.asarray(inv_std)
 
+  def decoder_input(self, latents):
+    """The decoder's input (B, T, h, w, z_dim) channels-last: latents
+    de-normalised as the original, z / (1 / std) + mean, then the
+    post-quant conv."""
+    mean, inv_std = self._scale()
+    z = jnp.moveaxis(latents.astype(F32), 1, -1)  # (B, T, h, w, z_dim)
+    z = z / inv_std + mean
+    return self.conv2(z.astype(self.config.compute_dtype))[0]
+
   def decode(self, latents, *, clamp: bool = False):
     """latents (B, z_dim, T, h, w) -> video (B, 3, 1 + 4(T-1), 8h, 8w) f32.
 
@@ -510,10 +519,7 @@ class WanVAE(nnx.Module):
     if latents.ndim != 5 or latents.shape[1] != cfg.z_dim:
       raise ValueError(f"{latents.shape=} must be (B, {cfg.z_dim}, T, h, w)")
     b, _, t, _, _ = latents.shape
-    mean, inv_std = self._scale()
-    z = jnp.moveaxis(latents.astype(F32), 1, -1)  # (B, T, h, w, z_dim)
-    z = z / inv_std + mean
-    x, _ = self.conv2(z.astype(cfg.compute_dtype))
+    x = self.decoder_input(latents)
     video, cache = self.decoder(x[:, :1], None, first=True)
     if t > 1:
       # One latent frame per chunk -> temporal_factor video frames each.
@@ -579,6 +585,132 @@ def encode_jit(vae: WanVAE, video):
   """Jitted `vae.encode`; compiles once per input shape."""
   graphdef, state = nnx.split(vae)
   return _encode(graphdef, state, video)
+
+
+# Host-driven decoding: bounded memory, frames streamed out ------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_first(graphdef, state, latents):
+  """(decoder input of every latent frame, video frame 0, causal cache)."""
+  vae = nnx.merge(graphdef, state)
+  x = vae.decoder_input(latents)
+  frames, cache = vae.decoder(x[:, :1], None, first=True)
+  return x, frames, cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_next(graphdef, state, x, cache):
+  """(the next temporal_factor video frames, the next cache) of one latent
+  frame x (B, 1, h, w, z_dim)."""
+  return nnx.merge(graphdef, state).decoder(x, cache, first=False)
+
+
+def _to_video(frames, xp):
+  """(B, t, H, W, 3) decoder output -> (B, 3, t, H, W) float32 in [-1, 1]."""
+  return xp.clip(xp.moveaxis(frames.astype(xp.float32), -1, 1), -1.0, 1.0)
+
+
+def decode_chunked(vae: WanVAE, latents, *, to_host: bool = False,
+                   on_frame=None):
+  """`vae.decode(latents, clamp=True)` one latent frame at a time from the
+  host: two compiled programs (the first frame, then any next one with the
+  causal cache carried), so the device holds one chunk's activations and
+  the cache, not the whole video's. to_host: each chunk's frames are copied
+  to host memory as they finish and the video is a NumPy array (never
+  whole on the device). on_frame(): called after each latent frame (a
+  progress bar)."""
+  graphdef, state = nnx.split(vae)
+  xp = np if to_host else jnp
+  keep = ((lambda f: _to_video(np.asarray(f), np)) if to_host
+          else jax.block_until_ready)
+  x, first, cache = _decode_first(graphdef, state, jnp.asarray(latents))
+  chunks = [keep(first)]
+  for t in range(1, latents.shape[2]):
+    if on_frame is not None:
+      on_frame()
+    frames, cache = _decode_next(graphdef, state, x[:, t:t + 1], cache)
+    chunks.append(keep(frames))
+  if on_frame is not None:
+    on_frame()
+  if to_host:
+    return np.concatenate(chunks, axis=2)
+  return _to_video(xp.concatenate(chunks, axis=1), xp)
+
+
+def tile_ramp(size: int, start: int, tile: int, overlap: int):
+  """Blend weights (tile,) of a tile at `start` along an axis of `size`:
+  a linear ramp in (0, 1) over `overlap` pixels at each edge it shares
+  with a neighbour (none at the video's borders), 1 elsewhere. Where
+  neighbours overlap by exactly `overlap`, their ramps sum to 1; the
+  blend divides by the summed weights anyway (the last tile, flush with
+  the end, may overlap more)."""
+  w = np.ones(tile, np.float32)
+  ramp = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+  if start > 0:
+    w[:overlap] = ramp
+  if start + tile < size:
+    w[tile - overlap:] = ramp[::-1]
+  return w
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+  """Starts of tiles of `tile` covering [0, size), neighbours overlapping
+  by exactly `overlap` except the last, placed flush with the end (its
+  overlap with the one before is larger; the blend uses `overlap`)."""
+  if tile >= size:
+    return [0]
+  stride = tile - overlap
+  starts = list(range(0, size - tile, stride)) + [size - tile]
+  return sorted(set(starts))
+
+
+def tile_grid(config: WanVAEConfig, h: int, w: int, tile: int,
+              overlap: int | None = None):
+  """(tile, overlap) in latent pixels and the (y, x) latent starts of the
+  spatial tiles of an (h, w) latent decoded in tiles of `tile` video
+  pixels overlapping by `overlap` (default tile / 4), both multiples of
+  the VAE's spatial factor (a ValueError names the rule)."""
+  f = config.spatial_factor
+  if tile % f or tile < 2 * f:
+    raise ValueError(f"tile={tile} must be a multiple of {f} (the VAE's "
+                     f"spatial factor) and at least {2 * f} pixels")
+  overlap = tile // 4 // f * f if overlap is None else overlap
+  if overlap % f or not 0 <= overlap < tile:
+    raise ValueError(f"overlap={overlap} must be a multiple of {f} in "
+                     f"[0, {tile})")
+  lt, lo = tile // f, overlap // f
+  return lt, lo, [(y, x) for y in tile_starts(h, lt, lo)
+                  for x in tile_starts(w, lt, lo)]
+
+
+def decode_tiled(vae: WanVAE, latents, *, tile: int, overlap: int | None = None,
+                 on_frame=None):
+  """A NumPy video (B, 3, T, H, W) decoded in spatial tiles of `tile`
+  video pixels (`tile_grid`), each through `decode_chunked` (all frames,
+  its own causal cache), blended linearly where tiles meet (`tile_ramp`).
+  The device holds one tile's activations: for videos above 720p, or GPUs
+  too small for a whole frame. Not the same numbers as the untiled decode:
+  a tile's convolutions see zeros past its edge and its attention sees
+  only its own pixels; the blend hides the seams (tests bound the
+  difference). on_frame(): called after each latent frame of each tile."""
+  f = vae.config.spatial_factor
+  b, _, t, h, w = latents.shape
+  lt, lo, grid = tile_grid(vae.config, h, w, tile, overlap)
+  th, tw = min(lt, h), min(lt, w)
+  out = np.zeros((b, 3, vae.config.video_frames(t), h * f, w * f),
+                 np.float32)
+  weight = np.zeros((h * f, w * f), np.float32)
+  latents = np.asarray(latents)
+  for y, x in grid:
+    video = decode_chunked(vae, latents[..., y:y + th, x:x + tw],
+                           to_host=True, on_frame=on_frame)
+    blend = np.outer(tile_ramp(h * f, y * f, th * f, lo * f),
+                     tile_ramp(w * f, x * f, tw * f, lo * f))
+    region = (slice(y * f, (y + th) * f), slice(x * f, (x + tw) * f))
+    out[(..., *region)] += video * blend
+    weight[region] += blend
+  return out / weight
 
 
 def abstract_model(config: WanVAEConfig) -> WanVAE:
