@@ -23,7 +23,7 @@ from flax import nnx
 from astraea_jax import configs, outputs
 from astraea_jax.models import stdit3, wan
 from astraea_jax.models.text import umt5
-from astraea_jax.vae import opensora_vae, wan_vae
+from astraea_jax.vae import opensora_vae, wan22_vae, wan_vae
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -44,6 +44,7 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 CONFIG_CLASSES = {cls.MODEL: (cls, module) for cls, module in (
     (configs.WanConfig, wan), (configs.STDiT3Config, stdit3),
     (umt5.UMT5Config, umt5), (wan_vae.WanVAEConfig, wan_vae),
+    (wan22_vae.Wan22VAEConfig, wan22_vae),
     (opensora_vae.OpenSoraVAEConfig, opensora_vae))}
 
 

@@ -64,12 +64,14 @@ def wan_model(**kwargs):
 
 def randomise_(module, seed):
   """Every parameter random: weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2),
-  norm gains ~ 1 + N(0, 0.1^2), modulation tables ~ N(0, 0.5^2)."""
+  norm gains (DiT norm weights, VAE `gamma`) ~ 1 + N(0, 0.1^2), modulation
+  tables ~ N(0, 0.5^2)."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in module.named_parameters():
+      gain = name.endswith("gamma") or ("norm" in name and p.ndim == 1)
       fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 1
       scale = 0.5 if "scale_shift" in name or "modulation" in name else (
-          fan_in ** -0.5 if p.ndim > 1 else 0.1)
+          fan_in ** -0.5 if p.ndim > 1 and not gain else 0.1)
       noise = torch.randn(p.shape, generator=gen) * scale
-      p.copy_(1 + noise if "norm" in name and p.ndim == 1 else noise)
+      p.copy_(1 + noise if gain else noise)

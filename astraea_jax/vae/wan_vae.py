@@ -340,13 +340,16 @@ class Resample(nnx.Module):
 
   MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
 
-  def __init__(self, dim, mode, *, config: WanVAEConfig, rngs: nnx.Rngs):
+  def __init__(self, dim, mode, *, config: WanVAEConfig, rngs: nnx.Rngs,
+               upsample_out_dim: int | None = None):
     if mode not in self.MODES:
       raise ValueError(f"{mode=} must be one of {self.MODES}")
     self.mode = mode
     kw = dict(config=config, rngs=rngs)
     if mode.startswith("upsample"):
-      self.conv = Conv2d(dim, dim // 2, 3, padding=((1, 1), (1, 1)), **kw)
+      # Wan2.1 halves the channels here; Wan2.2 passes out_dim = dim.
+      out = dim // 2 if upsample_out_dim is None else upsample_out_dim
+      self.conv = Conv2d(dim, out, 3, padding=((1, 1), (1, 1)), **kw)
     else:
       self.conv = Conv2d(dim, dim, 3, padding=((0, 1), (0, 1)), stride=2,
                          **kw)
