@@ -34,7 +34,12 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "astraea-jax/wan2.1-t2v"
 OPENSORA_MANIFEST_FORMAT = "astraea-jax/opensora-v1.2"
 MANIFEST_VERSION = 1
-MANIFEST_MODELS = {MANIFEST_FORMAT: "wan2.1-t2v",
+# Wan2.2 (converters/model_folder.py): the two-expert A14B models add a
+# `transformer_2` component (the low-noise expert) and `boundary_ratio`.
+WAN22_MODELS = ("wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b")
+WAN_MANIFEST_FORMATS = {model: f"astraea-jax/{model}"
+                        for model in ("wan2.1-t2v", *WAN22_MODELS)}
+MANIFEST_MODELS = {**{f: m for m, f in WAN_MANIFEST_FORMATS.items()},
                    OPENSORA_MANIFEST_FORMAT: "opensora-v1.2"}
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 
@@ -169,7 +174,8 @@ def _abstract_model(config):
 
 
 def load_model(path, *, dtype: str | None = None):
-  """The ready model (WanDiT, STDiT3, UMT5Encoder, WanVAE or OpenSoraVAE)
+  """The ready model (WanDiT, STDiT3, UMT5Encoder, WanVAE, Wan22VAE or
+  OpenSoraVAE)
   from a converted checkpoint folder.
 
   dtype: optional compute dtype override ("float32" / "bfloat16"); the
@@ -235,7 +241,7 @@ def read_manifest(path, formats=tuple(MANIFEST_MODELS)) -> dict:
     raise ValueError(f"{file}: version={manifest.get('version')!r}; this "
                      f"astraea-jax reads version {MANIFEST_VERSION}")
   components = manifest.get("components", {})
-  missing = [c for c in COMPONENTS
+  missing = [c for c in dict.fromkeys([*COMPONENTS, *components])
              if not (path / components.get(c, c)).is_dir()]
   if missing:
     raise FileNotFoundError(f"{path}: the manifest's components {missing} "
@@ -248,8 +254,9 @@ def is_model_folder(path) -> bool:
 
 
 def manifest_model(path) -> str:
-  """"wan2.1-t2v" or "opensora-v1.2": which model a converted whole-model
-  folder holds (after validating its manifest)."""
+  """"wan2.1-t2v", "opensora-v1.2" or a Wan2.2 model (WAN22_MODELS): which
+  model a converted whole-model folder holds (after validating its
+  manifest)."""
   return MANIFEST_MODELS[read_manifest(path)["format"]]
 
 

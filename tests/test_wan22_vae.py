@@ -3,9 +3,10 @@
 
 Tiny random config (encoder width 8, decoder 12, z 48, one residual block
 per encoder stage and two per decoder stage: the compile time on CPU grows
-with the block count), every parameter random (`randomise_`). A 9-frame 32 x 48 video: the first frame alone and
-two chunks of 4 frames, so both the first-chunk path (zero-padded
-shortcut average, undoubled first frame) and the cached chunks run.
+with the block count), every parameter random (`randomise_`). A 9-frame
+32 x 48 video: the first frame alone and two chunks of 4 frames, so both
+the first-chunk path (zero-padded shortcut average, undoubled first frame)
+and the cached chunks run.
 Tolerance: max abs error <= 1e-5 * max|reference| + 1e-6 (float32, the same
 math in a different order; `testing.assert_close`).
 """
@@ -94,7 +95,7 @@ def test_decode_matches_original(reference, vae, data):
 def test_diffusers_layout_matches_diffusers(data):
   """AutoencoderKLWan's own encode (posterior mean) and decode (clamped),
   on latents normalised as the pipelines do."""
-  from diffusers import AutoencoderKLWan  # pylint: disable=import-outside-toplevel
+  from diffusers import AutoencoderKLWan  # pylint: disable=g-import-not-at-top
   ref = AutoencoderKLWan(
       base_dim=8, decoder_base_dim=12, z_dim=48, is_residual=True,
       num_res_blocks=1,
@@ -134,8 +135,9 @@ def test_fold_and_shortcuts_invert_where_they_should():
       wan22_vae.unpatchify(wan22_vae.patchify(x, 2), 2), x)
   assert wan22_vae.dup_up(x, 2, 2, 3, first=True).shape == (1, 3, 8, 12, 3)
   ones = jnp.ones((1, 1, 4, 4, 8))
+  alternate = np.tile([0.0, 1.0], 8) + np.zeros((1, 1, 2, 2, 1))
   np.testing.assert_array_equal(wan22_vae.avg_down(ones, 2, 2, 16),
-                                np.tile([0.0, 1.0], 8) + np.zeros((1, 1, 2, 2, 1)))
+                                alternate)
   np.testing.assert_array_equal(
       wan22_vae.avg_down(jnp.ones((1, 4, 4, 4, 8)), 2, 2, 16), 1.0)
 

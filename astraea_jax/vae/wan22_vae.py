@@ -150,7 +150,12 @@ def _check_fold(channels, factor, into, what):
                      f"divide evenly into {into}")
 
 
-# Blocks -------------------------------------------------------------------------
+# Blocks -----------------------------------------------------------------------
+
+# Wan2.1's (res, attn, res) middle and its chain of cached blocks between
+# conv1 and the head serve here unchanged.
+_middle = wan_vae._middle  # pylint: disable=protected-access
+_cached_chain = wan_vae._cached_chain  # pylint: disable=protected-access
 
 
 def _run_list(blocks, x, cache, first):
@@ -233,15 +238,14 @@ class Encoder3d(nnx.Module):
         DownBlock(dims[i], dims[i + 1], down=i != last,
                   temporal=i != last and config.temporal_downsample[i], **kw)
         for i in range(len(config.dim_mult))])
-    self.middle = wan_vae._middle(dims[-1], kw)  # pylint: disable=protected-access
+    self.middle = _middle(dims[-1], kw)
     self.head_norm = RMSNorm(dims[-1], **kw)
     self.head_conv = CausalConv3d(dims[-1], 2 * config.z_dim, (3, 3, 3), **kw)
 
   def __call__(self, x, cache=None, *, first=False):
     """x (B, T, H, W, 3) -> (B, T', H/16, W/16, 2 z_dim), new cache."""
-    return wan_vae._cached_chain(  # pylint: disable=protected-access
-        self, [*self.downsamples, *self.middle],
-        patchify(x, self.patch_size), cache, first)
+    return _cached_chain(self, [*self.downsamples, *self.middle],
+                         patchify(x, self.patch_size), cache, first)
 
 
 class Decoder3d(nnx.Module):
@@ -255,7 +259,7 @@ class Decoder3d(nnx.Module):
     temporal_upsample = config.temporal_downsample[::-1]
     last = len(mult) - 1
     self.conv1 = CausalConv3d(config.z_dim, dims[0], (3, 3, 3), **kw)
-    self.middle = wan_vae._middle(dims[0], kw)  # pylint: disable=protected-access
+    self.middle = _middle(dims[0], kw)
     self.upsamples = nnx.List([
         UpBlock(dims[i], dims[i + 1], up=i != last,
                 temporal=i != last and temporal_upsample[i], **kw)
@@ -266,8 +270,8 @@ class Decoder3d(nnx.Module):
 
   def __call__(self, x, cache=None, *, first=False):
     """x (B, 1, h, w, z_dim) -> (B, 1 or 4, 16h, 16w, 3), new cache."""
-    y, cache = wan_vae._cached_chain(  # pylint: disable=protected-access
-        self, [*self.middle, *self.upsamples], x, cache, first)
+    y, cache = _cached_chain(self, [*self.middle, *self.upsamples], x,
+                             cache, first)
     return unpatchify(y, self.patch_size), cache
 
 
