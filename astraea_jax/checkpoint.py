@@ -24,7 +24,7 @@ from astraea_jax import configs, outputs
 from astraea_jax import placement as placement_lib
 from astraea_jax.models import stdit3, wan
 from astraea_jax.models.text import umt5
-from astraea_jax.vae import opensora_vae, wan_vae
+from astraea_jax.vae import opensora_vae, wan22_vae, wan_vae
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -35,7 +35,12 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "astraea-jax/wan2.1-t2v"
 OPENSORA_MANIFEST_FORMAT = "astraea-jax/opensora-v1.2"
 MANIFEST_VERSION = 1
-MANIFEST_MODELS = {MANIFEST_FORMAT: "wan2.1-t2v",
+# Wan2.2 (converters/model_folder.py): the two-expert A14B models add a
+# `transformer_2` component (the low-noise expert) and `boundary_ratio`.
+WAN22_MODELS = ("wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b")
+WAN_MANIFEST_FORMATS = {model: f"astraea-jax/{model}"
+                        for model in ("wan2.1-t2v", *WAN22_MODELS)}
+MANIFEST_MODELS = {**{f: m for m, f in WAN_MANIFEST_FORMATS.items()},
                    OPENSORA_MANIFEST_FORMAT: "opensora-v1.2"}
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 
@@ -45,6 +50,7 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
 CONFIG_CLASSES = {cls.MODEL: (cls, module) for cls, module in (
     (configs.WanConfig, wan), (configs.STDiT3Config, stdit3),
     (umt5.UMT5Config, umt5), (wan_vae.WanVAEConfig, wan_vae),
+    (wan22_vae.Wan22VAEConfig, wan22_vae),
     (opensora_vae.OpenSoraVAEConfig, opensora_vae))}
 
 
@@ -170,8 +176,8 @@ def _abstract_model(config):
 
 def load_model(path, *, dtype: str | None = None,
                placement: str = "accelerator"):
-  """The ready model (WanDiT, STDiT3, UMT5Encoder, WanVAE or OpenSoraVAE)
-  from a converted checkpoint folder.
+  """The ready model (WanDiT, STDiT3, UMT5Encoder, WanVAE, Wan22VAE or
+  OpenSoraVAE) from a converted checkpoint folder.
 
   dtype: optional compute dtype override ("float32" / "bfloat16"); the
   parameters stay in the dtype they were converted to. placement: where
@@ -239,7 +245,7 @@ def read_manifest(path, formats=tuple(MANIFEST_MODELS)) -> dict:
     raise ValueError(f"{file}: version={manifest.get('version')!r}; this "
                      f"astraea-jax reads version {MANIFEST_VERSION}")
   components = manifest.get("components", {})
-  missing = [c for c in COMPONENTS
+  missing = [c for c in dict.fromkeys([*COMPONENTS, *components])
              if not (path / components.get(c, c)).is_dir()]
   if missing:
     raise FileNotFoundError(f"{path}: the manifest's components {missing} "
@@ -252,8 +258,9 @@ def is_model_folder(path) -> bool:
 
 
 def manifest_model(path) -> str:
-  """"wan2.1-t2v" or "opensora-v1.2": which model a converted whole-model
-  folder holds (after validating its manifest)."""
+  """"wan2.1-t2v", "opensora-v1.2" or a Wan2.2 model (WAN22_MODELS): which
+  model a converted whole-model folder holds (after validating its
+  manifest)."""
   return MANIFEST_MODELS[read_manifest(path)["format"]]
 
 

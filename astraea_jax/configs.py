@@ -4,6 +4,11 @@ Wan2.1 sizes: Reference: the `config.json` files of the published
 Wan-AI/Wan2.1-T2V-1.3B and -14B checkpoints and Table 1 of the Wan report
 (arXiv 2503.20314): 1.3B = dim 1536, ffn 8960, 12 heads, 30 layers;
 14B = dim 5120, ffn 13824, 40 heads, 40 layers.
+Wan2.2 sizes: Reference: `wan/configs/wan_ti2v_5B.py`, `wan_t2v_A14B.py`
+and `wan_i2v_A14B.py` of the `wan22` package: TI2V-5B = dim 3072, ffn
+14336, 24 heads, 30 layers over the 48-channel Wan2.2 VAE latents; each
+A14B expert (high-noise and low-noise) = the Wan2.1 14B DiT, the I2V one
+with in_dim 36 (16 noisy + 4 mask + 16 image latent channels).
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WanConfig(ModelConfig):
-  """Wan2.1 text-to-video DiT (`WanModel` in the original code)."""
+  """Wan2.1 / Wan2.2 DiT (`WanModel` in the original code). Per-token
+  timesteps (TI2V) and conditioning channels (I2V: in_dim > out_dim) are
+  inputs of `WanDiT`, not fields: the parameters are the same."""
 
   MODEL: ClassVar[str] = "wan"
 
@@ -128,6 +135,25 @@ class WanConfig(ModelConfig):
   def wan21_t2v_14b(cls, **overrides) -> "WanConfig":
     return cls(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
                **overrides)
+
+  @classmethod
+  def wan22_ti2v_5b(cls, **overrides) -> "WanConfig":
+    """Wan2.2 TI2V-5B: text and image to video over the Wan2.2 VAE's
+    48-channel latents (the image enters as the first latent frame, with
+    per-token timesteps)."""
+    return cls(**{"dim": 3072, "ffn_dim": 14336, "num_heads": 24,
+                  "num_layers": 30, "in_dim": 48, "out_dim": 48,
+                  **overrides})
+
+  @classmethod
+  def wan22_t2v_a14b(cls, **overrides) -> "WanConfig":
+    """One expert (high- or low-noise) of Wan2.2 T2V-A14B."""
+    return cls.wan21_t2v_14b(**overrides)
+
+  @classmethod
+  def wan22_i2v_a14b(cls, **overrides) -> "WanConfig":
+    """One expert of Wan2.2 I2V-A14B: 16 latent + 20 condition channels."""
+    return cls.wan21_t2v_14b(**{"in_dim": 36, **overrides})
 
   @classmethod
   def tiny(cls, **overrides) -> "WanConfig":
@@ -241,6 +267,9 @@ class STDiT3Config(ModelConfig):
 PRESETS = {
     "wan2.1-t2v-1.3b": WanConfig.wan21_t2v_1_3b,
     "wan2.1-t2v-14b": WanConfig.wan21_t2v_14b,
+    "wan2.2-ti2v-5b": WanConfig.wan22_ti2v_5b,
+    "wan2.2-t2v-a14b": WanConfig.wan22_t2v_a14b,
+    "wan2.2-i2v-a14b": WanConfig.wan22_i2v_a14b,
     "wan-tiny": WanConfig.tiny,
     "opensora-v1.2": STDiT3Config.opensora_v1_2,
     "stdit3-tiny": STDiT3Config.tiny,

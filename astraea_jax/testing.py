@@ -97,6 +97,30 @@ def write_wan_checkpoint(folder, config, tensors=None, *, layout="wan",
   return folder
 
 
+def write_word_tokenizer(folder, words):
+  """A tiny T5-style tokenizer (<pad> 0, </s> 1, <unk> 2, then one id per
+  distinct word of `words`, split on whitespace; </s> appended) written as
+  the tokenizer.json + tokenizer_config.json that umT5/T5 folders hold."""
+  # pylint: disable=g-import-not-at-top
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, processors
+  from astraea_jax.models.text import tokenizer as tokenizer_lib
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+  for w in words:
+    vocab.setdefault(w, len(vocab))
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.post_processor = processors.TemplateProcessing(
+      single="$A </s>", special_tokens=[("</s>", 1)])
+  tok.save(str(folder / tokenizer_lib.TOKENIZER_JSON))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+       "model_max_length": 512}))
+  return folder
+
+
 def scaled_like_init(name: str, x, shape):
   """A standard-normal draw `x` for parameter `name` scaled as the trained
   weights are: kernels by fan-in^-1/2, modulation tables by 0.5, norm
@@ -162,7 +186,7 @@ def read_mp4(path):
   our writer, so the file is checked as any player would open it. imageio
   starts ffmpeg with a pre-exec hook, which makes JAX warn about os.fork
   (our writer does not); the warning is silenced here only."""
-  import imageio.v2 as imageio  # pylint: disable=import-outside-toplevel
+  import imageio.v2 as imageio  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="os.fork",
                             category=RuntimeWarning)

@@ -37,12 +37,12 @@ def convert_parts(dst, parts: dict, *, check_fit, tokenizer: pathlib.Path,
                   text_len, **manifest) -> dict:
   """Converts a whole model into DST atomically; returns the manifest.
 
-  parts: {"transformer" | "vae" | "text_encoder": read(bar) -> (config,
-  params)}, read and saved to DST/<part> one at a time (one part's
-  parameters in memory); check_fit(configs) raises where the parts do not
-  fit together; the tokenizer folder is copied; text_len(transformer
-  config) and `manifest` (write_manifest's other arguments) go into
-  manifest.json. One progress bar over input_bytes.
+  parts: {"transformer" | "vae" | "text_encoder" (| "transformer_2"):
+  read(bar=bar) -> (config, params)}, read and saved to DST/<part> one
+  at a time (one part's parameters in memory); check_fit(**configs) raises
+  where the parts do not fit together; the tokenizer folder is copied;
+  text_len(transformer config) and `manifest` (write_manifest's other
+  arguments) go into manifest.json. One progress bar over input_bytes.
   """
   with outputs.atomic_folder(dst, overwrite=overwrite,
                              command="convert") as tmp, tqdm.tqdm(
@@ -51,7 +51,7 @@ def convert_parts(dst, parts: dict, *, check_fit, tokenizer: pathlib.Path,
     configs = {}
     for part, read in parts.items():
       bar.set_postfix_str(part.replace("_", " "))
-      configs[part], params = read(bar)
+      configs[part], params = read(bar=bar)
       checkpoint.save(tmp / part, configs[part], params)
       del params
     check_fit(**configs)
@@ -80,10 +80,14 @@ def copy_tokenizer(src: pathlib.Path, dst: pathlib.Path, vocab_size: int):
 
 def write_manifest(dst: pathlib.Path, *, manifest_format: str, source: str,
                    layout: str, text_len: int, converted_from: dict,
-                   configs: dict) -> dict:
+                   configs: dict, extra: dict | None = None) -> dict:
   """Writes DST/manifest.json of a converted whole-model folder; returns
   it. configs: {component: its config} (their parameter dtypes are
-  recorded)."""
+  recorded; a component beyond `checkpoint.COMPONENTS`, e.g. Wan2.2's
+  `transformer_2`, is listed too); extra: more model facts (Wan2.2's
+  `boundary_ratio`, `experts`)."""
+  components = {c: c for c in dict.fromkeys([*checkpoint.COMPONENTS,
+                                             *configs])}
   manifest = {
       "format": manifest_format,
       "version": checkpoint.MANIFEST_VERSION,
@@ -91,10 +95,11 @@ def write_manifest(dst: pathlib.Path, *, manifest_format: str, source: str,
       "source": source,
       "layout": layout,
       "text_len": text_len,
-      "components": {c: c for c in checkpoint.COMPONENTS},
+      "components": components,
       "converted_from": converted_from,
       "param_dtype": {name: config.param_dtype
                       for name, config in configs.items()},
+      **(extra or {}),
   }
   (dst / checkpoint.MANIFEST_FILE).write_text(
       json.dumps(manifest, indent=2) + "\n")

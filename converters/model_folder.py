@@ -1,4 +1,4 @@
-"""A whole Wan2.1 T2V download -> one converted model folder.
+"""A whole Wan2.1 T2V or Wan2.2 download -> one converted model folder.
 
 (A whole OpenSora v1.2 download is found here too and converted by
 converters/opensora_folder.py, which documents its layout.)
@@ -6,6 +6,20 @@ converters/opensora_folder.py, which documents its layout.)
   astraea convert Wan2.1-T2V-1.3B/ wan-1.3b/ --allow-pth      # original
   astraea convert Wan2.1-T2V-1.3B-Diffusers/ wan-1.3b/        # diffusers
   astraea convert Wan-AI/Wan2.1-T2V-1.3B-Diffusers wan-1.3b/  # hub repo id
+  astraea convert Wan2.2-T2V-A14B/ wan22-t2v/ --allow-pth     # two experts
+
+Wan2.2 (which model: from the files, `MODELS`):
+  TI2V-5B    one DiT over the Wan2.2 VAE: original `Wan2.2_VAE.pth` beside
+             the DiT; diffusers `expand_timesteps` / a VAE with
+             `is_residual`.
+  T2V-A14B,  two experts over the Wan2.1 VAE: original high_noise_model/
+  I2V-A14B   and low_noise_model/ (each config.json + safetensors shards);
+             diffusers transformer/ (high noise) + transformer_2/ (low
+             noise) with `boundary_ratio` in model_index.json. Converted
+             to DST/transformer/ (high noise) + DST/transformer_2/ (low
+             noise); manifest.json records `boundary_ratio` (the original
+             folders do not carry it: the wan22 configs' values are used)
+             and `experts`. I2V: in_dim 36, `WanImageToVideoPipeline`.
 
 Layouts (detected from the files):
   original   config.json (`dim`, ...) + diffusion_pytorch_model*.safetensors
@@ -37,12 +51,14 @@ wan|diffusers|umt5` on a whole folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import re
 
 from astraea_jax import checkpoint
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.models.text.umt5 import UMT5Config
+from astraea_jax.vae.wan22_vae import Wan22VAEConfig
 from converters import manifest as manifest_lib
 from converters import opensora_folder
 from converters import umt5 as umt5_converter
@@ -55,6 +71,15 @@ from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
 # Names in the original Wan2.1 release (Wan-AI/Wan2.1-T2V-1.3B and -14B).
 ORIGINAL_VAE = "Wan2.1_VAE"
+# ... and in the Wan2.2 releases (Wan-AI/Wan2.2-TI2V-5B, -T2V-A14B, -I2V-A14B).
+WAN22_VAE = "Wan2.2_VAE"
+EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
+# The step at which sampling switches from the high-noise to the low-noise
+# expert, as a fraction of the 1000 training timesteps. Reference: `boundary`
+# in wan22's wan/configs/wan_t2v_A14B.py and wan_i2v_A14B.py (the diffusers
+# folders write the same as model_index.json `boundary_ratio`).
+BOUNDARY_RATIOS = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.900}
+PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
 ORIGINAL_TEXT_ENCODER = "models_t5_umt5-xxl-enc-bf16"
 ORIGINAL_TOKENIZER = "google/umt5-xxl"
 WEIGHT_SUFFIXES = (".safetensors", ".pth")
@@ -68,12 +93,16 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 @dataclasses.dataclass(frozen=True)
 class ModelFolder:
-  """Where each component of a whole Wan2.1 download lives."""
+  """Where each component of a whole Wan download lives."""
   layout: str                  # "original" or "diffusers"
   root: pathlib.Path
-  vae: pathlib.Path            # vae/ folder, or Wan2.1_VAE.{pth,safetensors}
+  vae: pathlib.Path            # vae/ folder, or Wan2.x_VAE.{pth,safetensors}
   text_encoder: pathlib.Path   # text_encoder/ folder, or models_t5_*.{...}
   tokenizer: pathlib.Path      # folder with tokenizer.json / spiece.model
+  transformer: pathlib.Path    # folder of config.json + weights (high noise)
+  model: str = "wan2.1-t2v"    # a key of checkpoint.WAN_MANIFEST_FORMATS
+  transformer_2: pathlib.Path | None = None  # the low-noise expert (A14B)
+  boundary_ratio: float | None = None        # where the experts switch
 
   def pth_files(self) -> list[pathlib.Path]:
     return [p for p in (self.vae, self.text_encoder) if p.suffix == ".pth"]
@@ -113,20 +142,29 @@ def find_model_folder(src) -> ModelFolder | None:
                      if (root / d).is_dir()]
   if index.is_file() or ((root / "transformer").is_dir() and diffusers_parts):
     return _diffusers_folder(root, index)
+  experts = [root / name for name in EXPERT_FOLDERS]
+  two = any((e / "config.json").is_file() for e in experts)
   original = {
-      "vae": _weights_file(root, ORIGINAL_VAE),
+      "vae": _weights_file(root, WAN22_VAE) or _weights_file(root,
+                                                             ORIGINAL_VAE),
       "text_encoder": _weights_file(root, ORIGINAL_TEXT_ENCODER),
       "tokenizer": (root / ORIGINAL_TOKENIZER
                     if (root / ORIGINAL_TOKENIZER).is_dir() else None)}
-  if not any(original.values()):
+  if not any(original.values()) and not two:
     return None
   missing = []
-  if not (root / "config.json").is_file():
+  if two:
+    missing += [f"no {e.name}/config.json: the two-expert Wan2.2 models "
+                f"need {' and '.join(EXPERT_FOLDERS)}/, each config.json + "
+                "diffusion_pytorch_model*.safetensors"
+                for e in experts if not (e / "config.json").is_file()]
+  elif not (root / "config.json").is_file():
     missing.append("no transformer: expected config.json + "
-                   "diffusion_pytorch_model*.safetensors")
+                   "diffusion_pytorch_model*.safetensors (or Wan2.2's "
+                   f"{' and '.join(EXPERT_FOLDERS)}/)")
   if original["vae"] is None:
-    missing.append(f"no VAE: expected {ORIGINAL_VAE}.pth (needs "
-                   f"--allow-pth) or {ORIGINAL_VAE}.safetensors")
+    missing.append(f"no VAE: expected {ORIGINAL_VAE}.pth or {WAN22_VAE}.pth "
+                   f"(needs --allow-pth), or the same name .safetensors")
   if original["text_encoder"] is None:
     missing.append(f"no text encoder: expected {ORIGINAL_TEXT_ENCODER}.pth "
                    f"(needs --allow-pth) or {ORIGINAL_TEXT_ENCODER}"
@@ -137,25 +175,52 @@ def find_model_folder(src) -> ModelFolder | None:
                    f"{tokenizer_lib.TOKENIZER_JSON} or "
                    f"{tokenizer_lib.SENTENCEPIECE_MODEL}")
   _raise_missing(root, "original", missing)
-  return ModelFolder("original", root, **original)
+  transformer = experts[0] if two else root
+  model = _original_model(read_json(transformer / "config.json"), two,
+                          original["vae"])
+  return ModelFolder("original", root, **original, transformer=transformer,
+                     model=model, transformer_2=experts[1] if two else None,
+                     boundary_ratio=BOUNDARY_RATIOS.get(model))
+
+
+def _original_model(cfg: dict, two_experts: bool, vae: pathlib.Path) -> str:
+  """Which Wan model an original-layout folder holds: two experts are
+  A14B (I2V when the DiT takes more channels than it returns), one DiT
+  beside the Wan2.2 VAE is TI2V-5B, else Wan2.1 T2V."""
+  if two_experts:
+    i2v = cfg.get("in_dim", 16) != cfg.get("out_dim", 16)
+    return "wan2.2-i2v-a14b" if i2v else "wan2.2-t2v-a14b"
+  if vae.stem == WAN22_VAE or cfg.get("model_type") == "ti2v":
+    return "wan2.2-ti2v-5b"
+  return "wan2.1-t2v"
 
 
 def _diffusers_folder(root: pathlib.Path, index: pathlib.Path):
-  if index.is_file():
-    doc = read_json(index)
-    name = doc.get("_class_name", "WanPipeline")
-    if name != "WanPipeline":
-      raise CheckpointError(f"{index}: _class_name={name!r}; only the Wan2.1 "
-                            "text-to-video WanPipeline is supported")
-    second = doc.get("transformer_2")
-    if isinstance(second, list) and any(second):
-      raise CheckpointError(f"{index}: transformer_2={second}: two-expert "
-                            "(Wan2.2) models are not supported")
+  doc = read_json(index) if index.is_file() else {}
+  name = doc.get("_class_name", "WanPipeline")
+  if name not in PIPELINE_CLASSES:
+    raise CheckpointError(f"{index}: _class_name={name!r}; supported are "
+                          f"{PIPELINE_CLASSES}")
+  second = doc.get("transformer_2")
+  two = isinstance(second, list) and any(second)
+  boundary = doc.get("boundary_ratio")
+  if name == "WanImageToVideoPipeline" and not two:
+    raise CheckpointError(
+        f"{index}: a WanImageToVideoPipeline with one transformer is Wan2.1 "
+        "image-to-video (CLIP image encoder), which is not supported; "
+        "Wan2.2 I2V-A14B (transformer_2) is")
+  if two and not isinstance(boundary, (int, float)):
+    raise CheckpointError(f"{index}: transformer_2={second} but "
+                          f"boundary_ratio={boundary!r}: the step at which "
+                          "the experts switch is unknown")
   missing = []
   if not (root / "transformer" / "config.json").is_file():
     missing.append("no transformer: expected transformer/ with config.json "
                    "(diffusers) or config.json + diffusion_pytorch_model"
                    "*.safetensors (original)")
+  if two and not (root / "transformer_2" / "config.json").is_file():
+    missing.append(f"no transformer_2/ with config.json: model_index.json "
+                   f"names a second expert ({second})")
   if not (root / "vae").is_dir():
     missing.append(f"no VAE: expected vae/ (diffusers) or {ORIGINAL_VAE}.pth"
                    " (original, needs --allow-pth)")
@@ -169,13 +234,29 @@ def _diffusers_folder(root: pathlib.Path, index: pathlib.Path):
                    f"{tokenizer_lib.SENTENCEPIECE_MODEL} (diffusers) or "
                    f"{ORIGINAL_TOKENIZER}/ (original)")
   _raise_missing(root, "diffusers", missing)
-  return ModelFolder("diffusers", root, root / "vae", root / "text_encoder",
-                     root / "tokenizer")
+  if two:
+    model = ("wan2.2-i2v-a14b" if name == "WanImageToVideoPipeline"
+             else "wan2.2-t2v-a14b")
+  elif doc.get("expand_timesteps") or _residual_vae(root / "vae"):
+    model = "wan2.2-ti2v-5b"
+  else:
+    model = "wan2.1-t2v"
+  return ModelFolder(
+      "diffusers", root, root / "vae", root / "text_encoder",
+      root / "tokenizer", transformer=root / "transformer", model=model,
+      transformer_2=root / "transformer_2" if two else None,
+      boundary_ratio=float(boundary) if two else None)
+
+
+def _residual_vae(folder: pathlib.Path) -> bool:
+  """Whether a diffusers vae/ holds the Wan2.2 VAE (`is_residual`)."""
+  cfg = folder / "config.json"
+  return cfg.is_file() and bool(read_json(cfg).get("is_residual"))
 
 
 def _raise_missing(root, layout, missing):
   manifest_lib.check_complete(
-      root, f"Wan2.1 model folder ({layout} layout)", missing,
+      root, f"Wan model folder ({layout} layout)", missing,
       "to convert one part alone, name it with --format wan|diffusers|umt5")
 
 
@@ -193,8 +274,9 @@ def open_weights(path, *, allow_pth: bool):
     raise CheckpointError(f"{path}: {e}") from e
 
 
-def _input_bytes(folder: ModelFolder, transformer_dir: pathlib.Path) -> int:
-  files = [*transformer_dir.glob("diffusion_pytorch_model*.safetensors")]
+def _input_bytes(folder: ModelFolder) -> int:
+  files = [f for d in (folder.transformer, folder.transformer_2) if d
+           for f in d.glob("diffusion_pytorch_model*.safetensors")]
   for part in (folder.vae, folder.text_encoder):
     files += [part] if part.is_file() else [*part.glob("*.safetensors")]
   return sum(f.stat().st_size for f in files)
@@ -231,8 +313,9 @@ def umt5_config_from_original(source, **overrides) -> UMT5Config:
       relative_attention_max_distance=ORIGINAL_T5_MAX_DISTANCE, **overrides)
 
 
-def read_transformer(folder: ModelFolder, *, dtype, text_len, bar):
-  layout, transformer_dir = wan_converter.detect_layout(folder.root)
+def read_transformer(transformer: pathlib.Path, *, dtype, text_len, bar):
+  """One DiT (a Wan2.2 expert is one) from its folder."""
+  layout, transformer_dir = wan_converter.detect_layout(transformer)
   cfg = read_json(transformer_dir / "config.json")
   try:
     config = wan_converter.config_from_checkpoint(
@@ -297,33 +380,59 @@ def convert(folder: ModelFolder, dst, *, dtype: str = "float32",
                                    source_name=source_name)
   if folder.pth_files() and not allow_pth:  # before converting anything
     raise pth_refused(folder.pth_files()[0])
-  _, transformer_dir = wan_converter.detect_layout(folder.root)
   rel = lambda p: str(p.relative_to(folder.root)) + ("/" if p.is_dir()
                                                      else "")
+  dits = {"transformer": folder.transformer}
+  if folder.transformer_2 is not None:
+    dits["transformer_2"] = folder.transformer_2
+  parts = {part: functools.partial(read_transformer, path, dtype=dtype,
+                                   text_len=text_len)
+           for part, path in dits.items()}
+  parts["vae"] = functools.partial(read_vae, folder, allow_pth=allow_pth)
+  parts["text_encoder"] = functools.partial(
+      read_text_encoder, folder, dtype=dtype, allow_pth=allow_pth)
+  extra = {}
+  if folder.transformer_2 is not None:
+    extra = {"boundary_ratio": folder.boundary_ratio,
+             "experts": {"high_noise": "transformer",
+                         "low_noise": "transformer_2"}}
   return manifest_lib.convert_parts(
-      dst, {"transformer": lambda bar: read_transformer(
-                folder, dtype=dtype, text_len=text_len, bar=bar),
-            "vae": lambda bar: read_vae(folder, allow_pth=allow_pth, bar=bar),
-            "text_encoder": lambda bar: read_text_encoder(
-                folder, dtype=dtype, allow_pth=allow_pth, bar=bar)},
-      check_fit=_check_fit, tokenizer=folder.tokenizer,
-      input_bytes=_input_bytes(folder, transformer_dir), overwrite=overwrite,
-      progress=progress, text_len=lambda config: config.text_len,
-      manifest_format=checkpoint.MANIFEST_FORMAT,
+      dst, parts,
+      check_fit=functools.partial(_check_fit, model=folder.model),
+      tokenizer=folder.tokenizer, input_bytes=_input_bytes(folder),
+      overwrite=overwrite, progress=progress,
+      text_len=lambda config: config.text_len,
+      manifest_format=checkpoint.WAN_MANIFEST_FORMATS[folder.model],
       source=source_name or str(folder.root), layout=folder.layout,
       converted_from={
-          "transformer": rel(transformer_dir), "vae": rel(folder.vae),
-          "text_encoder": rel(folder.text_encoder),
-          "tokenizer": rel(folder.tokenizer)})
+          **{part: rel(path) for part, path in dits.items()},
+          "vae": rel(folder.vae), "text_encoder": rel(folder.text_encoder),
+          "tokenizer": rel(folder.tokenizer)}, extra=extra)
 
 
-def _check_fit(transformer, vae, text_encoder):
-  """The text encoder's width must be the transformer's text_dim."""
-  del vae  # only the text encoder is checked against the transformer
+def _check_fit(transformer, vae, text_encoder, transformer_2=None, *,
+               model="wan2.1-t2v"):
+  """The parts must fit together: the text encoder's width is the DiT's
+  text_dim, the VAE's latent channels are the DiT's output channels, the
+  VAE is Wan2.2's exactly for TI2V-5B, and two experts share one config."""
   if text_encoder.d_model != transformer.text_dim:
     raise CheckpointError(
         f"the text encoder's width {text_encoder.d_model} != the "
         f"transformer's text_dim={transformer.text_dim}")
+  if vae.z_dim != transformer.out_dim:
+    raise CheckpointError(f"the VAE's z_dim={vae.z_dim} != the transformer's"
+                          f" out_dim={transformer.out_dim}")
+  wan22_vae = isinstance(vae, Wan22VAEConfig)
+  if wan22_vae != (model == "wan2.2-ti2v-5b"):
+    raise CheckpointError(
+        f"{model} with the {'Wan2.2' if wan22_vae else 'Wan2.1'} VAE: "
+        "TI2V-5B uses the Wan2.2 VAE, the other Wan models the Wan2.1 VAE")
+  if transformer_2 is not None and transformer_2 != transformer:
+    diff = {k: (v, getattr(transformer_2, k))
+            for k, v in vars(transformer).items()
+            if getattr(transformer_2, k) != v}
+    raise CheckpointError(f"the two experts differ in their configs: {diff} "
+                          "(high noise, low noise)")
 
 
 # Sources on the Hugging Face hub ----------------------------------------------

@@ -1,7 +1,14 @@
-"""Wan2.1 T2V transformer checkpoints -> astraea-jax parameters.
+"""Wan transformer checkpoints -> astraea-jax parameters.
+
+Wan2.1 T2V and the Wan2.2 DiTs (TI2V-5B, each expert of T2V-A14B and
+I2V-A14B: model_type "ti2v" / "t2v" / "i2v", all Wan2.1's parameters with
+other channel counts). Wan2.1 I2V/FLF2V, whose DiT adds a CLIP image
+embedding (`img_emb.*`), is refused.
 
 Two published layouts are read:
-  * original (Wan-AI/Wan2.1-T2V-*): `config.json` with `dim`, `num_heads`,
+  * original (Wan-AI/Wan2.1-T2V-*, Wan2.2-TI2V-5B/, Wan2.2-*-A14B/
+    high_noise_model/ and low_noise_model/): `config.json` with `dim`,
+    `num_heads`,
     `text_len`, ... and `diffusion_pytorch_model.safetensors` (or sharded
     `diffusion_pytorch_model-0000k-of-0000n.safetensors` + `.index.json`);
   * diffusers (Wan-AI/Wan2.1-T2V-*-Diffusers): the `transformer/` folder,
@@ -102,6 +109,10 @@ for _d, _o in (("attn1", "self_attn"), ("attn2", "cross_attn")):
 
 _BLOCK_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<suffix>.+)$")
 
+# The original config's model_type values whose DiT is Wan2.1's block stack
+# (wan22 `WanModel`: "i2v" is Wan2.2's, without Wan2.1's CLIP `img_emb`).
+MODEL_TYPES = ("t2v", "i2v", "ti2v")
+
 
 # Layout detection and configs -----------------------------------------------
 
@@ -131,9 +142,9 @@ def detect_layout(src) -> tuple[str, pathlib.Path]:
 def config_from_checkpoint(layout, cfg, *, text_len=None, **overrides):
   """WanConfig from a checkpoint's config.json dict."""
   if layout == "wan":
-    if cfg.get("model_type", "t2v") != "t2v":
+    if cfg.get("model_type", "t2v") not in MODEL_TYPES:
       raise CheckpointError(
-          f"model_type={cfg['model_type']!r}: only Wan2.1 t2v is supported")
+          f"model_type={cfg['model_type']!r}: supported are {MODEL_TYPES}")
     if tuple(cfg.get("window_size", (-1, -1))) != (-1, -1):
       raise CheckpointError(f"window_size={cfg['window_size']}: local "
                             "attention windows are not supported")
@@ -221,6 +232,13 @@ def load_params(source: Source, layout: str, config: WanConfig, *,
 
   Raises KeyMismatch listing missing, unexpected and misshapen keys by name.
   """
+  clip = sorted(k for k in source.keys()
+                if k.startswith(("img_emb.", "condition_embedder.image_")))
+  if clip:
+    raise CheckpointError(
+        f"{clip[0]} ...: a CLIP image embedding, i.e. Wan2.1 image-to-video; "
+        "only the Wan2.2 image-to-video DiTs (no image embedding) are "
+        "supported")
   check_keys(source, expected_checkpoint_shapes(config, layout),
              layout=layout)
 

@@ -1,4 +1,10 @@
-"""Wan2.1 VAE checkpoints -> a ready `astraea_jax.vae.wan_vae.WanVAE`.
+"""Wan VAE checkpoints -> a ready `WanVAE` (Wan2.1) or `Wan22VAE` (Wan2.2).
+
+Which VAE a checkpoint holds is read from it: the Wan2.2 VAE (Wan2.2
+TI2V-5B's `Wan2.2_VAE.pth`, diffusers `is_residual=True`) nests each
+encoder/decoder stage's blocks (`encoder.downsamples.{i}.downsamples.{j}`,
+diffusers `encoder.down_blocks.{i}.resnets.{j}` / `.downsampler`) and folds
+2x2 pixels into 12 input channels.
 
 Layouts read:
   * original (`Wan2.1_VAE.pth` of Wan-AI/Wan2.1-*, or the same keys in a
@@ -20,14 +26,17 @@ from its hard-coded block indices to any `num_res_blocks` / `dim_mult`.
 
 from __future__ import annotations
 
+import functools
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from astraea_jax.vae import wan_vae
+from astraea_jax.vae import wan22_vae, wan_vae
+from astraea_jax.vae.wan22_vae import Wan22VAEConfig
 from astraea_jax.vae.wan_vae import WanVAE, WanVAEConfig
 from converters import common
 from converters.common import (CheckpointError, Source, as_source,
@@ -85,9 +94,11 @@ def original_key(path: tuple, config: WanVAEConfig) -> str:
   coder = mods[0]
   if len(mods) == 2:  # encoder.conv1, decoder.head.0, ...
     return f"{coder}.{ORIGINAL_MODULE[mods[1]]}.{LEAF[leaf]}"
-  _check_path(path, len(mods) == 4)
-  group, index, member = mods[1:]
-  return f"{coder}.{group}.{index}.{ORIGINAL_MEMBER[member]}.{LEAF[leaf]}"
+  _check_path(path, len(mods) in (4, 6))
+  # Wan2.2 stages nest their blocks: downsamples.{i}.downsamples.{j}.
+  *blocks, member = mods[1:]
+  return (f"{coder}.{'.'.join(map(str, blocks))}."
+          f"{ORIGINAL_MEMBER[member]}.{LEAF[leaf]}")
 
 
 def _decoder_block_name(index: int, config: WanVAEConfig) -> str:
@@ -103,6 +114,21 @@ def _decoder_block_name(index: int, config: WanVAEConfig) -> str:
   return f"up_blocks.{stage}.upsamplers.0"
 
 
+def _stage_block_name(group, stage, inner, index, config) -> str:
+  """Wan2.2 {group}.{stage}.{inner}.{index} -> diffusers' name: a stage's
+  residual blocks are `resnets.{index}`, its Resample after them is
+  `downsampler` / `upsampler` (encoder / decoder)."""
+  del inner
+  if group == "downsamples":
+    block, resample = f"down_blocks.{stage}", "downsampler"
+    resnets = config.num_res_blocks
+  else:
+    block, resample = f"up_blocks.{stage}", "upsampler"
+    resnets = config.num_res_blocks + 1
+  return f"{block}.resnets.{index}" if index < resnets else (
+      f"{block}.{resample}")
+
+
 def diffusers_key(path: tuple, config: WanVAEConfig) -> str:
   """Our parameter path -> its key in diffusers' `AutoencoderKLWan`."""
   *mods, leaf = path
@@ -112,7 +138,10 @@ def diffusers_key(path: tuple, config: WanVAEConfig) -> str:
   coder = mods[0]
   if len(mods) == 2:
     return f"{coder}.{DIFFUSERS_CODER[mods[1]]}.{LEAF[leaf]}"
-  _check_path(path, len(mods) == 4)
+  _check_path(path, len(mods) in (4, 6))
+  if len(mods) == 6:
+    return f"{coder}.{_stage_block_name(*mods[1:5], config)}." \
+        f"{DIFFUSERS_MEMBER[mods[5]]}.{LEAF[leaf]}"
   group, index, member = mods[1:]
   if group == "middle":
     block = DIFFUSERS_MIDDLE[index]
@@ -149,9 +178,20 @@ def to_ours(path: tuple, array: np.ndarray) -> np.ndarray:
   return array
 
 
+def vae_module(config: WanVAEConfig):
+  """The module (wan_vae or wan22_vae) whose VAE a config builds."""
+  return wan22_vae if isinstance(config, Wan22VAEConfig) else wan_vae
+
+
 def param_shapes(config: WanVAEConfig) -> dict[tuple, tuple]:
   """Our parameter paths -> shapes, by abstract evaluation (no memory)."""
-  state = nnx.state(wan_vae.abstract_model(config), nnx.Param)
+  return dict(_param_shapes(config))
+
+
+@functools.cache
+def _param_shapes(config):
+  # Memoised: loading asks three times, ~0.8 s each for a tiny VAE on CPU.
+  state = nnx.state(vae_module(config).abstract_model(config), nnx.Param)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   return {path: tuple(v.shape) for path, v in flat.items()}
 
@@ -191,60 +231,90 @@ def detect_layout(keys) -> str:
       f"decoder.up_blocks.*); found {sorted(keys)[:10]} ...")
 
 
+# The first encoder stage's residual blocks' first norms, which only the
+# Wan2.2 VAE nests in stages (a Wan2.2 checkpoint has a match for block 0).
+WAN22_RESNET = {
+    "original": re.compile(
+        r"^encoder\.downsamples\.0\.downsamples\.(\d+)\.residual\.0\.gamma$"),
+    "diffusers": re.compile(
+        r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.norm1\.gamma$")}
+
+
 def infer_config(source, layout: str, **overrides) -> WanVAEConfig:
-  """Wan2.1 config with base_dim and z_dim read from the tensor shapes.
+  """The config from the tensor shapes: Wan2.1, or Wan2.2 where the keys
+  nest (`WAN22_RESNET`); base_dim, z_dim (and for Wan2.2 the decoder width,
+  the pixel folding and the residual blocks per stage) are read from the
+  checkpoint.
 
   The original checkpoint carries no config; its other hyper-parameters are
-  the Wan2.1 ones, and `load_state` then checks every key and shape.
+  the published ones, and `load_state` then checks every key and shape.
   """
-  first = {"original": "encoder.conv1.weight",
-           "diffusers": "encoder.conv_in.weight"}[layout]
-  post = {"original": "conv2.weight",
-          "diffusers": "post_quant_conv.weight"}[layout]
-  kw = {}
+  names = {"original": ("encoder.conv1.weight", "conv2.weight",
+                        "decoder.conv1.weight"),
+           "diffusers": ("encoder.conv_in.weight", "post_quant_conv.weight",
+                         "decoder.conv_in.weight")}[layout]
+  first, post, decoder_first = names
   keys = set(source.keys())
+  resnets = [k for k in keys if WAN22_RESNET[layout].match(k)]
+  wan22 = bool(resnets)
+  cls = Wan22VAEConfig if wan22 else WanVAEConfig
+  z_known = len(cls().latents_mean)
+  kw = {"num_res_blocks": len(resnets)} if wan22 else {}
   if first in keys:
     kw["base_dim"] = int(source.shape(first)[0])
   if post in keys:
     kw["z_dim"] = int(source.shape(post)[0])
-  if kw.get("z_dim", 16) != 16 and "latents_mean" not in overrides:
+  if wan22 and first in keys:
+    kw["patch_size"] = round((source.shape(first)[1] / 3) ** 0.5)
+  if wan22 and decoder_first in keys:
+    kw["decoder_base_dim"] = (int(source.shape(decoder_first)[0])
+                              // cls().dim_mult[-1])
+  if kw.get("z_dim", z_known) != z_known and "latents_mean" not in overrides:
     raise CheckpointError(
-        f"z_dim={kw['z_dim']} from {post}: only the 16-channel Wan2.1 latent "
-        "statistics are known; pass latents_mean/latents_std")
+        f"z_dim={kw['z_dim']} from {post}: only the {z_known}-channel "
+        f"{'Wan2.2' if wan22 else 'Wan2.1'} latent statistics are known; "
+        "pass latents_mean/latents_std")
   kw.update(overrides)
-  return WanVAEConfig(**kw)
+  return cls(**kw)
 
 
 def config_from_diffusers(cfg: dict, **overrides) -> WanVAEConfig:
-  """WanVAEConfig from an `AutoencoderKLWan` config.json dict."""
-  if cfg.get("is_residual", False):
-    raise CheckpointError("is_residual=True is the Wan2.2 VAE; only the "
-                          "Wan2.1 VAE is supported")
-  if cfg.get("patch_size") not in (None, 1):
-    raise CheckpointError(f"patch_size={cfg['patch_size']}: patchified VAEs "
-                          "(Wan2.2) are not supported")
+  """WanVAEConfig (Wan22VAEConfig when `is_residual`) from an
+  `AutoencoderKLWan` config.json dict."""
+  wan22 = bool(cfg.get("is_residual", False))
+  patch = cfg.get("patch_size") or 1
+  if wan22 and patch < 2:
+    raise CheckpointError(f"is_residual=True with patch_size={patch}: the "
+                          "Wan2.2 VAE folds 2x2 pixels (patch_size=2)")
+  if not wan22 and patch != 1:
+    raise CheckpointError(f"patch_size={patch} without is_residual: not a "
+                          "published Wan VAE")
   if cfg.get("attn_scales"):
-    raise CheckpointError(f"attn_scales={cfg['attn_scales']}: Wan2.1 has "
-                          "attention only in the middle blocks")
+    raise CheckpointError(f"attn_scales={cfg['attn_scales']}: the Wan VAEs "
+                          "have attention only in the middle blocks")
   base = cfg.get("base_dim", 96)
-  if cfg.get("decoder_base_dim") not in (None, base):
-    raise CheckpointError(f"decoder_base_dim={cfg['decoder_base_dim']} "
-                          f"differs from base_dim={base}: not supported")
-  for key, want in (("in_channels", 3), ("out_channels", 3)):
-    if cfg.get(key, want) != want:
+  decoder_base = cfg.get("decoder_base_dim") or base
+  if not wan22 and decoder_base != base:
+    raise CheckpointError(f"decoder_base_dim={decoder_base} differs from "
+                          f"base_dim={base}: not a Wan2.1 VAE")
+  channels = 3 * patch * patch  # diffusers folds pixels before conv_in
+  for key in ("in_channels", "out_channels"):
+    if cfg.get(key, channels) != channels:
       raise CheckpointError(f"{key}={cfg[key]} is not supported (needs "
-                            f"{want})")
+                            f"{channels} with patch_size={patch})")
   kw = dict(base_dim=base, z_dim=cfg.get("z_dim", 16),
             dim_mult=tuple(cfg.get("dim_mult", (1, 2, 4, 4))),
             num_res_blocks=cfg.get("num_res_blocks", 2),
             temporal_downsample=tuple(
                 cfg.get("temperal_downsample", (False, True, True))))
+  if wan22:
+    kw.update(decoder_base_dim=decoder_base, patch_size=patch)
   if cfg.get("latents_mean") is not None:
     kw["latents_mean"] = tuple(cfg["latents_mean"])
   if cfg.get("latents_std") is not None:
     kw["latents_std"] = tuple(cfg["latents_std"])
   kw.update(overrides)
-  return WanVAEConfig(**kw)
+  return (Wan22VAEConfig if wan22 else WanVAEConfig)(**kw)
 
 
 # Loading ---------------------------------------------------------------------
@@ -270,8 +340,9 @@ def load_params(source, config: WanVAEConfig, layout: str) -> dict:
 
 
 def vae_from_params(params: dict, config: WanVAEConfig) -> WanVAE:
-  """A WanVAE whose parameters are the nested dict `params` (our layout)."""
-  graphdef, state = nnx.split(wan_vae.abstract_model(config))
+  """A WanVAE (Wan22VAE for a Wan22VAEConfig) whose parameters are the
+  nested dict `params` (our layout)."""
+  graphdef, state = nnx.split(vae_module(config).abstract_model(config))
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
 

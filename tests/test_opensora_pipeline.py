@@ -65,22 +65,6 @@ def randomise(params, seed, scale=0.2):
       params)
 
 
-def write_tokenizer(folder):
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  from tokenizers import models, pre_tokenizers, processors
-  vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-  for w in WORDS:
-    vocab.setdefault(w, len(vocab))
-  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.post_processor = processors.TemplateProcessing(
-      single="$A </s>", special_tokens=[("</s>", 1)])
-  tok.save(str(folder / tokenizer_lib.TOKENIZER_JSON))
-  (folder / "tokenizer_config.json").write_text(json.dumps(
-      {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
-       "model_max_length": 512}))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
   """The whole OpenSora v1.2 folder as published, tiny and random."""
@@ -144,7 +128,7 @@ def source(tmp_path_factory):
       "relative_attention_max_distance": T5.relative_attention_max_distance,
       "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
       "is_encoder_decoder": True}))
-  write_tokenizer(t5)
+  testing.write_word_tokenizer(t5, WORDS)
   return {"root": root, "stdit3": params, "vae": vae_params,
           "t5": t5_params}
 

@@ -273,7 +273,7 @@ def test_missing_part_is_named(folders, tmp_path, capsys, layout, remove,
   shutil.copytree(folders[layout], src)
   target = src / remove
   shutil.rmtree(target) if target.is_dir() else target.unlink()
-  convert_fails(src, tmp_path / "dst", capsys, "incomplete Wan2.1 model "
+  convert_fails(src, tmp_path / "dst", capsys, "incomplete Wan model "
                 f"folder ({layout} layout)", message, extra=["--allow-pth"])
 
 

@@ -1,4 +1,4 @@
-"""The 1.3B and 14B presets build the exact tensors of the real checkpoints.
+"""The Wan presets build the exact tensors of the real checkpoints.
 
 Expected shapes are written out here from the published architecture
 (Wan2.1 config.json: dim, ffn_dim, heads, layers; in/out 16 channels, text
@@ -12,9 +12,9 @@ from astraea_jax.configs import WanConfig
 from converters import wan as wan_converter
 
 
-def published_shapes(dim, ffn, layers):
+def published_shapes(dim, ffn, layers, in_dim=16, out_dim=16):
   shapes = {
-      "patch_embedding.weight": (dim, 16, 1, 2, 2),
+      "patch_embedding.weight": (dim, in_dim, 1, 2, 2),
       "patch_embedding.bias": (dim,),
       "text_embedding.0.weight": (dim, 4096), "text_embedding.0.bias": (dim,),
       "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
@@ -22,7 +22,8 @@ def published_shapes(dim, ffn, layers):
       "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
       "time_projection.1.weight": (6 * dim, dim),
       "time_projection.1.bias": (6 * dim,),
-      "head.head.weight": (64, dim), "head.head.bias": (64,),
+      "head.head.weight": (4 * out_dim, dim),
+      "head.head.bias": (4 * out_dim,),
       "head.modulation": (1, 2, dim),
   }
   for i in range(layers):
@@ -46,6 +47,9 @@ def published_shapes(dim, ffn, layers):
 @pytest.mark.parametrize("config,count,size", [
     (WanConfig.wan21_t2v_1_3b(), 825, (1536, 8960, 30)),
     (WanConfig.wan21_t2v_14b(), 1095, (5120, 13824, 40)),
+    # Wan2.2 (wan22 configs/wan_ti2v_5B.py, wan_i2v_A14B.py)
+    (WanConfig.wan22_ti2v_5b(), 825, (3072, 14336, 30, 48, 48)),
+    (WanConfig.wan22_i2v_a14b(), 1095, (5120, 13824, 40, 36, 16)),
 ])
 def test_preset_matches_published_checkpoint(config, count, size):
   ours = wan_converter.expected_checkpoint_shapes(config)

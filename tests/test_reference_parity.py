@@ -11,14 +11,11 @@ Tolerance: max abs error <= 1e-5 * max|reference| + 1e-6 (float32, same
 math in a different order).
 """
 
-import importlib.util
-import sys
-import types
-
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from _wan22_reference import randomise_, wan_model
 from astraea_jax import checkpoint, cli, testing
 from astraea_jax.configs import WanConfig
 from converters import wan as wan_converter
@@ -35,17 +32,6 @@ def inputs(seed=0):
   ctx[0, :9] = rng.standard_normal((9, CONFIG.text_dim))
   ctx[1, :4] = rng.standard_normal((4, CONFIG.text_dim))
   return x, t, ctx
-
-
-def randomise_(module, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 1
-      scale = 0.5 if "scale_shift" in name or "modulation" in name else (
-          fan_in ** -0.5 if p.ndim > 1 else 0.1)
-      noise = torch.randn(p.shape, generator=gen) * scale
-      p.copy_(1 + noise if "norm" in name and p.ndim == 1 else noise)
 
 
 def convert_state_dict(tmp_path, state_dict, layout):
@@ -84,54 +70,13 @@ def test_diffusers_parity_through_both_layouts(tmp_path):
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def load_wan22_model_module():
-  """wan.modules.model without running wan/__init__ (which touches CUDA)."""
-  spec = importlib.util.find_spec("wan")
-  if spec is None:
-    raise ImportError("wan22 is not installed (pip install --no-deps wan22)")
-  root = spec.submodule_search_locations[0]
-  saved = {k: sys.modules.get(k) for k in ("wan", "wan.modules")}
-  for name, path in (("wan", root), ("wan.modules", root + "/modules")):
-    pkg = types.ModuleType(name)
-    pkg.__path__ = [path]
-    sys.modules[name] = pkg
-  try:
-    mspec = importlib.util.spec_from_file_location(
-        "wan.modules.model", root + "/modules/model.py")
-    module = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(module)
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        sys.modules.pop(k, None)
-      else:
-        sys.modules[k] = v
-  return module
-
-
-def exact_attention(q, k, v, q_lens=None, k_lens=None, softmax_scale=None,
-                    **unused):
-  """flash_attention's contract in float32: keys past k_lens are masked."""
-  del q_lens, unused
-  lk = k.shape[1]
-  mask = None
-  if k_lens is not None:
-    mask = (torch.arange(lk)[None, :] < k_lens[:, None])[:, None, None, :]
-  out = torch.nn.functional.scaled_dot_product_attention(
-      q.float().transpose(1, 2), k.float().transpose(1, 2),
-      v.float().transpose(1, 2), attn_mask=mask, scale=softmax_scale)
-  return out.transpose(1, 2).to(q.dtype)
-
-
 def test_wan22_parity(tmp_path):
-  module = load_wan22_model_module()
-  module.flash_attention = exact_attention
-  ref_model = module.WanModel(
+  ref_model = wan_model(
       model_type="t2v", patch_size=CONFIG.patch_size,
       text_len=CONFIG.text_len, in_dim=16, dim=CONFIG.dim,
       ffn_dim=CONFIG.ffn_dim, freq_dim=CONFIG.freq_dim,
       text_dim=CONFIG.text_dim, out_dim=16, num_heads=CONFIG.num_heads,
-      num_layers=CONFIG.num_layers).eval()
+      num_layers=CONFIG.num_layers)
   randomise_(ref_model, seed=12)
   x, t, ctx = inputs(seed=1)
   seq_len = 3 * 4 * 5

@@ -53,7 +53,7 @@ def model_family(model_path) -> str:
   """"opensora-v1.2" for a converted OpenSora folder, else "wan2.1-t2v"
   (a Wan folder or a converted transformer alone)."""
   if checkpoint.is_model_folder(model_path):
-    return checkpoint.manifest_model(model_path)
+    return pipelines.pipeline_class(model_path).MODEL
   return WAN
 
 

@@ -1,6 +1,14 @@
-"""Wan2.1 text-to-video diffusion transformer (WanDiT) in Flax NNX.
+"""Wan2.1 / Wan2.2 diffusion transformer (WanDiT) in Flax NNX.
 
-Follows `wan/modules/model.py` of Wan-Video/Wan2.1 (class `WanModel`, t2v).
+Follows `wan/modules/model.py` of Wan-Video/Wan2.1 (class `WanModel`, t2v)
+and of the `wan22` package, which adds two inputs that the Wan2.2 models
+use (every Wan2.2 DiT has Wan2.1's block and parameters):
+  * per-token timesteps, timestep (B, L): TI2V-5B gives the tokens of the
+    conditioning first frame t = 0 and the others the step's t, so the
+    time embedding and the modulation tables become per token;
+  * conditioning channels (I2V-A14B: in_dim 36 = 16 noisy latent channels
+    + 4 mask + 16 image latent channels), concatenated to the latents
+    before the patch embedding (`condition=`).
 Parameter names keep the original checkpoint's names so the converter's key
 map stays short (converters/wan.py). Reading order: embeddings -> attention
 -> block -> WanDiT -> pure functions over parameters at the bottom.
@@ -12,6 +20,8 @@ inputs in `config.dtype` (float32 or bfloat16).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -117,9 +127,11 @@ class WanBlock(nnx.Module):
                    rngs=rngs)
 
   def modulate(self, e0):
-    """(B, 6, dim) float32 -> six (B, 1, dim) float32 tables."""
+    """e0 (B, 6, dim), or per token (B, L, 6, dim), float32 -> six
+    (B, 1 or L, dim) float32 tables."""
     m = self.modulation[...].astype(F32) + e0
-    return tuple(m[:, i:i + 1] for i in range(6))
+    m = m[:, None] if m.ndim == 3 else m
+    return tuple(m[:, :, i] for i in range(6))
 
   def self_attn_input(self, x, e0):
     """The self-attention's input LN(x)(1 + scale1) + shift1 (B, N, dim)
@@ -170,6 +182,9 @@ class WanBlock(nnx.Module):
       if token_index is not None:
         x, h = take_tokens(x, token_index), take_tokens(h, token_index)
         rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
+        gate1, shift2, scale2, gate2 = (
+            take_table(t, token_index) for t in (gate1, shift2, scale2,
+                                                  gate2))
       attention = attention or layers.attention
       out, aux["lse"] = attention(self.self_attn.query(h, rope_q), k, v)
       self_attn_out = computed["self_attn_out"] = self.self_attn.output(out)
@@ -207,6 +222,12 @@ def take_tokens(x, token_index):
   return jnp.take_along_axis(x, idx, axis=1)
 
 
+def take_table(table, token_index):
+  """A modulation table (B, 1, dim) as is; per token (B, N, dim) -> the
+  rows token_index (B, K) -> (B, K, dim)."""
+  return table if table.shape[1] == 1 else take_tokens(table, token_index)
+
+
 class Head(nnx.Module):
   """Output head, all in float32: head(LN(x) * (1 + scale) + shift)."""
 
@@ -221,17 +242,22 @@ class Head(nnx.Module):
                               param_dtype=c.weight_dtype, rngs=rngs)
 
   def __call__(self, x, e):
-    m = self.modulation[...].astype(F32) + e[:, None]  # (B, 2, dim)
-    shift, scale = m[:, 0:1], m[:, 1:2]
+    """x (B, L, dim); e (B, dim), or per token (B, L, dim)."""
+    e = e[:, None] if e.ndim == 2 else e  # (B, 1 or L, dim)
+    m = self.modulation[...].astype(F32)[None] + e[:, :, None]
+    shift, scale = m[:, :, 0], m[:, :, 1]  # (B, 1 or L, dim) each
     return self.head(layers.layer_norm(x, self.eps) * (1 + scale) + shift)
 
 
 class WanDiT(nnx.Module):
-  """Wan2.1 T2V DiT: `model(latents, timestep, context) -> velocity`.
+  """Wan DiT: `model(latents, timestep, context) -> velocity`.
 
-  latents (B, in_dim, F, H, W); timestep (B,) in [0, 1000]; context
+  latents (B, C, F, H, W); timestep (B,) in [0, 1000], or per token
+  (B, f*h*w) on the patch grid in (f, h, w) order (Wan2.2 TI2V); context
   (B, L, text_dim) with L <= text_len, zero-padded to text_len as the
-  original does. Returns (B, out_dim, F, H, W) float32.
+  original does; condition: optional (B, in_dim - C, F, H, W) channels
+  concatenated after the latents' (Wan2.2 I2V: mask and image latents);
+  without it C = in_dim. Returns (B, out_dim, F, H, W) float32.
   """
 
   def __init__(self, config: WanConfig, *, rngs: nnx.Rngs):
@@ -254,19 +280,28 @@ class WanDiT(nnx.Module):
 
   # Pieces, public so that token-wise samplers can reuse them. -------------
 
-  def check_inputs(self, latents, timestep, context):
+  def check_inputs(self, latents, timestep, context, condition=None):
     c = self.config
-    if latents.ndim != 5 or latents.shape[1] != c.in_dim:
+    if condition is None:
+      if latents.ndim != 5 or latents.shape[1] != c.in_dim:
+        raise ValueError(
+            f"latents must be (B, {c.in_dim}, F, H, W); got {latents.shape}")
+    elif (latents.ndim != 5 or condition.shape[0] != latents.shape[0]
+          or condition.shape[2:] != latents.shape[2:]
+          or latents.shape[1] + condition.shape[1] != c.in_dim):
       raise ValueError(
-          f"latents must be (B, {c.in_dim}, F, H, W); got {latents.shape}")
+          f"latents {latents.shape} and condition {condition.shape} must be "
+          f"(B, C, F, H, W) and (B, C', F, H, W) with C + C' = {c.in_dim=}")
     for name, size, p in zip("FHW", latents.shape[2:], c.patch_size):
       if size % p:
         raise ValueError(
             f"latent {name}={size} is not divisible by patch size {p} "
             f"({c.patch_size=})")
     b = latents.shape[0]
-    if timestep.shape != (b,):
-      raise ValueError(f"timestep must be ({b},); got {timestep.shape}")
+    tokens = math.prod(self.grid(latents.shape))
+    if timestep.shape not in ((b,), (b, tokens)):
+      raise ValueError(f"timestep must be ({b},) or per token ({b}, "
+                       f"{tokens}); got {timestep.shape}")
     if context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.text_dim:
       raise ValueError(
           f"context must be ({b}, L, {c.text_dim}); got {context.shape}")
@@ -279,10 +314,14 @@ class WanDiT(nnx.Module):
     return tuple(s // p for s, p in zip(latents_shape[2:],
                                         self.config.patch_size))
 
-  def embed(self, latents, timestep, context):
-    """Inputs -> (x (B, L, dim) f32, e (B, dim), e0 (B, 6, dim), ctx, rope)."""
+  def embed(self, latents, timestep, context, condition=None):
+    """Inputs -> (x (B, L, dim) f32, e (B, dim), e0 (B, 6, dim), ctx, rope);
+    with per-token timesteps e (B, L, dim) and e0 (B, L, 6, dim)."""
     c = self.config
-    self.check_inputs(latents, timestep, context)
+    self.check_inputs(latents, timestep, context, condition)
+    if condition is not None:
+      latents = jnp.concatenate(
+          [latents, condition.astype(latents.dtype)], axis=1)
     x = self.embed_tokens(patchify(latents, c.patch_size))
     e, e0, ctx = self.embed_conditions(timestep, context)
     rope = layers.rope_table(self.grid(latents.shape), c.head_dim,
@@ -295,10 +334,13 @@ class WanDiT(nnx.Module):
 
   def embed_conditions(self, timestep, context):
     """(e (B, dim), e0 (B, 6, dim), ctx (B, text_len, dim)); the context is
-    zero-padded to text_len first, as the original does."""
+    zero-padded to text_len first, as the original does. Per-token
+    timesteps (B, L) give e (B, L, dim) and e0 (B, L, 6, dim)."""
     c = self.config
-    e = self.time_embedding(layers.timestep_embedding(timestep, c.freq_dim))
-    e0 = self.time_projection(jax.nn.silu(e)).reshape(-1, 6, c.dim)
+    freqs = layers.timestep_embedding(timestep.reshape(-1), c.freq_dim)
+    e = self.time_embedding(freqs.reshape(*timestep.shape, c.freq_dim))
+    e0 = self.time_projection(jax.nn.silu(e)).reshape(*e.shape[:-1], 6,
+                                                      c.dim)
     pad = c.text_len - context.shape[1]
     ctx = jnp.pad(context, ((0, 0), (0, pad), (0, 0)))
     return e, e0, self.text_embedding(ctx)
@@ -325,8 +367,9 @@ class WanDiT(nnx.Module):
     out = self.head(x, e)
     return unpatchify(out, self.grid(latents_shape), c.patch_size, c.out_dim)
 
-  def __call__(self, latents, timestep, context, *, return_aux=False):
-    x, e, e0, ctx, rope = self.embed(latents, timestep, context)
+  def __call__(self, latents, timestep, context, *, condition=None,
+               return_aux=False):
+    x, e, e0, ctx, rope = self.embed(latents, timestep, context, condition)
     x, aux = self.run_blocks(x, e0, ctx, rope)
     out = self.unembed(x, e, latents.shape)
     return (out, aux) if return_aux else out
@@ -357,3 +400,11 @@ def unpatchify(x, grid, patch_size, out_dim):
 def abstract_model(config: WanConfig) -> WanDiT:
   """The model with ShapeDtypeStruct leaves: shapes without memory."""
   return nnx.eval_shape(lambda: WanDiT(config, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(config: WanConfig, params: dict) -> WanDiT:
+  """A WanDiT whose parameters are the nested dict `params` (our layout,
+  what `converters.wan.load_params` returns)."""
+  graphdef, state = nnx.split(abstract_model(config))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)

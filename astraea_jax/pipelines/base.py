@@ -64,8 +64,16 @@ class GenerateConfig:
 
 
 def pipeline_class(path) -> type:
-  """The pipeline class of a converted whole-model folder's model."""
-  return PIPELINES[checkpoint.manifest_model(path)]
+  """The pipeline class of a converted whole-model folder's model; a
+  ValueError for a model with no pipeline yet (the Wan2.2 folders: their
+  models load with `checkpoint.load_model`)."""
+  model = checkpoint.manifest_model(path)
+  if model not in PIPELINES:
+    raise ValueError(
+        f"{path} holds {model}: its models load with "
+        "astraea_jax.checkpoint.load_model, but no pipeline runs it yet "
+        f"(pipelines: {', '.join(sorted(PIPELINES))})")
+  return PIPELINES[model]
 
 
 def latent_size(height: int, width: int, num_frames: int, frames: int, *,
@@ -193,7 +201,7 @@ class Pipeline(nnx.Module):
     """The folder's manifest, refused unless it holds this family."""
     model = checkpoint.manifest_model(path)
     if model != cls.MODEL:
-      other = PIPELINES[model].__name__
+      other = pipeline_class(path).__name__
       raise ValueError(f"{path} holds {model}, not {cls.MODEL}: load it "
                        f"with astraea_jax.pipelines.{other}")
     return checkpoint.read_manifest(path)

@@ -340,13 +340,16 @@ class Resample(nnx.Module):
 
   MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
 
-  def __init__(self, dim, mode, *, config: WanVAEConfig, rngs: nnx.Rngs):
+  def __init__(self, dim, mode, *, config: WanVAEConfig, rngs: nnx.Rngs,
+               upsample_out_dim: int | None = None):
     if mode not in self.MODES:
       raise ValueError(f"{mode=} must be one of {self.MODES}")
     self.mode = mode
     kw = dict(config=config, rngs=rngs)
     if mode.startswith("upsample"):
-      self.conv = Conv2d(dim, dim // 2, 3, padding=((1, 1), (1, 1)), **kw)
+      # Wan2.1 halves the channels here; Wan2.2 passes out_dim = dim.
+      out = dim // 2 if upsample_out_dim is None else upsample_out_dim
+      self.conv = Conv2d(dim, out, 3, padding=((1, 1), (1, 1)), **kw)
     else:
       self.conv = Conv2d(dim, dim, 3, padding=((0, 1), (0, 1)), stride=2,
                          **kw)
@@ -590,25 +593,30 @@ def encode_jit(vae: WanVAE, video):
 # Host-driven decoding: bounded memory, frames streamed out ------------------
 
 
+def _to_video(frames):
+  """(B, t, H, W, 3) decoder output -> (B, 3, t, H, W) float32 in [-1, 1]
+  (exact: a transpose and a clip)."""
+  return clamp_video(jnp.moveaxis(frames.astype(F32), -1, 1))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_first(graphdef, state, latents):
-  """(decoder input of every latent frame, video frame 0, causal cache)."""
+  """(decoder input of every latent frame, video frame 0 (B, 3, 1, H, W),
+  causal cache)."""
   vae = nnx.merge(graphdef, state)
   x = vae.decoder_input(latents)
   frames, cache = vae.decoder(x[:, :1], None, first=True)
-  return x, frames, cache
+  return x, _to_video(frames), cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _decode_next(graphdef, state, x, cache):
-  """(the next temporal_factor video frames, the next cache) of one latent
-  frame x (B, 1, h, w, z_dim)."""
-  return nnx.merge(graphdef, state).decoder(x, cache, first=False)
-
-
-def _to_video(frames, xp):
-  """(B, t, H, W, 3) decoder output -> (B, 3, t, H, W) float32 in [-1, 1]."""
-  return xp.clip(xp.moveaxis(frames.astype(xp.float32), -1, 1), -1.0, 1.0)
+  """(the next temporal_factor video frames (B, 3, 4, H, W), the next
+  cache) of one latent frame x (B, 1, h, w, z_dim). The cache is donated:
+  the next one reuses its buffers (float32 frames of every causal
+  convolution, 3.5 GiB at 480p) instead of both being alive at once."""
+  frames, cache = nnx.merge(graphdef, state).decoder(x, cache, first=False)
+  return _to_video(frames), cache
 
 
 def decode_chunked(vae: WanVAE, latents, *, to_host: bool = False,
@@ -617,25 +625,29 @@ def decode_chunked(vae: WanVAE, latents, *, to_host: bool = False,
   host: two compiled programs (the first frame, then any next one with the
   causal cache carried), so the device holds one chunk's activations and
   the cache, not the whole video's. to_host: each chunk's frames are copied
-  to host memory as they finish and the video is a NumPy array (never
-  whole on the device). on_frame(): called after each latent frame (a
-  progress bar)."""
+  to host memory while the next chunk computes, and the video is a NumPy
+  array (never whole on the device). on_frame(): called after each latent
+  frame (a progress bar)."""
   graphdef, state = nnx.split(vae)
-  xp = np if to_host else jnp
-  keep = ((lambda f: _to_video(np.asarray(f), np)) if to_host
-          else jax.block_until_ready)
-  x, first, cache = _decode_first(graphdef, state, jnp.asarray(latents))
-  chunks = [keep(first)]
-  for t in range(1, latents.shape[2]):
+  x, frames, cache = _decode_first(graphdef, state, jnp.asarray(latents))
+  chunks = []
+
+  def finish(frames):
+    if to_host:
+      chunks.append(np.asarray(frames))  # waits for its copy only
+    else:
+      chunks.append(frames.block_until_ready())
     if on_frame is not None:
       on_frame()
-    frames, cache = _decode_next(graphdef, state, x[:, t:t + 1], cache)
-    chunks.append(keep(frames))
-  if on_frame is not None:
-    on_frame()
-  if to_host:
-    return np.concatenate(chunks, axis=2)
-  return _to_video(xp.concatenate(chunks, axis=1), xp)
+
+  for t in range(1, latents.shape[2]):
+    if to_host:
+      frames.copy_to_host_async()
+    following, cache = _decode_next(graphdef, state, x[:, t:t + 1], cache)
+    finish(frames)
+    frames = following
+  finish(frames)
+  return (np if to_host else jnp).concatenate(chunks, axis=2)
 
 
 def tile_ramp(size: int, start: int, tile: int, overlap: int):

@@ -1,0 +1,221 @@
+"""Device memory of the whole Wan2.1 pipeline, per stage and end to end
+(issue #26), each configuration in its own process (JAX's peak is
+cumulative).
+
+  PYTHONPATH=. python benchmarks/pipeline_memory.py --out DIR     # GPU
+  PYTHONPATH=. python benchmarks/pipeline_memory.py --small --out /tmp/x
+
+What `astraea generate` runs, with random weights in the published sizes
+(umT5-XXL encoder bfloat16, Wan2.1-T2V-1.3B DiT bfloat16, Wan2.1 VAE
+float32), 480p x 81 (latent 16 x 21 x 60 x 104), UniPC 50 steps, CFG 5:
+the components offloaded as `WanPipeline.from_pretrained` leaves them
+(`placement`), two 512-token prompts encoded (`encode_prompt`'s stage),
+then `Pipeline.generate` (denoising, then the decode streamed to the
+host), dense or Astraea at mean budget 0.4. Rows:
+
+  whole_dense / whole_astraea   the run as a user's first video in a
+      fresh process (compiles included), its wall time and peak;
+  *_cap<N>                     the same with JAX's device pool limited to
+      N GiB (XLA_PYTHON_CLIENT_MEM_FRACTION): does it run on an N GiB GPU;
+  decode_base / decode_new     the VAE decode alone (vae_memory.py's rows)
+      on the tree before this issue (.base937) and on this one.
+
+Peaks are `memory_stats()["peak_bytes_in_use"]` of the device allocator,
+read after each stage (cumulative: each is the peak so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+GIB = 2 ** 30
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _peak():
+  s = jax.devices()[0].memory_stats() or {}
+  return s.get("peak_bytes_in_use", 0) / GIB
+
+
+def _limit():
+  s = jax.devices()[0].memory_stats() or {}
+  return s.get("bytes_limit", 0) / GIB
+
+
+def host_random(abstract_module, seed: int):
+  """The module with random NumPy parameters in host memory, as loading
+  an offloaded checkpoint leaves it (never on the device, so the device's
+  peak is the stages' alone): one 2^20-value normal block per module,
+  repeated over each leaf from a random offset and scaled per leaf as
+  `testing.random_params` scales its draws (values matter for neither
+  memory nor time; drawing 5.7 billion would take minutes)."""
+  from astraea_jax import testing
+  rng = np.random.default_rng(seed)
+  block = rng.standard_normal(1 << 21).astype(np.float32)
+  graphdef, state = nnx.split(abstract_module)
+
+  def leaf(path, a):
+    start = int(rng.integers(0, 1 << 20))
+    piece = testing.scaled_like_init(jax.tree_util.keystr(path),
+                                     block[start:start + (1 << 20)],
+                                     a.shape)
+    return np.resize(np.asarray(piece, np.float32).astype(a.dtype), a.shape)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(leaf, state))
+
+
+def build(small: bool):
+  """(offloaded WanPipeline with random weights, (height, width, frames))."""
+  from astraea_jax import pipelines, placement
+  from astraea_jax.configs import WanConfig
+  from astraea_jax.models.text import umt5
+  from astraea_jax.models.text.umt5 import UMT5Config
+  from astraea_jax.vae import wan_vae
+  if small:
+    config = WanConfig.tiny(num_layers=2)
+    text_config = UMT5Config.tiny(d_model=config.text_dim)
+    vae_config = wan_vae.WanVAEConfig.tiny()
+    size = (64, 96, 17)
+  else:
+    config = WanConfig.wan21_t2v_1_3b(dtype="bfloat16",
+                                      param_dtype="bfloat16")
+    text_config = UMT5Config.umt5_xxl(dtype="bfloat16",
+                                      param_dtype="bfloat16")
+    vae_config = wan_vae.WanVAEConfig.wan21()
+    size = (480, 832, 81)
+  from astraea_jax.models import wan
+  transformer = host_random(wan.abstract_model(config), 0)
+  text_encoder = host_random(umt5.abstract_model(text_config), 1)
+  vae = host_random(wan_vae.abstract_model(vae_config), 2)
+  assert all(placement.is_on_host(m) for m in (transformer, text_encoder,
+                                                 vae))
+  pipe = pipelines.WanPipeline(transformer, vae, text_encoder,
+                               text_len=config.text_len)
+  return pipe, size
+
+
+def encode(pipe):
+  """`encode_prompt`'s stage on random 120-token prompts (no tokenizer)."""
+  from astraea_jax import placement
+  from astraea_jax.pipelines import wan_pipeline
+  with placement.placed(pipe.text_encoder):
+    graphdef, state = nnx.split(pipe.text_encoder)
+    n = pipe.text_len
+    mask = (jnp.arange(n) < min(120, n))[None].astype(jnp.int32)
+    rows = [wan_pipeline._encode_jit(                      # pylint: disable=protected-access
+        graphdef, state, jax.random.randint(
+            jax.random.key(3 + i), (1, n), 3,
+            pipe.text_encoder.config.vocab_size), mask, n)
+            for i in range(2)]
+    return jax.block_until_ready(tuple(rows))
+
+
+def run_whole(small: bool, budget: float | None) -> dict:
+  from astraea_jax.pipelines.base import GenerateConfig
+  t0 = time.perf_counter()
+  pipe, (height, width, frames) = build(small)
+  row = {"build_s": time.perf_counter() - t0, "after_build_gib": _peak()}
+  jax.clear_caches()
+  t0 = time.perf_counter()
+  conditioning = encode(pipe)
+  row["text_s"] = time.perf_counter() - t0
+  row["after_text_gib"] = _peak()
+  config = GenerateConfig(height=height, width=width, frames=frames,
+                          steps=3 if small else 50, budget=budget)
+  t1 = time.perf_counter()
+  _, videos, report = pipe.generate(conditioning, config, fps=16.0)
+  row["generate_s"] = time.perf_counter() - t1
+  row["wall_s"] = time.perf_counter() - t0
+  row["after_generate_gib"] = _peak()
+  row["report"] = {k: v for k, v in report.items() if k != "latent_shape"}
+  row["video_shape"] = list(next(iter(videos.values())).shape)
+  return row
+
+
+# (name, what, tree on PYTHONPATH, extra env)
+ROWS = [
+    ("decode_base", [str(HERE / "vae_memory.py"), "--one", "chunked"],
+     ".base937", {}),
+    ("decode_new", [str(HERE / "vae_memory.py"), "--one", "chunked"], ".",
+     {}),
+    ("decode_new_cap8", [str(HERE / "vae_memory.py"), "--one", "chunked"],
+     ".", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "CAP8"}),
+    ("decode_new_autotune0", [str(HERE / "vae_memory.py"), "--one",
+                              "chunked"], ".",
+     {"XLA_FLAGS": "--xla_gpu_autotune_level=0"}),
+    ("whole_dense_cap12", ["--whole"], ".",
+     {"XLA_PYTHON_CLIENT_MEM_FRACTION": "CAP12"}),
+    ("whole_astraea04_cap16", ["--whole", "--budget", "0.4"], ".",
+     {"XLA_PYTHON_CLIENT_MEM_FRACTION": "CAP16"}),
+    ("whole_dense", ["--whole"], ".", {}),
+]
+
+
+def total_gib() -> float:
+  out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total",
+                        "--format=csv,noheader,nounits"],
+                       capture_output=True, text=True, check=True).stdout
+  return float(out.split()[0]) / 1024  # MiB -> GiB
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--whole", action="store_true")
+  parser.add_argument("--budget", type=float, default=None)
+  parser.add_argument("--small", action="store_true")
+  parser.add_argument("--only", nargs="*", default=None)
+  parser.add_argument("--out", type=pathlib.Path)
+  args = parser.parse_args()
+  if args.whole:
+    row = run_whole(args.small, args.budget)
+    row.update(device=jax.devices()[0].device_kind, pool_gib=_limit(),
+               jax=jax.__version__)
+    print(json.dumps(row))
+    return
+  total = None if args.small else total_gib()
+  rows = []
+  for name, what, tree, env in ROWS:
+    if args.only is not None and name not in args.only:
+      continue
+    env = dict(os.environ, PYTHONPATH=tree, **env)
+    for k, v in env.items():
+      if v.startswith("CAP"):  # a pool of N GiB on this GPU
+        if total is None:
+          env.pop(k)
+          break
+        env[k] = f"{int(v[3:]) / total:.4f}"
+        break
+    cmd = [sys.executable, *what] if what[0].endswith(".py") else [
+        sys.executable, __file__, *what]
+    if args.small:
+      cmd += ["--small"] if "--whole" in what else ["--size", "small"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    row = {"name": name, "tree": tree,
+           "mem_fraction": env.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+           "process_s": time.perf_counter() - t0}
+    if proc.returncode:
+      row["error"] = proc.stderr[-2500:]
+    else:
+      row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows.append(row)
+    print(json.dumps(row)[:1500], flush=True)
+    if args.out:
+      args.out.mkdir(parents=True, exist_ok=True)
+      (args.out / "pipeline_memory_rows.json").write_text(
+          json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+  main()
