@@ -86,10 +86,7 @@ def test_diffusers_parity_through_both_layouts(tmp_path):
 
 def load_wan22_model_module():
   """wan.modules.model without running wan/__init__ (which touches CUDA)."""
-  spec = importlib.util.find_spec("wan")
-  if spec is None:
-    raise ImportError("wan22 is not installed (pip install --no-deps wan22)")
-  root = spec.submodule_search_locations[0]
+  root = str(testing.wan22_dir())
   saved = {k: sys.modules.get(k) for k in ("wan", "wan.modules")}
   for name, path in (("wan", root), ("wan.modules", root + "/modules")):
     pkg = types.ModuleType(name)
