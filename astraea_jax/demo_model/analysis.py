@@ -293,5 +293,5 @@ def check_agreement(generate_fn: GenerateFn, *, n: int, min_rate: float,
         f"prompt agreement {result['all']:.3f} < {min_rate=} on {n} {split} "
         f"captions (colour {result['colour']:.3f}, shape "
         f"{result['shape']:.3f}, direction {result['direction']:.3f}); "
-        f"failed: {failed}")
+        f"by combination: {result['by_combination']}; failed: {failed}")
   return result
