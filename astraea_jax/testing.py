@@ -18,6 +18,25 @@ def fixtures_dir() -> pathlib.Path:
   return pathlib.Path(env) if env else REPO_ROOT.parent / "shared" / "fixtures"
 
 
+# The test extra's reference packages installed without their dependencies
+# (README: `pip install --no-deps wan22==2.2.11 lpips==0.1.4`).
+NO_DEPS_EXTRA = "pip install --no-deps wan22==2.2.11 lpips==0.1.4"
+
+
+def wan22_dir() -> pathlib.Path:
+  """The folder of the `wan` package (PyPI `wan22`, the Wan reference code
+  the parity tests run), located without importing it: its __init__
+  touches CUDA. Raises ImportError naming the install command, so a
+  missing test extra fails the tests that need it instead of skipping
+  them."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("wan")
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError(f"the Wan reference package wan22 (test extra) is not "
+                      f"installed: {NO_DEPS_EXTRA}")
+  return pathlib.Path(spec.submodule_search_locations[0])
+
+
 def random_wan_tensors(config, *, seed=0, layout="wan", dtype=np.float32):
   """Random tensors for every key of a Wan2.1 checkpoint of `config`.
 

@@ -69,6 +69,7 @@ def run(args) -> tuple[list, list]:
                    "colour": result["colour"], "shape": result["shape"],
                    "direction": result["direction"],
                    "seconds": round(seconds, 2),
+                   "by_combination": result["by_combination"],
                    "failed_captions": failed[:10]})
       print(f"{method:>14} {split:>8}: all {result['all']:.3f}  colour "
             f"{result['colour']:.3f}  shape {result['shape']:.3f}  direction "

@@ -216,12 +216,27 @@ def _end_to_end(row=None, target=None):
                     "measured on the same GPU in the same device call")
 
 
+def _pipeline_memory(row=None, target=None):
+  """benchmarks/pipeline_memory.py: one process per row."""
+  if row is not None:
+    if row.get("error"):
+      return MEASURED, "the run failed; the row carries no figure"
+    return MEASURED, ("one process: peak_bytes_in_use of its device "
+                      "allocator (cumulative, compiles included) and wall "
+                      "times of its runs")
+  if target["name"].startswith("time_ratio"):
+    return MEASURED, ("ratio of the second (compiled) run's wall time of two "
+                      "processes on the same GPU in the same device call")
+  return MEASURED, "the process peak of the row named in the target"
+
+
 RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
          "astraea_opensora": _astraea, "astraea_end_to_end": _end_to_end,
          "attention": _attention, "demo_agreement": _demo,
          "demo_sampling": _demo, "dense_wan": _dense_wan,
          "eval_quality": _eval_quality, "eval_speed": _eval_speed,
          "parallel": _parallel, "pipeline_wan": _pipeline_wan,
+         "pipeline_memory": _pipeline_memory,
          "sampling_loop": _sampling_loop, "search_cost": _search_cost}
 
 

@@ -121,7 +121,7 @@ def encode(pipe):
     return jax.block_until_ready(tuple(rows))
 
 
-def run_whole(small: bool, budget: float | None) -> dict:
+def run_whole(small: bool, budget: float | None, steps: int) -> dict:
   from astraea_jax.pipelines.base import GenerateConfig
   t0 = time.perf_counter()
   pipe, (height, width, frames) = build(small)
@@ -132,13 +132,14 @@ def run_whole(small: bool, budget: float | None) -> dict:
   row["text_s"] = time.perf_counter() - t0
   row["after_text_gib"] = _peak()
   config = GenerateConfig(height=height, width=width, frames=frames,
-                          steps=3 if small else 50, budget=budget)
+                          steps=3 if small else steps, budget=budget)
   t1 = time.perf_counter()
   _, videos, report = pipe.generate(conditioning, config, fps=16.0)
   row["generate_s"] = time.perf_counter() - t1
   row["wall_s"] = time.perf_counter() - t0
   row["after_generate_gib"] = _peak()
   row["report"] = {k: v for k, v in report.items() if k != "latent_shape"}
+  row["steps"] = config.steps
   row["video_shape"] = list(next(iter(videos.values())).shape)
   return row
 
@@ -154,12 +155,72 @@ ROWS = [
     ("decode_new_autotune0", [str(HERE / "vae_memory.py"), "--one",
                               "chunked"], ".",
      {"XLA_FLAGS": "--xla_gpu_autotune_level=0"}),
-    ("whole_dense_cap12", ["--whole"], ".",
+    ("whole_dense_cap12", ["--whole", "--steps", "10"], ".",
      {"XLA_PYTHON_CLIENT_MEM_FRACTION": "CAP12"}),
     ("whole_astraea04_cap16", ["--whole", "--budget", "0.4"], ".",
      {"XLA_PYTHON_CLIENT_MEM_FRACTION": "CAP16"}),
     ("whole_dense", ["--whole"], ".", {}),
 ]
+
+
+# (target name, row, figure, op, target): the issue's targets.
+TARGETS = [
+    ("decode_480p_peak_gib", "decode_new", "peak", "<=", 8.0),
+    ("decode_480p_peak_gib_in_an_8gib_pool", "decode_new_cap8", "peak",
+     "<=", 8.0),
+    ("time_ratio_decode_480p_vs_base", ("decode_new", "decode_base"),
+     "second_run_s", "<=", 1.10),
+    ("time_ratio_decode_480p_8gib_pool_vs_base",
+     ("decode_new_cap8", "decode_base"), "second_run_s", "<=", 1.10),
+    ("whole_dense_480p_peak_gib_in_a_12gib_pool", "whole_dense_cap12",
+     "peak", "<=", 12.0),
+    ("whole_astraea04_480p_peak_gib_in_a_16gib_pool",
+     "whole_astraea04_cap16", "peak", "<=", 16.0),
+    ("whole_dense_480p_peak_gib", "whole_dense", "peak", "<=", 12.0),
+]
+
+
+def _row_peak(row):
+  for key in ("after_generate_gib", "after_second_run", "after_first_run"):
+    if key in row:
+      v = row[key]
+      return v["peak_gib"] if isinstance(v, dict) else v
+  return None
+
+
+def targets_of(rows) -> list[dict]:
+  by_name = {r["name"]: r for r in rows if "error" not in r}
+  out = []
+  for name, which, figure, op, target in TARGETS:
+    names = which if isinstance(which, tuple) else (which,)
+    if not all(n in by_name for n in names):
+      continue
+    if figure == "peak":
+      value = _row_peak(by_name[names[0]])
+    else:
+      value = by_name[names[0]][figure] / by_name[names[1]][figure]
+    out.append({"name": name, "rows": list(names), "value": value, "op": op,
+                "target": target,
+                "met": value <= target if op == "<=" else value >= target})
+  return out
+
+
+def record(rows_path, out, note):
+  """benchmarks/results/pipeline_memory_<gpu>.json from a device call's
+  rows file (run here: the provenance is this checkout's; `note` says
+  which code ran there)."""
+  sys.path.insert(0, str(HERE))
+  import common  # pylint: disable=import-outside-toplevel
+  rows = json.loads(pathlib.Path(rows_path).read_text())
+  device = next((r["device"] for r in rows if "device" in r), "unknown")
+  settings = {"device": device, "jax_on_device": next(
+      (r["jax"] for r in rows if "jax" in r), "0.11.2 (the machine's)"),
+              "video": "Wan2.1 480p x 81 (latent 16 x 21 x 60 x 104)",
+              "source_note": note,
+              "not_run": [name for name, *_ in ROWS
+                          if name not in {r["name"] for r in rows}]}
+  common.write_results(out, "pipeline_memory", settings, rows,
+                       targets_of(rows))
 
 
 def total_gib() -> float:
@@ -173,12 +234,20 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--whole", action="store_true")
   parser.add_argument("--budget", type=float, default=None)
+  parser.add_argument("--steps", type=int, default=50,
+                      help="sampling steps of --whole (the peak does not "
+                           "depend on it; the time does)")
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--only", nargs="*", default=None)
   parser.add_argument("--out", type=pathlib.Path)
+  parser.add_argument("--record", nargs=2, metavar=("ROWS_JSON", "NOTE"),
+                      help="write the results file --out from a device "
+                           "call's rows")
   args = parser.parse_args()
+  if args.record:
+    return record(args.record[0], args.out, args.record[1])
   if args.whole:
-    row = run_whole(args.small, args.budget)
+    row = run_whole(args.small, args.budget, args.steps)
     row.update(device=jax.devices()[0].device_kind, pool_gib=_limit(),
                jax=jax.__version__)
     print(json.dumps(row))

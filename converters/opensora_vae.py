@@ -9,7 +9,10 @@ Layouts read (safetensors only, no torch):
   * diffusers: a diffusers `AutoencoderKL` alone (`vae/` folder:
     `config.json` + `diffusion_pytorch_model.safetensors`, e.g. the SDXL VAE
     of PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers that OpenSora starts
-    from) -> the image VAE, `opensora_vae.SpatialVAE`.
+    from) -> the image VAE, `opensora_vae.SpatialVAE`;
+  * temporal: a bare `VAE_Temporal` state dict (what `VAE_Temporal_SD(
+    from_pretrained=...)` loads: the pipeline's `temporal_vae.*` keys
+    without the prefix) -> `opensora_vae.TemporalVAE`.
 
 Our parameter names are the checkpoint's, so each key is derived from our
 parameter path by walking the model's modules (`key_map`): convolutions
@@ -44,12 +47,15 @@ from converters import common
 from converters.common import CheckpointError, as_source, read_json
 from converters.safetensors_io import SafetensorsError, SafetensorsFile
 
-LAYOUTS = ("opensora", "diffusers")
+LAYOUTS = ("opensora", "diffusers", "temporal")
 
 # Where each half of the pipeline sits in the OpenSora state dict. Surprise:
 # `VideoAutoencoderKL` keeps the diffusers model as `.module`.
 OPENSORA_PREFIX = {"spatial_vae": "spatial_vae.module.",
                    "temporal_vae": "temporal_vae."}
+# Keys only a bare VAE_Temporal has (diffusers' AutoencoderKL has
+# `encoder.conv_in.weight`, with no `.conv`).
+TEMPORAL_MARKERS = ("encoder.conv_in.conv.", "decoder.conv_out.conv.")
 # The pipeline's normalisation buffers (`register_buffer` in
 # `VideoAutoencoderPipeline.__init__`); optional, they override the config.
 NORMALISATION_KEYS = ("shift", "scale")
@@ -98,6 +104,8 @@ def abstract_for(config: OpenSoraVAEConfig, layout: str):
     return opensora_vae.abstract_model(config)
   if layout == "diffusers":
     return opensora_vae.abstract_spatial_vae(config)
+  if layout == "temporal":
+    return opensora_vae.abstract_temporal_vae(config)
   raise ValueError(f"{layout=} must be one of {LAYOUTS}")
 
 
@@ -167,17 +175,20 @@ def to_checkpoint(params: dict, config: OpenSoraVAEConfig,
 
 
 def detect_layout(keys) -> str:
-  """'opensora' or 'diffusers' from the key names."""
+  """'opensora', 'diffusers' or 'temporal' from the key names."""
   keys = set(keys)
   if any(k.startswith(tuple(OPENSORA_PREFIX.values())) for k in keys):
     return "opensora"
+  if any(k.startswith(TEMPORAL_MARKERS) for k in keys):
+    return "temporal"
   if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks."))
          for k in keys):
     return "diffusers"
   raise CheckpointError(
       "cannot tell the OpenSora VAE layout: expected OpenSora keys "
-      "(spatial_vae.module.*, temporal_vae.*) or diffusers AutoencoderKL "
-      f"keys (encoder.down_blocks.*); found {sorted(keys)[:10]} ...")
+      "(spatial_vae.module.*, temporal_vae.*), diffusers AutoencoderKL "
+      "keys (encoder.down_blocks.*) or VAE_Temporal keys "
+      f"(encoder.conv_in.conv.*); found {sorted(keys)[:10]} ...")
 
 
 def spatial_config_from_diffusers(cfg: dict) -> SpatialVAEConfig:
@@ -320,13 +331,35 @@ def vae_from_state_dict(state_dict, config: OpenSoraVAEConfig | None = None,
   source = as_source(state_dict)
   layout = detect_layout(source.keys())
   if layout != "opensora":
+    half, loader = (("a diffusers AutoencoderKL holds only the image VAE",
+                     "load_spatial_vae") if layout == "diffusers" else
+                    ("a bare VAE_Temporal holds only the temporal VAE",
+                     "temporal_vae_from_state_dict"))
     raise CheckpointError(
-        f"a {layout} AutoencoderKL holds only the image VAE; load it with "
-        "load_spatial_vae, or pass the OpenSora VAE checkpoint "
-        "(spatial_vae.module.*, temporal_vae.*)")
+        f"{half}; load it with {loader}, or pass the OpenSora VAE "
+        "checkpoint (spatial_vae.module.*, temporal_vae.*)")
   config = (config or OpenSoraVAEConfig.opensora_v1_2()).replace(**overrides)
   config = _normalisation_from(source, config)
   return vae_from_params(load_params(source, config, layout), config)
+
+
+def temporal_vae_from_state_dict(state_dict,
+                                 config: OpenSoraVAEConfig | None = None,
+                                 **overrides) -> opensora_vae.TemporalVAE:
+  """A ready TemporalVAE from a bare `VAE_Temporal` state dict (numpy
+  arrays or a tensor source; keys as `VAE_Temporal.state_dict()` names
+  them). Without `config`: v1.2's `VAE_Temporal_SD` (config.temporal is
+  the architecture; dtype / param_dtype / precision apply too)."""
+  source = as_source(state_dict)
+  layout = detect_layout(source.keys())
+  if layout != "temporal":
+    raise CheckpointError(
+        f"{layout} layout: expected a bare VAE_Temporal state dict "
+        "(encoder.conv_in.conv.weight, ...); load a pipeline checkpoint "
+        "with load_vae")
+  config = (config or OpenSoraVAEConfig.opensora_v1_2()).replace(**overrides)
+  return _from_params(opensora_vae.abstract_temporal_vae(config),
+                      load_params(source, config, layout))
 
 
 # Files ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from astraea_jax import testing
 from astraea_jax.models.text import umt5
 from astraea_jax.models.text.umt5 import UMT5Config
 from converters import umt5 as converter
@@ -158,10 +159,7 @@ def load_wan_t5_module():
   """`wan/modules/t5.py` of the wan22 package, up to its `T5EncoderModel`
   wrapper (whose default argument calls torch.cuda at import) and without
   its tokenizer import; wan/__init__ is not run (it touches CUDA)."""
-  spec = importlib.util.find_spec("wan")
-  if spec is None:
-    raise ImportError("wan22 is not installed (pip install --no-deps wan22)")
-  path = spec.submodule_search_locations[0] + "/modules/t5.py"
+  path = str(testing.wan22_dir() / "modules" / "t5.py")
   with open(path) as f:
     source = f.read()
   source = source[:source.index("class T5EncoderModel")]

@@ -15,13 +15,12 @@ import types
 import numpy as np
 import torch
 
+from astraea_jax import testing
+
 
 def load_wan22_module(name):
   """wan.modules.<name> (e.g. "model", "vae2_2") without wan/__init__."""
-  spec = importlib.util.find_spec("wan")
-  if spec is None:
-    raise ImportError("wan22 is not installed (pip install --no-deps wan22)")
-  root = spec.submodule_search_locations[0]
+  root = str(testing.wan22_dir())  # ImportError naming the install
   saved = {k: sys.modules.get(k) for k in ("wan", "wan.modules")}
   for pkg_name, path in (("wan", root), ("wan.modules", root + "/modules")):
     pkg = types.ModuleType(pkg_name)

@@ -250,6 +250,21 @@ def test_check_agreement_and_benchmark_script(tmp_path):
   result = analysis.check_agreement(generate, n=12, min_rate=0.98, seed=3,
                                     batch=12)
   assert result["n"] == 12 and len(result["captions"]) == 12
+  # Per caption combination: the groups partition the clips, and a clip
+  # scored against a caption of another combination counts against its own.
+  groups = result["by_combination"]
+  assert sum(g["n"] for g in groups.values()) == 12
+  assert set(groups) == {analysis.combination(data.parse_caption(c))
+                         for c in result["captions"]}
+  captions = result["captions"]
+  videos = generate(captions, 3)
+  other = next(i for i in range(1, 12)
+               if analysis.combination(data.parse_caption(captions[i])) !=
+               analysis.combination(data.parse_caption(captions[0])))
+  swapped = analysis.agreement(videos[[other] + list(range(1, 12))], captions)
+  first = analysis.combination(data.parse_caption(captions[0]))
+  n_first = swapped["by_combination"][first]["n"]
+  assert swapped["by_combination"][first]["all"] == (n_first - 1) / n_first
 
   def shuffled(captions, seed):  # a model that ignores its prompts
     return generate(list(captions)[::-1], seed)

@@ -26,9 +26,11 @@ import safetensors.torch as safetensors_torch
 import torch
 
 from astraea_jax import lpips as lp
+from astraea_jax import testing
 
 if importlib.util.find_spec("lpips") is None:  # the test extra, --no-deps
-  raise ImportError("the `lpips` package (test extra) is not installed")
+  raise ImportError("the `lpips` package (test extra) is not installed: "
+                    f"{testing.NO_DEPS_EXTRA}")
 
 # fp32 on both sides, same math; differences are summation order only.
 RTOL = 1e-5

@@ -1,8 +1,13 @@
 """OpenSora v1.2 VAE: parity of both halves and the pipeline, converter.
 
-References (../shared/fixtures has no OpenSora VAE fixture; see its README):
+References:
   * the image VAE: diffusers `AutoencoderKL`, live on the CPU torch wheel,
     every parameter random (GroupNorm affines included), run in float64;
+  * the temporal VAE: the ORIGINAL `VAE_Temporal` (hpcaitech/Open-Sora,
+    commit 3552145f, `opensora/models/vae/vae_temporal.py`), run once in
+    float32 with random weights by tools/build_opensora_vae_temporal_
+    fixture.py into tests/fixtures/opensora_vae_temporal/ (weights under
+    the original key names, inputs and outputs, meta.json);
   * the temporal VAE and the pipeline around it: a NumPy float64
     transcription, below, written from hpcaitech/Open-Sora at commit
     3552145f847b5171cd2c85982d116b04eb98c5bf: `opensora/models/vae/
@@ -19,6 +24,7 @@ order): max abs error <= 1e-5 * max|reference| + 1e-6.
 import importlib
 import itertools
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +41,7 @@ from astraea_jax.vae.opensora_vae import (
 )
 from converters import opensora_vae as converter
 from converters.common import CheckpointError, KeyMismatch, Source
-from converters.safetensors_io import save_file
+from converters.safetensors_io import SafetensorsFile, save_file
 
 torch = importlib.import_module("torch")
 diffusers = importlib.import_module("diffusers")
@@ -383,6 +389,89 @@ def test_temporal_vae_matches_reference(vae, checkpoint):
   out = jitted(vae.temporal_vae, "decode", z.transpose(0, 2, 3, 4, 1),
                num_frames=9)
   testing.assert_close(out.transpose(0, 4, 1, 2, 3), ref.decode(z, num_frames=9))
+
+
+# The temporal VAE vs the original code -----------------------------------------
+
+UPSTREAM = pathlib.Path(__file__).parent / "fixtures" / "opensora_vae_temporal"
+
+
+@pytest.fixture(scope="module")
+def upstream():
+  """The fixture's meta.json, io arrays, weights and our TemporalVAE read
+  from its weights by the converter (bare `VAE_Temporal` key names)."""
+  meta = json.loads((UPSTREAM / "meta.json").read_text())
+  io = SafetensorsFile(UPSTREAM / "io.safetensors")
+  weights = SafetensorsFile(UPSTREAM / "weights.safetensors")
+  config = OpenSoraVAEConfig(temporal=TemporalVAEConfig(**meta["config"]))
+  assert converter.detect_layout(weights.keys()) == "temporal"
+  # check_keys inside raises KeyMismatch on any missing, unexpected or
+  # misshapen key: every upstream tensor is read.
+  model = converter.temporal_vae_from_state_dict(weights, config)
+  return {"meta": meta, "io": {k: io.get(k) for k in io.keys()},
+          "weights": {k: weights.get(k) for k in weights.keys()},
+          "config": config, "model": model}
+
+
+def test_upstream_fixture_is_what_the_generator_says(upstream):
+  """The fixture is the v1.2 code's VAE_Temporal at the stdit3 fixture's
+  commit, with the architecture of VAE_Temporal_SD at a tiny width."""
+  meta = upstream["meta"]
+  assert meta["reference"]["repo"] == "hpcaitech/Open-Sora"
+  assert meta["reference"]["commit"] == (
+      "3552145f847b5171cd2c85982d116b04eb98c5bf")
+  t = upstream["config"].temporal
+  assert (t.channel_multipliers, t.temporal_downsample) == (
+      (1, 2, 2, 4), (False, True, True))
+  # Random GroupNorm affines (PyTorch would initialise 1 and 0).
+  gains = upstream["weights"]["encoder.norm1.weight"]
+  assert np.abs(gains - 1).max() > 0.05
+
+
+@pytest.mark.parametrize("case", ["a", "b", "c"])
+def test_temporal_vae_matches_upstream(upstream, case):
+  """Encode (posterior mean and clamped logvar) and decode of the original
+  float32 code: a = 9 frames (front-padded to 12), b = 8 (no padding;
+  decoded to 6, dropping 2), c = 17 (v1.2's micro-frame chunk).
+
+  Tolerance: max abs error <= 1e-5 * max|reference| + 1e-6. Both sides are
+  float32 with the same operations (~40 convolutions, GroupNorms) summed
+  in other orders; JAX's CPU convolutions are full float32. Measured
+  (2 CPU cores, jax CPU): at most 1.7e-6 * max|reference| over the three
+  cases and outputs, a 6x margin.
+  """
+  io, model = upstream["io"], upstream["model"]
+  num_frames = upstream["meta"]["cases"][case]["num_frames"]
+  x = io[f"{case}.x"]
+  moments = jitted(model, "encode_moments", x.transpose(0, 2, 3, 4, 1))
+  mean, logvar = np.split(moments.transpose(0, 4, 1, 2, 3), 2, axis=1)
+  testing.assert_close(mean, io[f"{case}.mean"])
+  testing.assert_close(np.clip(logvar, -30, 20), io[f"{case}.logvar"])
+  out = jitted(model, "decode", io[f"{case}.z"].transpose(0, 2, 3, 4, 1),
+               num_frames=num_frames)
+  testing.assert_close(out.transpose(0, 4, 1, 2, 3), io[f"{case}.decoded"])
+
+
+def test_numpy_reference_matches_upstream(upstream):
+  """The float64 transcription the pipeline tests use agrees with the
+  original code on case a (float32 upstream vs float64: the same
+  1e-5 * max|reference| + 1e-6 bound), so those tests rest on it too."""
+  io = upstream["io"]
+  weights = Weights({f"temporal_vae.{k}": v
+                     for k, v in upstream["weights"].items()})
+  ref = TemporalReference(weights, upstream["config"].temporal)
+  mean, logvar = ref.encode(io["a.x"].astype(np.float64))
+  decoded = ref.decode(io["a.z"].astype(np.float64),
+                       num_frames=upstream["meta"]["cases"]["a"]["num_frames"])
+  testing.assert_close(io["a.mean"], mean)
+  testing.assert_close(io["a.logvar"], logvar)
+  testing.assert_close(io["a.decoded"], decoded)
+  assert weights.read == set(weights)  # every upstream tensor used
+
+
+def test_bare_temporal_checkpoint_is_refused_by_load_vae(upstream):
+  with pytest.raises(CheckpointError, match="temporal_vae_from_state_dict"):
+    converter.vae_from_state_dict(upstream["weights"])
 
 
 def test_depth_to_time_is_channel_major():

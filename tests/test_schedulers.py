@@ -14,7 +14,6 @@ Tolerances:
 """
 
 import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from safetensors.numpy import load_file
 
+from astraea_jax import testing
 from astraea_jax.sampling import schedulers
 from astraea_jax.sampling.sampler import cfg_batch, cfg_combine, denoise
 from astraea_jax.sampling.schedulers import FlowEuler, FlowUniPC
@@ -43,9 +43,7 @@ def load_wan_unipc():
   Importing the `wan` package runs its __init__, which touches CUDA; the
   solver file itself only needs numpy, torch and diffusers.
   """
-  spec = importlib.util.find_spec("wan")  # locates, does not import
-  path = (pathlib.Path(spec.submodule_search_locations[0]) / "utils"
-          / "fm_solvers_unipc.py")
+  path = testing.wan22_dir() / "utils" / "fm_solvers_unipc.py"
   file_spec = importlib.util.spec_from_file_location("wan_fm_solvers_unipc",
                                                      path)
   module = importlib.util.module_from_spec(file_spec)

@@ -191,6 +191,14 @@ def analyse_clip(video, expected: dict) -> dict:
           "all_ok": all(all(o["ok"].values()) for o in objects)}
 
 
+def combination(expected: dict) -> str:
+  """"colour shape direction" of each object of a `parse_caption` dict,
+  joined by " and " (the background is not part of it)."""
+  return " and ".join(
+      f"{expected['colour'][i]} {expected['shape'][i]} "
+      f"{expected['direction'][i]}" for i in range(expected["num_objects"]))
+
+
 def agreement(videos, captions: Sequence[str], *,
               return_clips: bool = False) -> dict:
   """Prompt agreement of clips with their captions.
@@ -198,18 +206,26 @@ def agreement(videos, captions: Sequence[str], *,
   videos: (N, F, H, W, 3) float in [0, 1] or uint8. Returns {"n": N,
   "colour"/"shape"/"direction": fraction of objects whose attribute matches,
   "all": fraction of clips whose every attribute of every object matches,
-  "failures": indices of the clips that do not}, plus "clips" (each clip's
-  `analyse_clip`) when return_clips."""
+  "failures": indices of the clips that do not, "by_combination": {the
+  caption's (colour shape direction) combination(s), e.g. "red circle left"
+  or "red circle left and blue square up": {"n": clips, "all": their
+  all-attributes rate}}}, plus "clips" (each clip's `analyse_clip`) when
+  return_clips."""
   if len(videos) != len(captions):
     raise ValueError(f"{len(videos)} videos but {len(captions)} captions")
-  clips = [analyse_clip(v, data.parse_caption(c))
-           for v, c in zip(videos, captions)]
+  expected = [data.parse_caption(c) for c in captions]
+  clips = [analyse_clip(v, e) for v, e in zip(videos, expected)]
   objects = [o for clip in clips for o in clip["objects"]]
   out = {"n": len(clips)}
   for attribute in ATTRIBUTES:
     out[attribute] = float(np.mean([o["ok"][attribute] for o in objects]))
   out["all"] = float(np.mean([clip["all_ok"] for clip in clips]))
   out["failures"] = [i for i, clip in enumerate(clips) if not clip["all_ok"]]
+  groups = {}
+  for e, clip in zip(expected, clips):
+    groups.setdefault(combination(e), []).append(clip["all_ok"])
+  out["by_combination"] = {k: {"n": len(v), "all": float(np.mean(v))}
+                           for k, v in sorted(groups.items())}
   if return_clips:
     out["clips"] = clips
   return out
@@ -277,5 +293,5 @@ def check_agreement(generate_fn: GenerateFn, *, n: int, min_rate: float,
         f"prompt agreement {result['all']:.3f} < {min_rate=} on {n} {split} "
         f"captions (colour {result['colour']:.3f}, shape "
         f"{result['shape']:.3f}, direction {result['direction']:.3f}); "
-        f"failed: {failed}")
+        f"by combination: {result['by_combination']}; failed: {failed}")
   return result

@@ -969,6 +969,11 @@ def abstract_spatial_vae(config: OpenSoraVAEConfig) -> SpatialVAE:
   return nnx.eval_shape(lambda: SpatialVAE(config, rngs=nnx.Rngs(0)))
 
 
+def abstract_temporal_vae(config: OpenSoraVAEConfig) -> TemporalVAE:
+  """The temporal VAE alone (OpenSora's `VAE_Temporal`), abstract."""
+  return nnx.eval_shape(lambda: TemporalVAE(config, rngs=nnx.Rngs(0)))
+
+
 def latent_shape(config: OpenSoraVAEConfig, video_shape) -> tuple:
   """(B, 4, T', h, w) latents of a (B, 3, T, H, W) video."""
   b, _, t, h, w = video_shape
