@@ -114,13 +114,13 @@ def stage(component: str):
   the accelerator while the method runs and released after it
   (`placement.placed`); outputs computed on the CPU device (a "cpu" text
   encoder) come back on the accelerator; running out of device memory
-  ends in one `DoesNotFitError` naming the stage and what would fit."""
-  name, advice = STAGES[component]
+  ends in one `DoesNotFitError` naming the stage and what would fit
+  (the pipeline's `STAGES`)."""
 
   def wrap(method):
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-      with memory.stage(name, advice), placement_lib.placed(
+      with memory.stage(*self.STAGES[component]), placement_lib.placed(
           getattr(self, component)):
         return placement_lib.to_accelerator(method(self, *args, **kwargs))
     return run
@@ -174,6 +174,8 @@ class Pipeline(nnx.Module):
 
   MODEL: ClassVar[str]
   DEFAULTS: ClassVar[dict]
+  # {component: (its stage, what fits when the stage runs out of memory)}.
+  STAGES: ClassVar[dict] = STAGES
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -325,8 +327,7 @@ class Pipeline(nnx.Module):
                    **self._generate_options(config, fps))
     report = {"latent_shape": list(shape), "seed": config.seed}
     results = {}
-    name, advice = STAGES["transformer"]
-    with memory.stage(name, advice), placement_lib.placed(
+    with memory.stage(*self.STAGES["transformer"]), placement_lib.placed(
         self.transformer):  # placed once for both runs
       self._sample_runs(noise, conditioning, config, options, report,
                         results)

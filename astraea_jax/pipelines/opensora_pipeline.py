@@ -105,6 +105,9 @@ class OpenSoraPipeline(base.Pipeline):
 
   MODEL = checkpoint.MANIFEST_MODELS[checkpoint.OPENSORA_MANIFEST_FORMAT]
   DEFAULTS = DEFAULTS
+  STAGES = {**base.STAGES, "vae": (
+      "decoding", "a smaller video (--size): the VAE decodes one 17-frame "
+      "chunk at a time already")}
 
   def _default_text_len(self) -> int:
     return self.transformer.config.model_max_length
