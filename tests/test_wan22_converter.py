@@ -200,6 +200,21 @@ def test_generate_runs_a_converted_ti2v_folder(tmp_path, capsys):
   assert fps == 24.0
 
 
+def test_generate_says_i2v_a14b_has_no_pipeline_yet(tmp_path, capsys):
+  """I2V-A14B converts and loads, but no pipeline samples it yet: one line
+  saying so, before anything loads or is written."""
+  diffusers = write_diffusers(
+      tmp_path / "diff", {"transformer": I2V, "transformer_2": I2V}, VAE21,
+      index("WanImageToVideoPipeline", boundary_ratio=0.9,
+            transformer_2=["diffusers", "WanTransformer3DModel"]))
+  assert convert(diffusers, tmp_path / "m") == 0
+  out = tmp_path / "v.mp4"
+  assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "a cat",
+                   "--out", str(out)]) == 1
+  assert "holds wan2.2-i2v-a14b" in capsys.readouterr().err
+  assert not out.exists()
+
+
 @pytest.mark.parametrize("config,model_type,pipeline,model,boundary", [
     (T2V, "t2v", "WanPipeline", "wan2.2-t2v-a14b", 0.875),
     (I2V, "i2v", "WanImageToVideoPipeline", "wan2.2-i2v-a14b", 0.9),

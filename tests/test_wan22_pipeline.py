@@ -127,7 +127,8 @@ def wan22_function(path, name):
   node = next(n for n in tree.body
               if isinstance(n, ast.FunctionDef) and n.name == name)
   namespace = {}
-  exec(compile(ast.Module([node], []), path, "exec"), namespace)  # pylint: disable=exec-used
+  code = compile(ast.Module([node], []), path, "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
   return namespace[name]
 
 

@@ -1,10 +1,11 @@
-"""`astraea generate`: a video (or latents) from a converted Wan2.1 or
-OpenSora v1.2 model.
+"""`astraea generate`: a video (or latents) from a converted Wan2.1,
+Wan2.2 (TI2V-5B, T2V-A14B) or OpenSora v1.2 model.
 
   astraea generate --model wan-1.3b/ --prompt "A cat baking a cake" \
       --size 832x480 --frames 81 --budget 0.4 --out cat.mp4
   astraea generate wan-dit/ --text-embeddings prompt.safetensors \
       --height 480 --width 832 --frames 81 --budget 0.4 --compare --out out/
+  astraea generate ti2v-5b/ --prompt "A cat" --image cat.png --out cat.mp4
 
 The model is a converted whole-model folder (`astraea convert` of a full
 Wan2.1 or OpenSora v1.2 download: manifest.json, transformer/, vae/,
@@ -474,9 +475,12 @@ def add_parser(sub, parents):
   p.add_argument("--steps", type=common.POSITIVE_INT, default=None,
                  help="sampling steps (Wan2.1: 50; OpenSora: 30)")
   p.add_argument("--guidance", type=common.NONNEGATIVE, default=None,
-                 help="CFG scale >= 0 (Wan2.1: 5.0; OpenSora: 7.0)")
+                 help="CFG scale >= 0 (Wan2.1, Wan2.2 TI2V: 5.0; OpenSora: "
+                      "7.0; Wan2.2 A14B: 4.0 high-noise / 3.0 low-noise "
+                      "expert, this flag sets both)")
   p.add_argument("--shift", type=common.POSITIVE, default=None,
-                 help="flow shift (default: 3.0 up to 480p, else 5.0)")
+                 help="flow shift (Wan2.1: 3.0 up to 480p, else 5.0; Wan2.2: "
+                      "TI2V 5.0, A14B 12.0)")
   p.add_argument("--scheduler", choices=["unipc", "euler"], default=None,
                  help="Wan2.1: unipc (default) or euler; OpenSora: its "
                       "rectified-flow Euler only")

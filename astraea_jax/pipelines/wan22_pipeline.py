@@ -110,10 +110,6 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
   # Video -> latent factors when no VAE is loaded.
   FACTORS = (4, 8)
 
-  def __init_subclass__(cls, **kwargs):
-    if "MODEL" in cls.__dict__:
-      super().__init_subclass__(**kwargs)
-
   def __init__(self, transformer, vae=None, text_encoder=None,
                tokenizer=None, *, text_len: int | None = None,
                transformer_2=None, boundary_ratio: float | None = None):
