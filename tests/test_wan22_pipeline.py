@@ -410,3 +410,17 @@ def test_image_is_refused_for_text_to_video_models(a14b, tmp_path, capsys):
                    "--image", str(image), "--out", str(out)]) == 1
   assert ("--image: " in capsys.readouterr().err)
   assert not out.exists()
+
+
+def test_generate_runs_the_two_experts(a14b, tmp_path, capsys):
+  """`astraea generate` on the converted A14B folder: both experts load,
+  the pair of guidance scales is the default and is reported."""
+  out = tmp_path / "out"
+  assert cli.main(["generate", str(a14b[3]), "--prompt", "a cat",
+                   "--size", "48x32", "--frames", "5", "--steps", "3",
+                   "--out", str(out)]) == 0, capsys.readouterr().err
+  report = json.loads((out / "report.json").read_text())
+  assert report["model"] == "wan2.2-t2v-a14b"
+  assert report["guidance_scale"] == [3.0, 4.0]
+  assert load_file(out / "outputs.safetensors")["video_full"].shape == (
+      1, 3, 5, 32, 48)
