@@ -17,6 +17,12 @@ arguments (parameters, text embeddings) are jit arguments rather than
 constants baked into the compiled step. `denoise` runs the loop; `sample`
 is the thin Wan wrapper with an empty carry.
 
+Hooks, never a copy of the loop (Wan2.2): the per-step plan can pick an
+expert's parameters (`expert_plan`, `pick_expert`), the guidance scale may
+be one per step (`step_guidance`), `post_step` edits the latents after each
+scheduler step (TI2V's image frame) and `wan_model_fn(token_mask=)` gives
+some tokens timestep 0 (`token_timesteps`).
+
 Two loop drivers with identical numerics: "python" (default) calls ONE
 jitted step function per step and can show a progress bar; "scan" compiles
 the whole loop as `jax.lax.scan` over that same step. Step overhead of each
