@@ -184,16 +184,34 @@ def test_ti2v_5b_original_and_diffusers_convert_alike(tmp_path):
     assert_same_params(tmp_path / "a" / part, tmp_path / "b" / part)
 
 
-def test_generate_says_wan22_has_no_pipeline_yet(tmp_path, capsys):
-  """Converted Wan2.2 folders load, but `astraea generate` has no Wan2.2
-  pipeline yet: one line saying so, before anything loads or is written."""
+def test_generate_runs_a_converted_ti2v_folder(tmp_path, capsys):
+  """`astraea generate` on a converted TI2V-5B folder (diffusers layout):
+  the Wan2.2 pipeline, the model's defaults where no flag is given (24
+  fps), a decoded MP4 of the frames asked for."""
   diffusers = write_diffusers(tmp_path / "diff", {"transformer": TI2V},
                               VAE22, index(expand_timesteps=True))
   assert convert(diffusers, tmp_path / "m") == 0
   out = tmp_path / "v.mp4"
   assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "a cat",
+                   "--size", "64x32", "--frames", "5", "--steps", "2",
+                   "--out", str(out)]) == 0, capsys.readouterr().err
+  frames, fps = testing.read_mp4(out)
+  assert frames.shape == (5, 32, 64, 3)
+  assert fps == 24.0
+
+
+def test_generate_says_i2v_a14b_has_no_pipeline_yet(tmp_path, capsys):
+  """I2V-A14B converts and loads, but no pipeline samples it yet: one line
+  saying so, before anything loads or is written."""
+  diffusers = write_diffusers(
+      tmp_path / "diff", {"transformer": I2V, "transformer_2": I2V}, VAE21,
+      index("WanImageToVideoPipeline", boundary_ratio=0.9,
+            transformer_2=["diffusers", "WanTransformer3DModel"]))
+  assert convert(diffusers, tmp_path / "m") == 0
+  out = tmp_path / "v.mp4"
+  assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "a cat",
                    "--out", str(out)]) == 1
-  assert "holds wan2.2-ti2v-5b" in capsys.readouterr().err
+  assert "holds wan2.2-i2v-a14b" in capsys.readouterr().err
   assert not out.exists()
 
 

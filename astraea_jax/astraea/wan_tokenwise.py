@@ -87,21 +87,46 @@ def forward_masked(model, latents, timestep, context, cache, num_selected,
 
 
 class Plan(NamedTuple):
-  """The static plan of one Astraea step: K and the score's options."""
+  """The static plan of one Astraea step: K, the score's options and the
+  expert whose parameters run (Wan2.2 A14B; 0 for one model)."""
   num_selected: int
   config: selection.SelectionConfig
+  expert: int = 0
 
 
 def _velocity(graphdef, params, context_2b, cache, latents_2b, timesteps_2b,
-              *, plan: Plan):
-  model = nnx.merge(graphdef, params)
-  return forward(model, latents_2b, timesteps_2b, context_2b, cache,
+              token_mask=None, *, plan: Plan):
+  model = nnx.merge(graphdef, dense_sampler.pick_expert(params, plan.expert))
+  timesteps = dense_sampler.token_timesteps(timesteps_2b, token_mask)
+  return forward(model, latents_2b, timesteps, context_2b, cache,
                  num_selected=plan.num_selected, config=plan.config)
 
 
-def model_fn(graphdef, params, context_2b):
-  """Astraea's WanDiT as a `model_fn` for `sampling.run` (plan: `Plan`)."""
-  return jax.tree_util.Partial(_velocity, graphdef, params, context_2b)
+def _velocity_masked(graphdef, params, context_2b, token_mask, cache,
+                     latents_2b, timesteps_2b, *, plan: Plan):
+  return _velocity(graphdef, params, context_2b, cache, latents_2b,
+                   timesteps_2b, token_mask, plan=plan)
+
+
+def model_fn(graphdef, params, context_2b, token_mask=None):
+  """Astraea's WanDiT as a `model_fn` for `sampling.run` (plan: `Plan`).
+
+  params: one model's state or the experts' (`sampler.pick_expert`);
+  token_mask: (L,) per-token timestep factors (`sampler.token_timesteps`).
+  """
+  if token_mask is None:
+    return jax.tree_util.Partial(_velocity, graphdef, params, context_2b)
+  return jax.tree_util.Partial(_velocity_masked, graphdef, params,
+                               context_2b, token_mask)
+
+
+def refresh_at_switch(ks, experts, num_tokens: int):
+  """K per step with every expert switch a full step (K = N): the token
+  caches hold one expert's block updates, so the first step of the next
+  expert recomputes every token and refreshes them (**ours**; the paper
+  has one model)."""
+  return [num_tokens if i and e != experts[i - 1] else k
+          for i, (k, e) in enumerate(zip(ks, experts))]
 
 
 def resolve_steps(graphdef, params, noise, *, budget, schedule, scheduler,
@@ -112,7 +137,7 @@ def resolve_steps(graphdef, params, noise, *, budget, schedule, scheduler,
       scheduler, steps if isinstance(scheduler, str) else None, shift,
       noise.shape)
   budgets = schedule_lib.resolve(budget, schedule, scheduler.num_steps)
-  config = nnx.merge(graphdef, params).config
+  config = nnx.merge(graphdef, dense_sampler.pick_expert(params, 0)).config
   grid = tuple(s // p for s, p in zip(noise.shape[2:], config.patch_size))
   n = int(np.prod(grid))
   ks = [schedule_lib.num_selected(theta, n) for theta in budgets]
@@ -121,34 +146,50 @@ def resolve_steps(graphdef, params, noise, *, budget, schedule, scheduler,
 
 def sample(model, params, noise, context, negative_context, *, budget=None,
            schedule=None, scheduler="unipc", steps: int = 50,
-           guidance_scale: float = 5.0, shift: float | None = None,
+           guidance_scale=5.0, shift: float | None = None,
            selection_config: selection.SelectionConfig = selection
            .SelectionConfig(), return_trajectory: bool = False,
-           progress: bool = True, return_stats: bool = False):
+           progress: bool = True, return_stats: bool = False,
+           boundary_ratio: float | None = None, token_mask=None,
+           post_step=None, refresh_experts: bool = True):
   """Astraea CFG sampling: like `sampling.sample`, with a token budget.
 
   Args:
-    model, params: `nnx.split(wan_dit)`.
+    model, params: `nnx.split(wan_dit)`; or params the experts' pair with
+      `boundary_ratio` (Wan2.2 A14B, as `sampling.sample`).
     budget: mean budget in (0, 1] -> `schedule.default_schedule`; or
     schedule: one budget in [0, 1] per step (first must be 1.0).
+    refresh_experts: the first step of the low-noise expert computes every
+      token (`refresh_at_switch`), so no token reuses the other expert's
+      cached update; False keeps the schedule's K there.
+    token_mask, post_step, guidance_scale: as in `sampling.sample`.
     Others as in `astraea_jax.sampling.sample`.
 
   Returns latents, plus the trajectory and/or SampleStats when asked.
   """
+  if (boundary_ratio is None) == isinstance(params, (tuple, list)):
+    raise ValueError("two experts' params go with a boundary_ratio, one "
+                     f"model's without ({boundary_ratio=})")
   scheduler, budgets, config, n, ks = resolve_steps(
       model, params, noise, budget=budget, schedule=schedule,
       scheduler=scheduler, steps=steps, shift=shift)
+  experts = dense_sampler.expert_plan(scheduler.timesteps, boundary_ratio)
+  if refresh_experts:
+    ks = refresh_at_switch(ks, experts, n)
+    budgets = np.asarray([k / n if k == n else b
+                          for k, b in zip(ks, budgets)])
   cache_args = (config.num_layers, 2 * noise.shape[0], n, config.dim)
   latents, _, trajectory, stats = dense_sampler.run(
       model_fn(model, params,
-               dense_sampler.cfg_context(context, negative_context)),
+               dense_sampler.cfg_context(context, negative_context),
+               token_mask),
       jnp.asarray(noise, F32), scheduler=scheduler,
-      guidance_scale=guidance_scale,
-      plans=[Plan(k, selection_config) for k in ks],
+      guidance_scale=dense_sampler.expert_guidance(experts, guidance_scale),
+      plans=[Plan(k, selection_config, e) for k, e in zip(ks, experts)],
       make_carry=lambda: selection.init_cache(*cache_args, selection_config),
       memory_hint=selection.state_hint(cache_args, selection_config),
       return_trajectory=return_trajectory, progress=progress,
-      wait=return_stats, desc="astraea",
+      wait=return_stats, desc="astraea", post_step=post_step,
       postfix=[{"budget": f"{t:.2f}", "tokens": f"{k}/{n}"}
                for t, k in zip(budgets, ks)])
   stats = dataclasses.replace(stats, budgets=budgets, num_tokens=n,

@@ -1,10 +1,11 @@
-"""`astraea generate`: a video (or latents) from a converted Wan2.1 or
-OpenSora v1.2 model.
+"""`astraea generate`: a video (or latents) from a converted Wan2.1,
+Wan2.2 (TI2V-5B, T2V-A14B) or OpenSora v1.2 model.
 
   astraea generate --model wan-1.3b/ --prompt "A cat baking a cake" \
       --size 832x480 --frames 81 --budget 0.4 --out cat.mp4
   astraea generate wan-dit/ --text-embeddings prompt.safetensors \
       --height 480 --width 832 --frames 81 --budget 0.4 --compare --out out/
+  astraea generate ti2v-5b/ --prompt "A cat" --image cat.png --out cat.mp4
 
 The model is a converted whole-model folder (`astraea convert` of a full
 Wan2.1 or OpenSora v1.2 download: manifest.json, transformer/, vae/,
@@ -31,6 +32,7 @@ Numbered like a diffusers pipeline:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -39,7 +41,11 @@ import numpy as np
 from astraea_jax import checkpoint, outputs, pipelines
 from astraea_jax import video as video_lib
 from astraea_jax.commands import common
-from astraea_jax.pipelines import opensora_pipeline, wan_pipeline
+from astraea_jax.pipelines import (
+    opensora_pipeline,
+    wan22_pipeline,
+    wan_pipeline,
+)
 from astraea_jax.pipelines.base import GenerateConfig
 from astraea_jax.text_embeddings import read_text_embeddings
 from converters import safetensors_io
@@ -47,6 +53,8 @@ from converters import wan_vae as wan_vae_converter
 
 WAN = wan_pipeline.WanPipeline.MODEL
 OPENSORA = opensora_pipeline.OpenSoraPipeline.MODEL
+TI2V = wan22_pipeline.Wan22TI2VPipeline.MODEL
+T2V_A14B = wan22_pipeline.Wan22T2VA14BPipeline.MODEL
 
 
 def model_family(model_path) -> str:
@@ -128,10 +136,10 @@ def _config_fields(config: GenerateConfig, *unreported) -> dict:
 
 def prepare_wan(model_path, out, *, config, prompt, negative_prompt,
                 embeddings_path, vae_path, allow_pth, dtype, fps,
-                text_encoder_device):
+                text_encoder_device, image=None):
   """(WanPipeline, (context, negative), report fields) for a Wan2.1
   folder or transformer."""
-  del fps  # only the MP4's frame rate: Wan2.1 has no fps condition
+  del fps, image  # MP4 frame rate only; `generate` refused an image
   whole = checkpoint.is_model_folder(model_path)
   if is_video_path(out) and not whole and vae_path is None:
     raise ValueError(f"--out {out} needs a VAE to decode the video: a "
@@ -170,10 +178,10 @@ def prepare_wan(model_path, out, *, config, prompt, negative_prompt,
 
 def prepare_opensora(model_path, out, *, config, prompt, negative_prompt,
                      embeddings_path, vae_path, allow_pth, dtype, fps,
-                     text_encoder_device):
+                     text_encoder_device, image=None):
   """(OpenSoraPipeline, (y, mask), report fields) for an OpenSora folder;
   refuses the options v1.2 has no use for."""
-  del out, allow_pth
+  del out, allow_pth, image  # `generate` refused an image
   unsupported = {
       "--text-embeddings": embeddings_path is not None,
       "--negative-prompt (v1.2 guides with its learned null caption)":
@@ -210,14 +218,84 @@ def prepare_opensora(model_path, out, *, config, prompt, negative_prompt,
   return pipe, conditioning, report
 
 
-PREPARE = {WAN: prepare_wan, OPENSORA: prepare_opensora}
+def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
+                  embeddings_path, vae_path, allow_pth, dtype, fps,
+                  text_encoder_device, image=None):
+  """(a Wan2.2 pipeline, (context, negative[, image latent]), report
+  fields) for a converted Wan2.2 folder; `image` (3, H, W) in [-1, 1] at
+  the video's size (TI2V image-to-video)."""
+  del out, allow_pth, fps
+  unsupported = {"--vae (the folder has its VAE)": vae_path is not None,
+                 "--devices (one device for now)": config.devices is not None}
+  refused = [k for k, v in unsupported.items() if v]
+  if refused:
+    raise ValueError(f"{model_path} is a Wan2.2 folder; not supported for "
+                     f"it: {', '.join(refused)}")
+  pipeline_class = pipelines.pipeline_class(model_path)
+  transformer_config, vae_config = pipeline_class.read_configs(model_path)
+  wan_pipeline.latent_shape(                     # fail before loading weights
+      config.height, config.width, config.frames,
+      patch_size=transformer_config.patch_size,
+      temporal_factor=vae_config.temporal_factor,
+      spatial_factor=vae_config.spatial_factor)
+  pipe = pipeline_class.from_pretrained(                             # 1.
+      model_path, dtype=dtype, load_text_encoder=prompt is not None,
+      text_encoder_device=text_encoder_device)
+  report = {"model": pipeline_class.MODEL, **_config_fields(config)}
+  if prompt is not None:                                             # 2.
+    conditioning = pipe.encode_prompt(prompt, negative_prompt or "",
+                                      progress=True)
+    pipe.text_encoder = None  # free its (host) memory before sampling
+    report.update(prompt=prompt, negative_prompt=negative_prompt or "",
+                  text_encoder_device=text_encoder_device)
+  else:
+    conditioning = read_text_embeddings(embeddings_path,
+                                        transformer_config.text_dim)
+  if image is not None:
+    conditioning = (*conditioning, pipe.encode_image(image[None]))
+    report["image_to_video"] = True
+  return pipe, conditioning, report
+
+
+PREPARE = {WAN: prepare_wan, OPENSORA: prepare_opensora,
+           TI2V: prepare_wan22, T2V_A14B: prepare_wan22}
+# The area TI2V's image-to-video fits the image's aspect ratio into, and
+# the multiple of its sides (VAE 16x times the 2x2 patch).
+TI2V_IMAGE_MULTIPLE = 32
+
+
+def read_image(path, *, area: int):
+  """(pixels (3, H, W) float32 in [-1, 1], (H, W)) of the RGB image at
+  `path` for TI2V image-to-video: the video size of area <= `area`
+  nearest the image's aspect ratio (multiples of 32), the image scaled
+  to cover it and centre-cropped (wan22's textimage2video.py)."""
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError("--image needs Pillow: pip install "
+                     "'astraea-jax[image]'") from None
+  try:
+    with Image.open(path) as opened:
+      opened.load()
+      image = opened.copy()
+  except OSError as e:  # UnidentifiedImageError is an OSError
+    raise ValueError(f"--image {path}: cannot read it as an image ({e})"
+                     ) from None
+  bands = image.getbands()
+  if bands != ("R", "G", "B"):
+    raise ValueError(f"--image {path} has {len(bands)} channel(s) "
+                     f"({image.mode}); give an RGB image (3 channels)")
+  m = TI2V_IMAGE_MULTIPLE
+  width, height = wan22_pipeline.best_output_size(image.width, image.height,
+                                                  m, m, area)
+  return wan22_pipeline.resize_crop(image, width, height), (height, width)
 
 
 def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
              vae_path=None, allow_pth=False, dtype=None, overwrite=False,
              prompt=None, negative_prompt=None, save_latents=False,
              fps: float = video_lib.WAN_FPS, sources=(),
-             text_encoder_device: str = "accelerator"):
+             text_encoder_device: str = "accelerator", image_path=None):
   """Runs the pipeline; returns the report dict (see the module doc).
 
   Give `prompt` (str; needs a whole-model folder) or `embeddings_path`.
@@ -225,6 +303,9 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   path) pairs the caller read (e.g. the --schedule file), which the outputs
   must not overlap either. Each model is on the accelerator only during
   its stage (`placement`); text_encoder_device="cpu" encodes on the CPU.
+  image_path: an RGB image (TI2V-5B image-to-video); the video's size
+  becomes the one of area <= height x width that fits the image
+  (`read_image`).
   """
   if (prompt is None) == (embeddings_path is None):
     raise ValueError("give a prompt (--prompt) or text embeddings "
@@ -234,11 +315,20 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   check_outputs(paths, out, overwrite=overwrite, sources=[
       ("--model", model_path), ("--vae", vae_path),
       ("--text-embeddings", embeddings_path), *sources])
-  pipe, conditioning, report = PREPARE[model_family(model_path)](
+  family = model_family(model_path)
+  image = None
+  if image_path is not None:
+    if family != TI2V:
+      raise ValueError(f"--image: {model_path} holds {family}; only {TI2V} "
+                       "takes an image")
+    image, (height, width) = read_image(image_path,
+                                        area=config.height * config.width)
+    config = dataclasses.replace(config, height=height, width=width)
+  pipe, conditioning, report = PREPARE[family](
       model_path, out, config=config, prompt=prompt,
       negative_prompt=negative_prompt, embeddings_path=embeddings_path,
       vae_path=vae_path, allow_pth=allow_pth, dtype=dtype, fps=fps,
-      text_encoder_device=text_encoder_device)
+      text_encoder_device=text_encoder_device, image=image)
   results, videos, run_report = pipe.generate(conditioning, config,
                                               fps=fps)          # 3.-5.
   report.update(run_report, outputs=[str(p) for p in paths.values()])
@@ -333,8 +423,10 @@ def run(args) -> int:
                     dtype=args.dtype, overwrite=args.overwrite,
                     prompt=args.prompt, negative_prompt=args.negative_prompt,
                     save_latents=args.save_latents, fps=pick("fps"),
-                    sources=common.sources(("--schedule", args.schedule)),
-                    text_encoder_device=args.text_encoder_device)
+                    sources=common.sources(("--schedule", args.schedule),
+                                           ("--image", args.image)),
+                    text_encoder_device=args.text_encoder_device,
+                    image_path=args.image)
   _print_report(report, args.out)
   return 0
 
@@ -359,6 +451,10 @@ def add_parser(sub, parents):
   text.add_argument("--text-embeddings", default=None,
                     help="safetensors with `context` (L, text_dim) and "
                          "optional `negative_context`")
+  p.add_argument("--image", default=None, metavar="PATH",
+                 help="Wan2.2 TI2V-5B image-to-video: an RGB image as the "
+                      "first frame; the video takes the size of area <= "
+                      "WIDTHxHEIGHT nearest its aspect ratio")
   p.add_argument("--negative-prompt", default=None,
                  help="what to steer away from (default: empty)")
   p.add_argument("--out", required=True,
@@ -379,9 +475,12 @@ def add_parser(sub, parents):
   p.add_argument("--steps", type=common.POSITIVE_INT, default=None,
                  help="sampling steps (Wan2.1: 50; OpenSora: 30)")
   p.add_argument("--guidance", type=common.NONNEGATIVE, default=None,
-                 help="CFG scale >= 0 (Wan2.1: 5.0; OpenSora: 7.0)")
+                 help="CFG scale >= 0 (Wan2.1, Wan2.2 TI2V: 5.0; OpenSora: "
+                      "7.0; Wan2.2 A14B: 4.0 high-noise / 3.0 low-noise "
+                      "expert, this flag sets both)")
   p.add_argument("--shift", type=common.POSITIVE, default=None,
-                 help="flow shift (default: 3.0 up to 480p, else 5.0)")
+                 help="flow shift (Wan2.1: 3.0 up to 480p, else 5.0; Wan2.2: "
+                      "TI2V 5.0, A14B 12.0)")
   p.add_argument("--scheduler", choices=["unipc", "euler"], default=None,
                  help="Wan2.1: unipc (default) or euler; OpenSora: its "
                       "rectified-flow Euler only")

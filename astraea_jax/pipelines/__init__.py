@@ -1,6 +1,7 @@
 """Text encoder + DiT + VAE of each model family on one base
-(`base.Pipeline`): `WanPipeline` (Wan2.1) and `OpenSoraPipeline` (OpenSora
-v1.2); `pipeline_class(folder)` picks the one a converted folder holds.
+(`base.Pipeline`): `WanPipeline` (Wan2.1), `Wan22TI2VPipeline` and
+`Wan22T2VA14BPipeline` (Wan2.2) and `OpenSoraPipeline` (OpenSora v1.2);
+`pipeline_class(folder)` picks the one a converted folder holds.
 
   pipe = WanPipeline.from_pretrained("wan-1.3b", dtype="bfloat16")
   video = pipe("A cat baking a cake", budget=0.4)
@@ -13,7 +14,12 @@ from astraea_jax.pipelines.base import (
     pipeline_class,
 )
 from astraea_jax.pipelines.opensora_pipeline import OpenSoraPipeline
+from astraea_jax.pipelines.wan22_pipeline import (
+    Wan22T2VA14BPipeline,
+    Wan22TI2VPipeline,
+)
 from astraea_jax.pipelines.wan_pipeline import WanPipeline
 
 __all__ = ["GenerateConfig", "OpenSoraPipeline", "PIPELINES", "Pipeline",
-           "WanPipeline", "pipeline_class"]
+           "Wan22T2VA14BPipeline", "Wan22TI2VPipeline", "WanPipeline",
+           "pipeline_class"]

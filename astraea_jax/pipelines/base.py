@@ -65,8 +65,8 @@ class GenerateConfig:
 
 def pipeline_class(path) -> type:
   """The pipeline class of a converted whole-model folder's model; a
-  ValueError for a model with no pipeline yet (the Wan2.2 folders: their
-  models load with `checkpoint.load_model`)."""
+  ValueError for a model with no pipeline yet (Wan2.2 I2V-A14B: its models
+  load with `checkpoint.load_model`)."""
   model = checkpoint.manifest_model(path)
   if model not in PIPELINES:
     raise ValueError(
@@ -179,7 +179,8 @@ class Pipeline(nnx.Module):
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
-    PIPELINES[cls.MODEL] = cls
+    if "MODEL" in cls.__dict__:  # a shared intermediate class names none
+      PIPELINES[cls.MODEL] = cls
 
   def __init__(self, transformer, vae=None, text_encoder=None,
                tokenizer=None, *, text_len: int | None = None):

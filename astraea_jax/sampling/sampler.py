@@ -17,6 +17,12 @@ arguments (parameters, text embeddings) are jit arguments rather than
 constants baked into the compiled step. `denoise` runs the loop; `sample`
 is the thin Wan wrapper with an empty carry.
 
+Hooks, never a copy of the loop (Wan2.2): the per-step plan can pick an
+expert's parameters (`expert_plan`, `pick_expert`), the guidance scale may
+be one per step (`step_guidance`), `post_step` edits the latents after each
+scheduler step (TI2V's image frame) and `wan_model_fn(token_mask=)` gives
+some tokens timestep 0 (`token_timesteps`).
+
 Two loop drivers with identical numerics: "python" (default) calls ONE
 jitted step function per step and can show a progress bar; "scan" compiles
 the whole loop as `jax.lax.scan` over that same step. Step overhead of each
@@ -106,18 +112,30 @@ def cfg_context(context, negative_context):
   return jnp.concatenate([pad(context), pad(negative_context)], axis=0)
 
 
+def step_guidance(guidance_scale, step):
+  """The step's CFG scale: one scale for every step, or (num_steps,) scales
+  indexed by the step (Wan2.2 A14B: each expert its own)."""
+  guidance_scale = jnp.asarray(guidance_scale)
+  return guidance_scale[step] if guidance_scale.ndim else guidance_scale
+
+
 def guided_step(model_fn, scheduler, guidance_scale, latents, sched_state,
-                carry):
+                carry, post_step=None):
   """One CFG denoising step (pure; traced inside both loop drivers).
 
+  guidance_scale: a scale, or one per step (`step_guidance`). post_step:
+  None or a pytree function latents -> latents applied after the
+  scheduler step (TI2V image-to-video puts the image's latent frame back).
   Returns (latents, sched_state, carry) after the step.
   """
   t = scheduler.timesteps[sched_state.step]
+  scale = step_guidance(guidance_scale, sched_state.step)
   latents_2b, timesteps_2b = cfg_batch(latents, t)               # 1.
   velocity_2b, carry = model_fn(carry, latents_2b, timesteps_2b)  # 2.
-  velocity = cfg_combine(velocity_2b.astype(latents.dtype),       # 3.
-                         guidance_scale)
+  velocity = cfg_combine(velocity_2b.astype(latents.dtype), scale)  # 3.
   latents, sched_state = scheduler.step(sched_state, velocity, latents)  # 4.
+  if post_step is not None:
+    latents = post_step(latents)
   return latents, sched_state, carry
 
 
@@ -125,11 +143,11 @@ def guided_step(model_fn, scheduler, guidance_scale, latents, sched_state,
 
 
 def _plan_step(model_fn, scheduler, guidance_scale, latents, sched_state,
-               carry, *, plan=None):
+               carry, post_step=None, *, plan=None):
   if plan is not None:
     model_fn = functools.partial(model_fn, plan=plan)
   return guided_step(model_fn, scheduler, guidance_scale, latents,
-                     sched_state, carry)
+                     sched_state, carry, post_step)
 
 
 _STEP_FUNCTIONS = {}  # out_shardings -> the jitted step for that placement
@@ -284,9 +302,10 @@ def steady_seconds(step_seconds, keys) -> float | None:
 @functools.partial(jax.jit, static_argnames=("return_trajectory",),
                    donate_argnums=(4, 5))
 def _scanned_loop(model_fn, scheduler, guidance_scale, latents, sched_state,
-                  carry, *, return_trajectory):
+                  carry, post_step, *, return_trajectory):
   def body(state, _):
-    state = guided_step(model_fn, scheduler, guidance_scale, *state)
+    state = guided_step(model_fn, scheduler, guidance_scale, *state,
+                        post_step)
     return state, (state[0] if return_trajectory else None)
 
   (latents, sched_state, carry), trajectory = jax.lax.scan(
@@ -300,7 +319,7 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
         carry=(), make_carry=None, sched_state=None, out_shardings=None,
         loop: str = "python", return_trajectory: bool = False,
         progress: bool = True, wait: bool = False, desc: str = "sampling",
-        postfix=None, memory_hint=None):
+        postfix=None, memory_hint=None, post_step=None):
   """THE host sampling loop: every sampler (dense, Astraea on Wan and
   STDiT3, the policies, the mesh samplers) runs its steps here.
 
@@ -323,6 +342,9 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
     desc, postfix: the progress bar's title and per-step postfix dicts.
     memory_hint: hint(needed_bytes, limit_bytes) -> what would fit, for
       the error when the run would not (`memory.check_fits`).
+    guidance_scale: one CFG scale, or one per step (`step_guidance`).
+    post_step: None or a pytree function latents -> latents after each
+      scheduler step (`guided_step`).
 
   Returns (latents, carry, trajectory or None, SampleStats with
   step_seconds, compiled, plans and estimated_peak_bytes).
@@ -330,6 +352,9 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
   if loop not in LOOPS:
     raise ValueError(f"{loop=} must be one of {LOOPS}")
   guidance_scale = jnp.asarray(guidance_scale, jnp.float32)
+  if guidance_scale.ndim and guidance_scale.shape != (scheduler.num_steps,):
+    raise ValueError(f"guidance scales {guidance_scale.shape} must be one "
+                     f"scale or one per step ({scheduler.num_steps},)")
   if sched_state is None:
     sched_state = scheduler.init(latents)
   stats = SampleStats()
@@ -340,14 +365,15 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
       raise ValueError("loop='scan' runs one plan; got a plan per step")
     latents, _, carry, trajectory = _scanned_loop(
         model_fn, scheduler, guidance_scale, latents, sched_state, carry,
-        return_trajectory=return_trajectory)
+        post_step, return_trajectory=return_trajectory)
     return latents, carry, trajectory, stats
   if plans is None:
     plans = [None] * scheduler.num_steps
   step = step_function(out_shardings)
   if make_carry is not None:
     carry = jax.eval_shape(make_carry)
-  args = (model_fn, scheduler, guidance_scale, latents, sched_state, carry)
+  args = (model_fn, scheduler, guidance_scale, latents, sched_state, carry,
+            post_step)
   futures, started = {}, set()
   if out_shardings is None:  # mesh programs keep their jitted placement
     futures, started = compile_plans(step, plans, args)
@@ -363,7 +389,8 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
     before = compiled_count()
     start = time.perf_counter()
     executable = futures[plan].result() if plan in futures else None
-    args = (model_fn, scheduler, guidance_scale, latents, sched_state, carry)
+    args = (model_fn, scheduler, guidance_scale, latents, sched_state, carry,
+            post_step)
     latents, sched_state, carry = _call_step(step, executable, args, plan)
     if progress or wait:  # wait for the step to finish
       latents.block_until_ready()
@@ -443,15 +470,74 @@ def resolve_scheduler(scheduler, steps, shift, noise_shape):
 # Wan -------------------------------------------------------------------------
 
 
+def expert_plan(timesteps, boundary_ratio: float | None,
+                num_train_timesteps: int = sched_lib.NUM_TRAIN_TIMESTEPS):
+  """Which expert each step runs (Wan2.2 A14B): 0, the high-noise expert,
+  while t >= boundary_ratio * T, then 1, the low-noise one (wan22's
+  text2video.py switches at the first t below the boundary). None: one
+  model, expert 0 throughout."""
+  if boundary_ratio is None:
+    return [0] * len(timesteps)
+  if not 0.0 < boundary_ratio < 1.0:
+    raise ValueError(f"{boundary_ratio=} must lie in (0, 1)")
+  boundary = boundary_ratio * num_train_timesteps
+  return [0 if float(t) >= boundary else 1 for t in np.asarray(timesteps)]
+
+
+def expert_guidance(experts, guidance_scale):
+  """Per-step CFG scales: `guidance_scale` is one scale or, as Wan2.2's
+  configs give it, a pair (low-noise expert's, high-noise expert's)."""
+  if np.ndim(guidance_scale) == 0:
+    return np.full(len(experts), float(guidance_scale), np.float32)
+  low, high = guidance_scale  # a ValueError unless a pair
+  return np.asarray([high if e == 0 else low for e in experts], np.float32)
+
+
+def pick_expert(params, expert: int | None):
+  """The parameters of one expert: `params` is one model's state, or a
+  tuple of experts' states (high noise, low noise) picked by `expert`."""
+  if isinstance(params, (tuple, list)):
+    return params[expert or 0]
+  if expert:
+    raise ValueError(f"expert {expert} asked of a single model")
+  return params
+
+
+def token_timesteps(timesteps_2b, token_mask):
+  """(2B,) timesteps -> (2B, L) = t * token_mask (TI2V image-to-video:
+  mask 0 on the tokens of the conditioning frame, as wan22's
+  textimage2video.py builds them); token_mask None keeps (2B,)."""
+  if token_mask is None:
+    return timesteps_2b
+  return timesteps_2b[:, None] * token_mask[None, :].astype(
+      timesteps_2b.dtype)
+
+
 def _wan_velocity(graphdef, params, context_2b, carry, latents_2b,
-                  timesteps_2b):
-  model = nnx.merge(graphdef, params)
-  return model(latents_2b, timesteps_2b, context_2b), carry
+                  timesteps_2b, token_mask=None, *, plan=None):
+  model = nnx.merge(graphdef, pick_expert(params, plan))
+  timesteps = token_timesteps(timesteps_2b, token_mask)
+  return model(latents_2b, timesteps, context_2b), carry
 
 
-def wan_model_fn(graphdef, params, context_2b):
-  """The dense WanDiT as a `model_fn` (empty carry) for `denoise`."""
-  return jax.tree_util.Partial(_wan_velocity, graphdef, params, context_2b)
+def _wan_velocity_masked(graphdef, params, context_2b, token_mask, carry,
+                         latents_2b, timesteps_2b, *, plan=None):
+  return _wan_velocity(graphdef, params, context_2b, carry, latents_2b,
+                       timesteps_2b, token_mask, plan=plan)
+
+
+def wan_model_fn(graphdef, params, context_2b, token_mask=None):
+  """The dense WanDiT as a `model_fn` (empty carry) for `denoise`.
+
+  params: one model's state, or the experts' states (high, low noise),
+  then each step's plan is its expert (`expert_plan`). token_mask: None or
+  (L,) per-token timestep factors (`token_timesteps`).
+  """
+  if token_mask is None:
+    return jax.tree_util.Partial(_wan_velocity, graphdef, params,
+                                 context_2b)
+  return jax.tree_util.Partial(_wan_velocity_masked, graphdef, params,
+                               context_2b, token_mask)
 
 
 def make_scheduler(name: str, steps: int, *, shift: float,
@@ -467,37 +553,52 @@ def make_scheduler(name: str, steps: int, *, shift: float,
 
 def sample(model, params, noise, context, negative_context, *,
            scheduler: str | Any = "unipc", steps: int | None = 50,
-           guidance_scale: float = 5.0, shift: float | None = None,
+           guidance_scale=5.0, shift: float | None = None,
            return_trajectory: bool = False, loop: str = "python",
-           progress: bool = True, step_seconds: list | None = None):
+           progress: bool = True, step_seconds: list | None = None,
+           boundary_ratio: float | None = None, token_mask=None,
+           post_step=None):
   """Dense CFG sampling with a WanDiT: noise -> latents.
 
   Args:
     model: the WanDiT `nnx.GraphDef` and params its `nnx.State`
-      (`model, params = nnx.split(wan_dit)`).
-    noise: (B, 16, F, H, W) float32 initial latents (`draw_noise`).
+      (`model, params = nnx.split(wan_dit)`), or a pair of states (the
+      high- and low-noise experts of Wan2.2 A14B) with `boundary_ratio`.
+    noise: (B, C, F, H, W) float32 initial latents (`draw_noise`).
     context, negative_context: (B, L, text_dim) prompt embeddings and
       (B or 1, L', text_dim) negative-prompt embeddings.
     scheduler: "unipc" | "euler", built with `steps` and `shift`, or a
       scheduler pytree (then `steps` must be None or its step count).
+    guidance_scale: one CFG scale, or (low-noise, high-noise) per expert.
     shift: flow shift; None = `wan_flow_shift` of the video size implied by
       the latents (3.0 up to 480p, 5.0 above).
+    boundary_ratio: two experts switch at the first step with t <
+      boundary_ratio * 1000 (`expert_plan`); one compile per expert.
+    token_mask: (L,) per-token timestep factors (TI2V image-to-video).
+    post_step: latents -> latents after each step (`guided_step`).
     Others as in `denoise`.
 
   Returns:
-    latents (B, 16, F, H, W) float32, or (latents, trajectory) with
-    trajectory (steps, B, 16, F, H, W) when return_trajectory.
+    latents (B, C, F, H, W) float32, or (latents, trajectory) with
+    trajectory (steps, B, C, F, H, W) when return_trajectory.
   """
   scheduler = resolve_scheduler(scheduler, steps, shift, noise.shape)
   if context.shape[0] != noise.shape[0]:
     raise ValueError(f"context batch {context.shape[0]} != noise batch "
                      f"{noise.shape[0]}")
+  if (boundary_ratio is None) == isinstance(params, (tuple, list)):
+    raise ValueError("two experts' params go with a boundary_ratio, one "
+                     f"model's without ({boundary_ratio=})")
+  experts = expert_plan(scheduler.timesteps, boundary_ratio)
   model_fn = wan_model_fn(model, params, cfg_context(context,
-                                                     negative_context))
-  latents, _, trajectory = denoise(
+                                                     negative_context),
+                          token_mask)
+  latents, _, trajectory, stats = run(
       model_fn, jnp.asarray(noise, jnp.float32), scheduler=scheduler,
-      guidance_scale=guidance_scale, loop=loop,
+      guidance_scale=expert_guidance(experts, guidance_scale),
+      plans=None if boundary_ratio is None else experts, loop=loop,
       return_trajectory=return_trajectory, progress=progress,
-      step_seconds=step_seconds)
+      wait=step_seconds is not None, post_step=post_step)
+  if step_seconds is not None:
+    step_seconds.extend(stats.step_seconds)
   return (latents, trajectory) if return_trajectory else latents
-

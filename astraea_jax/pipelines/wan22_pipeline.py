@@ -1,0 +1,294 @@
+"""Wan2.2 pipelines: TI2V-5B (text- and image-to-video) and T2V-A14B (two
+experts), on the Wan2.1 pipeline's text encoder, sampler and decoding.
+
+What differs from Wan2.1 (facts from wan22's textimage2video.py,
+text2video.py and configs/):
+  * the original Wan UniPC schedule (`FlowUniPC` schedule="wan"), with the
+    model's flow shift (TI2V 5.0, A14B 12.0), not Wan2.1's size rule;
+  * TI2V-5B: the Wan2.2 VAE (z 48, 16x space); with an image, the image's
+    latent is the first latent frame of the initial latents and replaces
+    it again after every step (`first_frame_post_step`), and the tokens of
+    that frame run at timestep 0 (`first_frame_token_mask`);
+  * T2V-A14B: a high-noise expert (transformer/) for the steps with
+    t >= boundary_ratio * 1000 and a low-noise expert (transformer_2/)
+    after, each with its own CFG scale (low, high) = (3.0, 4.0)
+    (`sampling.sampler.expert_plan`). Astraea's token caches belong to
+    one expert: the first low-noise step computes every token.
+I2V-A14B (in_dim 36: mask and image latents as extra channels) has no
+pipeline yet.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from astraea_jax import checkpoint
+from astraea_jax import placement as placement_lib
+from astraea_jax.astraea import wan_tokenwise as astraea_sampler
+from astraea_jax.pipelines import base, wan_pipeline
+from astraea_jax.sampling import sampler as dense_sampler
+from astraea_jax.vae import wan_vae
+
+F32 = jnp.float32
+
+
+# Pure pieces ------------------------------------------------------------------
+
+
+def first_frame_token_mask(latent_shape, patch_size):
+  """(L,) float32 timestep factors of the DiT's tokens: 0 on the first
+  latent frame's tokens (the conditioning image), 1 elsewhere. wan22
+  builds it as mask2[0][0][:, ::2, ::2] flattened (frame-major, as our
+  patch order)."""
+  f, h, w = (s // p for s, p in zip(latent_shape[2:], patch_size))
+  if patch_size[0] != 1:
+    raise ValueError(f"{patch_size=}: the first-frame mask needs a temporal "
+                     "patch of 1")
+  return jnp.repeat(jnp.where(jnp.arange(f) == 0, 0.0, 1.0), h * w
+                    ).astype(F32)
+
+
+def put_first_frame(latents, image_latent):
+  """latents (B, C, F, h, w) with frame 0 replaced by image_latent
+  (B, C, 1, h, w): wan22's (1 - mask) * z + mask * latent."""
+  return latents.at[:, :, :1].set(image_latent.astype(latents.dtype))
+
+
+def first_frame_post_step(image_latent):
+  """The sampler's post-step hook of TI2V image-to-video (a pytree)."""
+  return jax.tree_util.Partial(_post_step, image_latent)
+
+
+def _post_step(image_latent, latents):
+  return put_first_frame(latents, image_latent)
+
+
+def best_output_size(width: int, height: int, dw: int, dh: int,
+                     area: int) -> tuple[int, int]:
+  """(ow, oh): the video size of an image of width x height for TI2V
+  image-to-video, multiples of (dw, dh) with ow * oh <= area and the
+  aspect ratio nearest the image's (wan22 utils.best_output_size: the
+  better of rounding the width first or the height first)."""
+  ratio = width / height
+  ow, oh = (area * ratio) ** 0.5, area / (area * ratio) ** 0.5
+  ow1 = int(ow // dw * dw)
+  oh1 = int(area / ow1 // dh * dh) if ow1 else 0
+  oh2 = int(oh // dh * dh)
+  ow2 = int(area / oh2 // dw * dw) if oh2 else 0
+  # the height-first size first: wan22 keeps it on a tie
+  candidates = [(w, h) for w, h in ((ow2, oh2), (ow1, oh1)) if w and h]
+  if not candidates:
+    raise ValueError(f"no {dw}x{dh}-multiple video size of area <= {area} "
+                     f"fits an image of {width}x{height}")
+  off = lambda wh: max(ratio / (wh[0] / wh[1]), (wh[0] / wh[1]) / ratio)
+  return min(candidates, key=off)
+
+
+def resize_crop(image, width: int, height: int) -> np.ndarray:
+  """A PIL image -> (3, height, width) float32 in [-1, 1]: scaled (Lanczos)
+  to cover width x height, then centre-cropped, as wan22's i2v does."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (optional)
+  scale = max(width / image.width, height / image.height)
+  image = image.resize((round(image.width * scale),
+                        round(image.height * scale)), Image.LANCZOS)
+  x1, y1 = (image.width - width) // 2, (image.height - height) // 2
+  image = image.crop((x1, y1, x1 + width, y1 + height))
+  pixels = np.asarray(image, np.float32) / 255.0
+  return np.moveaxis(pixels * 2.0 - 1.0, -1, 0)
+
+
+# The pipelines ----------------------------------------------------------------
+
+
+class Wan22Pipeline(wan_pipeline.WanPipeline):
+  """What the Wan2.2 pipelines share: the Wan schedule, the model's shift,
+  one or two experts. Not registered (no MODEL): its subclasses are."""
+
+  # Video -> latent factors when no VAE is loaded.
+  FACTORS = (4, 8)
+
+  def __init__(self, transformer, vae=None, text_encoder=None,
+               tokenizer=None, *, text_len: int | None = None,
+               transformer_2=None, boundary_ratio: float | None = None):
+    super().__init__(transformer, vae, text_encoder, tokenizer,
+                     text_len=text_len)
+    self.transformer_2 = nnx.data(transformer_2)  # a module, or None
+    self.boundary_ratio = boundary_ratio
+
+  def latent_shape(self, height: int, width: int, num_frames: int,
+                   batch: int = 1):
+    t, s = ((self.vae.config.temporal_factor, self.vae.config.spatial_factor)
+            if self.vae is not None else self.FACTORS)
+    return wan_pipeline.latent_shape(
+        height, width, num_frames, patch_size=self.transformer.config
+        .patch_size, batch=batch, channels=self.transformer.config.in_dim,
+        temporal_factor=t, spatial_factor=s)
+
+  def _experts(self):
+    """(graphdef, params or the experts' pair, boundary_ratio)."""
+    graphdef, params = nnx.split(self.transformer)
+    if self.transformer_2 is None:
+      return graphdef, params, None
+    return graphdef, (params, nnx.state(self.transformer_2)), \
+        self.boundary_ratio
+
+  @base.stage("transformer")
+  def denoise(self, noise, context, negative_context, image_latent=None, *,
+              num_inference_steps: int | None = None, guidance_scale=None,
+              shift: float | None = None, scheduler="unipc", budget=None,
+              schedule=None, selection_config=None, loop: str = "python",
+              progress: bool = False, return_stats: bool = False,
+              step_seconds: list | None = None, devices: int | None = None,
+              refresh_experts: bool = True):
+    """CFG sampling from `noise` (B, C, F, h, w) -> latents, dense or
+    Astraea (`budget` / `schedule`) as `WanPipeline.denoise`.
+
+    Defaults (None) are the model's (`DEFAULTS`). image_latent: (B, C, 1,
+    h, w), the VAE latent of the first frame (TI2V image-to-video).
+    refresh_experts (two experts, Astraea): the first low-noise step
+    computes every token (see `wan_tokenwise.sample`).
+    """
+    if devices is not None:
+      raise ValueError("--devices: Wan2.2 runs on one device for now")
+    d = self.DEFAULTS
+    steps = num_inference_steps or d["steps"]
+    guidance_scale = d["guidance"] if guidance_scale is None else \
+        guidance_scale
+    shift = d["shift"] if shift is None else shift
+    if isinstance(scheduler, str):
+      scheduler = dense_sampler.make_scheduler(
+          scheduler, steps, shift=shift,
+          **({"schedule": "wan"} if scheduler == "unipc" else {}))
+    hooks = {}
+    if image_latent is not None:
+      noise = put_first_frame(noise, image_latent)
+      hooks.update(token_mask=first_frame_token_mask(
+          noise.shape, self.transformer.config.patch_size),
+                   post_step=first_frame_post_step(image_latent))
+    common = {"scheduler": scheduler, "steps": None,
+              "guidance_scale": guidance_scale, "progress": progress,
+              **hooks}
+    # Both experts are on the accelerator for the whole run.
+    with placement_lib.placed(self.transformer_2):
+      graphdef, params, boundary = self._experts()
+      common["boundary_ratio"] = boundary
+      if budget is None and schedule is None:
+        if return_stats:
+          raise ValueError("return_stats needs Astraea (budget or schedule)")
+        return dense_sampler.sample(graphdef, params, noise, context,
+                                    negative_context, loop=loop,
+                                    step_seconds=step_seconds, **common)
+      extra = {} if selection_config is None else {
+          "selection_config": selection_config}
+      return astraea_sampler.sample(
+          graphdef, params, noise, context, negative_context, budget=budget,
+          schedule=schedule, return_stats=return_stats,
+          refresh_experts=refresh_experts, **extra, **common)
+
+  def __call__(self, prompt=None, negative_prompt="", *, image=None,
+               height: int | None = None, width: int | None = None,
+               num_frames: int | None = None,
+               num_inference_steps: int | None = None, guidance_scale=None,
+               shift: float | None = None, scheduler="unipc", seed: int = 0,
+               noise=None, prompt_embeds=None, negative_prompt_embeds=None,
+               budget=None, schedule=None, selection_config=None,
+               output_type: str = "video", progress: bool = True):
+    """Text (and with `image`, (B, 3, height, width) in [-1, 1]: TI2V's
+    image) -> video (B, 3, num_frames, height, width) in [-1, 1]; None =
+    the model's defaults (`DEFAULTS`). Otherwise as
+    `WanPipeline.__call__`."""
+    d = self.DEFAULTS
+    height, width = height or d["height"], width or d["width"]
+    num_frames = num_frames or d["frames"]
+    base.check_output_type(output_type)
+    base.check_one_text_input(prompt, prompt_embeds)
+    if prompt is not None:                                            # 1.
+      context, negative = self.encode_prompt(prompt, negative_prompt,
+                                             progress=progress)
+    else:
+      context = jnp.asarray(prompt_embeds, F32)
+      negative = (jnp.zeros_like(context[:, :1])
+                  if negative_prompt_embeds is None
+                  else jnp.asarray(negative_prompt_embeds, F32))
+    conditioning = (context, negative)
+    if image is not None:
+      if not hasattr(self, "encode_image"):
+        raise ValueError(f"image: {self.MODEL} is text-to-video only")
+      if tuple(np.shape(image)[2:]) != (height, width):
+        raise ValueError(f"image {np.shape(image)} must be (B, 3, {height}, "
+                         f"{width}), the video's size")
+      conditioning += (self.encode_image(image),)
+    return self.sample_video(                                      # 2.-4.
+        conditioning, height=height, width=width, num_frames=num_frames,
+        seed=seed, noise=noise, output_type=output_type, progress=progress,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, shift=shift, scheduler=scheduler,
+        budget=budget, schedule=schedule, selection_config=selection_config)
+
+  def _generate_options(self, config: base.GenerateConfig, fps: float):
+    del fps  # no frame-rate condition
+    if config.devices is not None:
+      raise ValueError("--devices: Wan2.2 runs on one device for now")
+    return {"shift": config.shift,
+            "scheduler": config.scheduler or self.DEFAULTS["scheduler"]}
+
+
+class Wan22TI2VPipeline(Wan22Pipeline):
+  """Wan2.2 TI2V-5B: text-to-video, and image-to-video with an image
+  latent (`encode_image`) as the denoiser's fourth conditioning input."""
+
+  MODEL = "wan2.2-ti2v-5b"
+  # wan22 configs/wan_ti2v_5B.py and SUPPORTED_SIZES['ti2v-5B'] (1280*704).
+  DEFAULTS = {"height": 704, "width": 1280, "frames": 121, "steps": 50,
+              "guidance": 5.0, "shift": 5.0, "fps": 24.0,
+              "scheduler": "unipc"}
+  FACTORS = (4, 16)
+
+  @base.stage("vae")
+  def encode_image(self, image):
+    """image (B, 3, H, W) in [-1, 1] -> its latent (B, z, 1, h, w), the
+    Wan2.2 VAE's normalised mean (wan22: `vae.encode([img])`)."""
+    if self.vae is None:
+      raise ValueError("this pipeline has no VAE to encode the image with")
+    image = jnp.asarray(image, F32)
+    if image.ndim != 4 or image.shape[1] != 3:
+      raise ValueError(f"image must be (B, 3, H, W); got {image.shape}")
+    return wan_vae.encode_jit(self.vae, image[:, :, None])
+
+class Wan22T2VA14BPipeline(Wan22Pipeline):
+  """Wan2.2 T2V-A14B: two experts (high noise: transformer/, low noise:
+  transformer_2/) switching at the manifest's boundary_ratio."""
+
+  MODEL = "wan2.2-t2v-a14b"
+  # wan22 configs/wan_t2v_A14B.py: guidance (low noise, high noise);
+  # 16 fps and 81 frames from shared_config; 1280*720 as wan22's generate.
+  DEFAULTS = {"height": 720, "width": 1280, "frames": 81, "steps": 40,
+              "guidance": (3.0, 4.0), "shift": 12.0, "fps": 16.0,
+              "scheduler": "unipc"}
+
+  @classmethod
+  def from_pretrained(cls, path, *, dtype: str | None = None,
+                      offload: bool = True, **kwargs):
+    """`Pipeline.from_pretrained` plus the low-noise expert and the
+    boundary from the manifest."""
+    pipe = super().from_pretrained(path, dtype=dtype, offload=offload,
+                                   **kwargs)
+    manifest = cls.read_manifest(path)
+    experts = manifest["experts"]
+    if experts.get("high_noise") != "transformer":
+      raise ValueError(f"{path}: manifest experts {experts} must name "
+                       "transformer as the high-noise expert")
+    pipe.transformer_2 = checkpoint.load_model(
+        checkpoint.component_path(path, manifest, experts["low_noise"]),
+        dtype=dtype, placement="offload" if offload else "accelerator")
+    pipe.boundary_ratio = float(manifest["boundary_ratio"])
+    return pipe
+
+  def _experts(self):
+    if self.transformer_2 is None or self.boundary_ratio is None:
+      raise ValueError("T2V-A14B needs both experts and boundary_ratio "
+                       "(load the folder with from_pretrained)")
+    return super()._experts()

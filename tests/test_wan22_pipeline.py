@@ -1,0 +1,426 @@
+"""Wan2.2 pipelines against wan22's own sampling loops, through the
+converter from the original (published) layout.
+
+wan22's `generate()` cannot run on CPU (CUDA calls: `torch.cuda.*`,
+autocast "cuda", T5 on CUDA), so `reference_sample` drives the reference's
+`WanModel` (wan/modules/model.py, exact attention) and its scheduler
+(wan/utils/fm_solvers_unipc.py `FlowUniPCMultistepScheduler(shift=1)` +
+`set_timesteps(steps, shift=shift)`) through the same steps as
+textimage2video.py's t2v / i2v and text2video.py's generate: per-token
+timesteps `mask2 * t` (mask 0 on the image's latent frame), CFG
+`uncond + g (cond - uncond)`, the image latent put back after every step,
+and for A14B the expert and guidance chosen by `t >= boundary * 1000`.
+Our side loads the converted folder with the pipeline and samples from
+prompt embeddings (the text encoder has its own parity tests).
+
+Tolerance: max abs error <= 1e-5 * max|reference| + 1e-6
+(`testing.assert_close`): float32, the same math in another order. Three
+UniPC steps with CFG (and the VAE encode for the image) leave it at
+1.4e-6 to 1.8e-6 relative on this machine, within the single-forward
+bound of tests/test_wan22_dit.py.
+"""
+
+import ast
+import functools
+import importlib.util
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import load_file
+
+from _wan22_reference import load_wan22_module, randomise_, wan_model
+from astraea_jax import checkpoint, cli, testing
+from astraea_jax.astraea import wan_tokenwise
+from astraea_jax.commands import generate
+from astraea_jax.configs import WanConfig
+from astraea_jax.pipelines import wan22_pipeline
+from astraea_jax.sampling import sampler
+from test_wan22_converter import (
+    TEXT,
+    VAE21,
+    VAE22,
+    WORDS,
+    random_tensors,
+    save_pth,
+    vae_tensors,
+    write_dit,
+)
+from converters import umt5 as umt5_converter
+
+SMALL = dict(dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=32,
+             text_len=512, freq_dim=16)
+TI2V = WanConfig.tiny(in_dim=48, out_dim=48, **SMALL)
+T2V = WanConfig.tiny(**SMALL)
+STEPS = 3
+CONTEXT_LENS = (5, 3)  # prompt, negative prompt
+
+
+def reference_dit(config, model_type, seed):
+  ref = wan_model(
+      model_type=model_type, patch_size=config.patch_size,
+      text_len=config.text_len, in_dim=config.in_dim, dim=config.dim,
+      ffn_dim=config.ffn_dim, freq_dim=config.freq_dim,
+      text_dim=config.text_dim, out_dim=config.out_dim,
+      num_heads=config.num_heads, num_layers=config.num_layers)
+  randomise_(ref, seed)
+  return ref
+
+
+def write_folder(root, dits, vae_config, vae_name):
+  """An original-layout download: dits {subfolder: (reference model,
+  config, model_type)}, the VAE from `vae_tensors(vae_config, seed 10)`."""
+  root.mkdir(parents=True)
+  for sub, (ref, config, model_type) in dits.items():
+    tensors = {k: v.numpy() for k, v in ref.state_dict().items()}
+    write_dit(root / sub, config, tensors, "wan", model_type, shards=2)
+  save_pth(vae_tensors(vae_config, "original", 10), root / f"{vae_name}.pth")
+  save_pth(random_tensors(umt5_converter.expected_checkpoint_shapes(
+      TEXT, "wan"), 20), root / "models_t5_umt5-xxl-enc-bf16.pth")
+  testing.write_word_tokenizer(root / "google" / "umt5-xxl", WORDS)
+  return root
+
+
+def converted(tmp_path_factory, name, dits, vae_config, vae_name):
+  root = tmp_path_factory.mktemp(name)
+  write_folder(root / "src", dits, vae_config, vae_name)
+  assert cli.main(["convert", str(root / "src"), str(root / "dst"),
+                   "--quiet", "--allow-pth"]) == 0
+  return root / "dst"
+
+
+def embeddings(seed):
+  """(context, negative) (1, n, text_dim): our prompt embeddings; the
+  reference takes the same rows unpadded."""
+  rng = np.random.default_rng(seed)
+  return tuple(rng.standard_normal((1, n, SMALL["text_dim"])
+                                   ).astype(np.float32) for n in CONTEXT_LENS)
+
+
+def reference_scheduler(steps, shift):
+  module = load_wan22_module_from("utils", "fm_solvers_unipc")
+  sched = module.FlowUniPCMultistepScheduler(
+      num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
+  sched.set_timesteps(steps, device="cpu", shift=shift)
+  return sched
+
+
+@functools.cache
+def load_wan22_module_from(package, name):
+  """wan.<package>.<name> by file (wan/utils/__init__ imports more)."""
+  root = testing.wan22_dir()
+  spec = importlib.util.spec_from_file_location(
+      f"wan.{package}.{name}", f"{root}/{package}/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def wan22_function(path, name):
+  """One function of a wan22 file, compiled alone (wan/utils/utils.py
+  imports torchvision, which the test environment lacks)."""
+  source = (testing.wan22_dir() / path).read_text()
+  tree = ast.parse(source)
+  node = next(n for n in tree.body
+              if isinstance(n, ast.FunctionDef) and n.name == name)
+  namespace = {}
+  code = compile(ast.Module([node], []), path, "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
+  return namespace[name]
+
+
+def reference_sample(pick, noise, context, negative, *, shift,
+                     image_latent=None):
+  """wan22's sampling loop. pick(t) -> (model, guidance scale) (A14B:
+  `_prepare_model_for_timestep` and its guide_scale choice); noise
+  (C, F, H, W); image_latent (C, 1, H, W) or None (t2v)."""
+  sched = reference_scheduler(STEPS, shift)
+  latent = torch.from_numpy(noise)
+  mask2 = torch.ones_like(latent)
+  if image_latent is not None:
+    z = torch.from_numpy(image_latent)
+    mask2[:, 0] = 0  # masks_like(zero=True)
+    latent = (1. - mask2) * z + mask2 * latent
+  seq_len = latent.shape[1] * latent.shape[2] * latent.shape[3] // 4
+  ctx = [torch.from_numpy(context[0])]
+  neg = [torch.from_numpy(negative[0])]
+  with torch.no_grad():
+    for t in sched.timesteps:
+      model, scale = pick(t)
+      timestep = (mask2[0][:, ::2, ::2] * t).flatten().unsqueeze(0)
+      cond = model([latent], t=timestep, context=ctx, seq_len=seq_len)[0]
+      uncond = model([latent], t=timestep, context=neg, seq_len=seq_len)[0]
+      pred = uncond + scale * (cond - uncond)
+      latent = sched.step(pred.unsqueeze(0), t, latent.unsqueeze(0),
+                          return_dict=False)[0].squeeze(0)
+      if image_latent is not None:
+        latent = (1. - mask2) * z + mask2 * latent
+  return latent.numpy()
+
+
+# TI2V-5B ----------------------------------------------------------------------
+
+HEIGHT, WIDTH, FRAMES = 64, 64, 9  # latents (48, 3, 4, 4): 12 tokens
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory):
+  ref = reference_dit(TI2V, "ti2v", seed=5)
+  folder = converted(tmp_path_factory, "ti2v", {".": (ref, TI2V, "ti2v")},
+                     VAE22, "Wan2.2_VAE")
+  pipe = wan22_pipeline.Wan22TI2VPipeline.from_pretrained(
+      folder, load_text_encoder=False)
+  return ref, pipe, folder
+
+
+def ti2v_noise(pipe, seed=1):
+  shape = pipe.latent_shape(HEIGHT, WIDTH, FRAMES)
+  assert shape == (1, 48, 3, 4, 4)
+  return np.random.default_rng(seed).standard_normal(shape).astype(
+      np.float32)
+
+
+def run_ours(pipe, noise, context, negative, **kwargs):
+  return np.asarray(pipe(
+      prompt_embeds=context, negative_prompt_embeds=negative,
+      height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+      num_inference_steps=STEPS, noise=jnp.asarray(noise),
+      output_type="latents", progress=False, **kwargs))
+
+
+def test_ti2v_text_to_video_matches_wan22(ti2v):
+  ref, pipe, _ = ti2v
+  noise = ti2v_noise(pipe)
+  context, negative = embeddings(2)
+  expected = reference_sample(lambda t: (ref, 5.0), noise[0], context,
+                              negative, shift=5.0)
+  ours = run_ours(pipe, noise, context, negative)
+  testing.assert_close(ours[0], expected)
+
+
+def reference_vae():
+  module = load_wan22_module("vae2_2")
+  vae = module.WanVAE_(dim=8, dec_dim=12, z_dim=48, dim_mult=[1, 2, 4, 4],
+                       num_res_blocks=1,
+                       temperal_downsample=[False, True, True]).eval()
+  tensors = vae_tensors(VAE22, "original", 10)
+  vae.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+  return vae
+
+
+def test_ti2v_image_to_video_matches_wan22(ti2v):
+  """The image's latent is frame 0 throughout, its tokens at t = 0: the
+  reference encodes the image with its own VAE from the same tensors."""
+  ref, pipe, _ = ti2v
+  noise = ti2v_noise(pipe)
+  context, negative = embeddings(3)
+  image = np.random.default_rng(4).uniform(
+      -1, 1, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
+  scale = [torch.tensor(VAE22.latents_mean),
+           1 / torch.tensor(VAE22.latents_std)]
+  with torch.no_grad():
+    z = reference_vae().encode(torch.from_numpy(image[:, :, None]),
+                               scale).numpy()
+  assert z.shape == (1, 48, 1, 4, 4)
+  testing.assert_close(pipe.encode_image(image), z)
+  expected = reference_sample(lambda t: (ref, 5.0), noise[0], context,
+                              negative, shift=5.0, image_latent=z[0])
+  ours = run_ours(pipe, noise, context, negative, image=image)
+  testing.assert_close(ours[0], expected)
+  np.testing.assert_array_equal(ours[:, :, :1], np.asarray(
+      pipe.encode_image(image)))
+  # a negative control: without the image the sample differs
+  text_only = run_ours(pipe, noise, context, negative)
+  assert np.abs(text_only - ours).max() > 1e-2
+
+
+def test_first_frame_mask_and_output_size_follow_wan22():
+  mask = wan22_pipeline.first_frame_token_mask((1, 48, 3, 4, 6), (1, 2, 2))
+  np.testing.assert_array_equal(mask, [0] * 6 + [1] * 12)
+  best = wan22_function("utils/utils.py", "best_output_size")
+  for w, h in ((1920, 1080), (1080, 1920), (1000, 1000), (640, 480),
+               (1234, 567)):
+    assert wan22_pipeline.best_output_size(w, h, 32, 32, 704 * 1280) == \
+        best(w, h, 32, 32, 704 * 1280), (w, h)
+
+
+# T2V-A14B ---------------------------------------------------------------------
+
+A14B_SHIFT, A14B_GUIDANCE = 12.0, (3.0, 4.0)  # wan22 configs/wan_t2v_A14B.py
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+  high = reference_dit(T2V, "t2v", seed=6)
+  low = reference_dit(T2V, "t2v", seed=7)
+  folder = converted(
+      tmp_path_factory, "a14b",
+      {"high_noise_model": (high, T2V, "t2v"),
+       "low_noise_model": (low, T2V, "t2v")}, VAE21, "Wan2.1_VAE")
+  pipe = wan22_pipeline.Wan22T2VA14BPipeline.from_pretrained(
+      folder, load_text_encoder=False)
+  return high, low, pipe, folder
+
+
+def a14b_noise(pipe):
+  shape = pipe.latent_shape(32, 48, 5)
+  assert shape == (1, 16, 2, 4, 6)
+  return np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+
+
+def test_a14b_switches_experts_at_the_boundary_like_wan22(a14b):
+  """3 steps at shift 12: t = 999, 960, 857; the boundary 0.875 * 1000
+  puts the last step on the low-noise expert (guidance 3.0)."""
+  high, low, pipe, _ = a14b
+  assert pipe.boundary_ratio == 0.875
+  scheduler = sampler.make_scheduler("unipc", STEPS, shift=A14B_SHIFT,
+                                     schedule="wan")
+  np.testing.assert_array_equal(
+      reference_scheduler(STEPS, A14B_SHIFT).timesteps.numpy(),
+      np.asarray(scheduler.timesteps))
+  assert sampler.expert_plan(scheduler.timesteps, 0.875) == [0, 0, 1]
+  boundary = 0.875 * 1000
+
+  def pick(t):  # text2video.py: t.item() >= boundary -> high noise
+    is_high = t.item() >= boundary
+    return (high if is_high else low,
+            A14B_GUIDANCE[1] if is_high else A14B_GUIDANCE[0])
+
+  noise = a14b_noise(pipe)
+  context, negative = embeddings(9)
+  expected = reference_sample(pick, noise[0], context, negative,
+                              shift=A14B_SHIFT)
+  ours = np.asarray(pipe(
+      prompt_embeds=context, negative_prompt_embeds=negative, height=32,
+      width=48, num_frames=5, num_inference_steps=STEPS,
+      noise=jnp.asarray(noise), output_type="latents", progress=False))
+  testing.assert_close(ours[0], expected)
+  # a negative control: the high-noise expert throughout differs
+  only_high = reference_sample(lambda t: (high, 4.0), noise[0], context,
+                               negative, shift=A14B_SHIFT)
+  assert np.abs(only_high - expected).max() > 1e-3 * np.abs(expected).max()
+
+
+# Astraea across the expert switch -------------------------------------------
+
+
+def test_expert_switch_refreshes_astraea_caches():
+  """The first low-noise step computes every token (the caches hold the
+  other expert's updates); refresh_experts=False keeps the schedule."""
+  assert wan_tokenwise.refresh_at_switch([12, 4, 4, 4], [0, 0, 1, 1], 12) == \
+      [12, 4, 12, 4]
+  assert wan_tokenwise.refresh_at_switch([12, 4, 4], [0, 0, 0], 12) == \
+      [12, 4, 4]
+
+
+def test_astraea_two_experts_at_full_budget_equal_dense(a14b):
+  """Budget 1 through the token-wise engine = the dense two-expert run;
+  at budget 0.5 the switch step runs all tokens."""
+  _, _, pipe, _ = a14b
+  noise = jnp.asarray(a14b_noise(pipe))
+  context, negative = (jnp.asarray(x) for x in embeddings(9))
+  dense = pipe.denoise(noise, context, negative, num_inference_steps=STEPS)
+  full = pipe.denoise(noise, context, negative, num_inference_steps=STEPS,
+                      schedule=[1.0] * STEPS)
+  testing.assert_close(full, dense)
+  half, stats = pipe.denoise(noise, context, negative,
+                             num_inference_steps=STEPS,
+                             schedule=[1.0, 0.5, 0.5], return_stats=True)
+  assert stats.num_selected == [12, 6, 12]  # 2 x 2 x 3 = 12 tokens
+  kept, stats = pipe.denoise(noise, context, negative,
+                             num_inference_steps=STEPS,
+                             schedule=[1.0, 0.5, 0.5], return_stats=True,
+                             refresh_experts=False)
+  assert stats.num_selected == [12, 6, 6]
+  assert np.abs(np.asarray(kept) - np.asarray(half)).max() > 1e-4
+
+
+# `astraea generate` -----------------------------------------------------------
+
+
+def test_generate_defaults_are_the_models(ti2v, a14b):
+  ti2v_defaults = generate.defaults_for(ti2v[2])
+  assert (ti2v_defaults["height"], ti2v_defaults["width"],
+          ti2v_defaults["frames"], ti2v_defaults["fps"],
+          ti2v_defaults["steps"], ti2v_defaults["guidance"],
+          ti2v_defaults["shift"]) == (704, 1280, 121, 24.0, 50, 5.0, 5.0)
+  a14b_defaults = wan22_pipeline.Wan22T2VA14BPipeline.DEFAULTS
+  assert (a14b_defaults["steps"], a14b_defaults["guidance"],
+          a14b_defaults["shift"], a14b_defaults["fps"]) == (
+              40, (3.0, 4.0), 12.0, 16.0)
+  assert checkpoint.manifest_model(ti2v[2]) == "wan2.2-ti2v-5b"
+
+
+def write_image(path, size, mode="RGB"):
+  rng = np.random.default_rng(0)
+  channels = len(Image.new(mode, (1, 1)).getbands())
+  pixels = rng.integers(0, 256, (size[1], size[0], channels), np.uint8)
+  Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels,
+                  mode).save(path)
+  return path
+
+
+def test_generate_image_to_video(ti2v, tmp_path, capsys):
+  """--image: the video takes the size of area <= --size nearest the
+  image's aspect (100 x 60 in 64 x 64 -> 64 x 64), frame 0 is the
+  image's latent."""
+  image = write_image(tmp_path / "cat.png", (100, 60))
+  out = tmp_path / "out"
+  assert cli.main(["generate", str(ti2v[2]), "--prompt", "a cat",
+                   "--image", str(image), "--size", "64x64", "--frames",
+                   "5", "--steps", "2", "--out", str(out)]) == 0, \
+      capsys.readouterr().err
+  report = json.loads((out / "report.json").read_text())
+  assert (report["height"], report["width"]) == (64, 64)
+  assert report["image_to_video"]
+  latents = load_file(out / "outputs.safetensors")[
+      "latents_full"]
+  pixels, _ = generate.read_image(image, area=64 * 64)
+  np.testing.assert_allclose(latents[:, :, :1],
+                             np.asarray(ti2v[1].encode_image(pixels[None])),
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_text("not an image") or p,
+     "cannot read it as an image"),
+    (lambda p: write_image(p, (40, 40), "RGBA"),
+     "has 4 channel(s) (RGBA); give an RGB image"),
+    (lambda p: write_image(p, (40, 40), "L"),
+     "has 1 channel(s) (L); give an RGB image"),
+])
+def test_bad_images_are_refused_naming_the_flag(ti2v, tmp_path, capsys,
+                                                make, message):
+  image = make(tmp_path / "bad.png")
+  out = tmp_path / "v.mp4"
+  assert cli.main(["generate", str(ti2v[2]), "--prompt", "a cat",
+                   "--image", str(image), "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert "--image" in err and message in err
+  assert not out.exists()
+
+
+def test_image_is_refused_for_text_to_video_models(a14b, tmp_path, capsys):
+  image = write_image(tmp_path / "cat.png", (40, 40))
+  out = tmp_path / "v.mp4"
+  assert cli.main(["generate", str(a14b[3]), "--prompt", "a cat",
+                   "--image", str(image), "--out", str(out)]) == 1
+  assert ("--image: " in capsys.readouterr().err)
+  assert not out.exists()
+
+
+def test_generate_runs_the_two_experts(a14b, tmp_path, capsys):
+  """`astraea generate` on the converted A14B folder: both experts load,
+  the pair of guidance scales is the default and is reported."""
+  out = tmp_path / "out"
+  assert cli.main(["generate", str(a14b[3]), "--prompt", "a cat",
+                   "--size", "48x32", "--frames", "5", "--steps", "3",
+                   "--out", str(out)]) == 0, capsys.readouterr().err
+  report = json.loads((out / "report.json").read_text())
+  assert report["model"] == "wan2.2-t2v-a14b"
+  assert report["guidance_scale"] == [3.0, 4.0]
+  assert load_file(out / "outputs.safetensors")["video_full"].shape == (
+      1, 3, 5, 32, 48)
