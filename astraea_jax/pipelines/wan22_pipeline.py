@@ -109,6 +109,10 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   # Video -> latent factors when no VAE is loaded.
   FACTORS = (4, 8)
+  # No --devices for Wan2.2 yet: the denoising advice leaves it out.
+  STAGES = {**base.STAGES, "transformer": (
+      "denoising", "a smaller video (--size/--frames); with --budget the "
+      "8-bit token state (--cache-dtype float8)")}
 
   def __init__(self, transformer, vae=None, text_encoder=None,
                tokenizer=None, *, text_len: int | None = None,
