@@ -114,6 +114,57 @@ def step_cache(threshold):
   return policies.StepCache(threshold=threshold)
 
 
+def easycache(tau, warmup):
+  return policies.EasyCache(tau=tau, warmup=warmup)
+
+
+def magcache(thresh, max_skip, retention, ratios=()):
+  return policies.MagCache(thresh=thresh, max_skip=max_skip,
+                           retention=retention, ratios=tuple(ratios))
+
+
+def magcache_calibrate(split, noise, context, negative, policy, *, steps,
+                       shift, guidance):
+  """`MagCache.calibrate` with the Euler scheduler: the ratio curve."""
+  calibrated = policy.calibrate(
+      *split, jnp.asarray(noise, jnp.float32),
+      jnp.asarray(context, jnp.float32), jnp.asarray(negative, jnp.float32),
+      scheduler="euler", steps=steps, shift=shift, guidance_scale=guidance,
+      progress=False)
+  return np.asarray(calibrated.ratios), calibrated
+
+
+def magcache_decisions(ratios, thresh, max_skip, retention):
+  """The library's computed-step flags from a ratio curve."""
+  policy = magcache(thresh, max_skip, retention, ratios)
+  return policy.decisions(len(ratios))
+
+
+def easycache_drive(inputs, outputs, tau, warmup):
+  """EasyCache's plans run eagerly on given per-step CFG-batch inputs
+  (S, 2B, ...) with a stand-in model whose output at step i is outputs[i]:
+  (velocities, computed flags, estimates)."""
+  steps = len(inputs)
+  policy = easycache(tau, warmup)
+  table = jnp.asarray(outputs, jnp.float32)
+  carry = policy.init_carry(None, inputs.shape[1], 0, inputs.shape[1:],
+                            steps)
+
+  def model(latents, timestep, context):
+    del latents, context
+    return table[timestep[0].astype(jnp.int32)]
+
+  velocities = []
+  for i, plan in enumerate(policy.plans(np.zeros(steps), 0)):
+    v, carry = plan.forward(model, jnp.asarray(inputs[i], jnp.float32),
+                            jnp.full((inputs.shape[1],), i, jnp.float32),
+                            None, carry)
+    carry = {**carry, "step": carry["step"] + 1}
+    velocities.append(np.asarray(v))
+  return (np.asarray(velocities), [bool(c) for c in carry["computed"]],
+          np.asarray(carry["estimates"]))
+
+
 def euler_timesteps(steps, shift):
   """The library's Euler timesteps (checked against the reference's)."""
   from astraea_jax.sampling import sampler as dense_sampler
