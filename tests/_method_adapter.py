@@ -150,16 +150,18 @@ def easycache_drive(inputs, outputs, tau, warmup):
   carry = policy.init_carry(None, inputs.shape[1], 0, inputs.shape[1:],
                             steps)
 
-  def model(latents, timestep, context):
-    del latents, context
-    return table[timestep[0].astype(jnp.int32)]
+  def step(plan, table, x, t, carry):
+    def model(latents, timestep, context):
+      del latents, context
+      return table[timestep[0].astype(jnp.int32)]
+    v, carry = plan.forward(model, x, t, None, carry)
+    return v, {**carry, "step": carry["step"] + 1}
 
+  step = jax.jit(step, static_argnums=0)
   velocities = []
   for i, plan in enumerate(policy.plans(np.zeros(steps), 0)):
-    v, carry = plan.forward(model, jnp.asarray(inputs[i], jnp.float32),
-                            jnp.full((inputs.shape[1],), i, jnp.float32),
-                            None, carry)
-    carry = {**carry, "step": carry["step"] + 1}
+    v, carry = step(plan, table, jnp.asarray(inputs[i], jnp.float32),
+                    jnp.full((inputs.shape[1],), i, jnp.float32), carry)
     velocities.append(np.asarray(v))
   return (np.asarray(velocities), [bool(c) for c in carry["computed"]],
           np.asarray(carry["estimates"]))
