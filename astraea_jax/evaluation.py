@@ -320,6 +320,19 @@ def _steady_seconds(records, warm):
 # Running ---------------------------------------------------------------------
 
 
+def calibrate(problem: Problem, policies: Sequence) -> list:
+  """The policies with MagCache's ratio curve filled in where missing: one
+  full run on the problem's first sample (the paper calibrates on one),
+  reused for every sample; not timed."""
+  c, s = problem.config, problem.samples[0]
+  return [p.calibrate(problem.graphdef, problem.params, s.noise, s.context,
+                      s.negative_context, scheduler=c.scheduler,
+                      steps=c.steps, guidance_scale=c.guidance_scale,
+                      shift=c.shift, progress=False)
+          if getattr(p, "needs_calibration", False) else p
+          for p in policies]
+
+
 def evaluate(problem: Problem, policies: Sequence, *, lpips_weights=None,
              speed_table: dict | None = None, progress: bool = True):
   """Runs every policy on every sample; returns (runs, references).
@@ -334,14 +347,7 @@ def evaluate(problem: Problem, policies: Sequence, *, lpips_weights=None,
                 "guidance_scale": c.guidance_scale, "shift": c.shift,
                 "progress": False, "return_stats": True}
   policies = [p for p in policies if not isinstance(p, policies_lib.Dense)]
-  # MagCache's ratio curve: one full run on the first sample (the paper
-  # calibrates on one), reused for every sample; not timed.
-  policies = [p.calibrate(problem.graphdef, problem.params,
-                          problem.samples[0].noise,
-                          problem.samples[0].context,
-                          problem.samples[0].negative_context, **common)
-              if getattr(p, "needs_calibration", False) else p
-              for p in policies]
+  policies = calibrate(problem, policies)
   labels = [p.label() for p in policies]
   if len(set(labels)) != len(labels):
     raise ValueError(f"policies repeat: {labels}")
@@ -725,6 +731,7 @@ def run(problem: Problem, policies, out, *, speed_json=None,
         json_name="eval.json", stem="eval"):
   """evaluate + summarize + write_report; returns (rows, paths)."""
   table = load_speed_table(speed_json) if speed_json else None
+  policies = calibrate(problem, policies)   # the report keeps the curves
   runs, references = evaluate(problem, policies, lpips_weights=lpips_weights,
                               speed_table=table, progress=progress)
   rows = summarize(runs, policies)

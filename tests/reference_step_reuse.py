@@ -37,7 +37,7 @@ def mabs(a):
   return float(np.mean(np.abs(a)))
 
 
-# EasyCache ---------------------------------------------------------------------
+# EasyCache --------------------------------------------------------------------
 
 
 class EasyCacheRule:
@@ -100,7 +100,7 @@ def easycache_sample(model, noise, ctx2b, *, steps, shift, guidance, tau,
   return out, computed, estimates
 
 
-# MagCache ----------------------------------------------------------------------
+# MagCache ---------------------------------------------------------------------
 
 
 def magcache_skips(ratios, delta, max_skip, retained):

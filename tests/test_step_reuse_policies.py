@@ -116,3 +116,8 @@ def test_eval_calibrates_magcache_and_prices_reused_steps(model, tmp_path):
   for r in rows:
     assert np.isfinite(r["psnr"]) and r["family"] in (
         evaluation.BASELINE_FAMILIES)
+  # The report keeps the calibrated curve (it fixes MagCache's decisions).
+  doc = json.loads((tmp_path / "out" / "eval.json").read_text())
+  ratios = [r for r in doc["rows"] if r["family"] == "magcache"][0][
+      "settings"]["ratios"]
+  assert len(ratios) == STEPS and ratios[0] == 1.0
