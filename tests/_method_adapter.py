@@ -21,6 +21,7 @@ from astraea_jax.astraea import policies
 from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.astraea import search as search_lib
 from astraea_jax.astraea import selection
+from astraea_jax.astraea import step_reuse
 from astraea_jax.astraea import stdit3_tokenwise as astraea_stdit3
 from astraea_jax.configs import STDiT3Config, WanConfig
 from astraea_jax.models import stdit3 as stdit3_lib
@@ -138,6 +139,11 @@ def magcache_decisions(ratios, thresh, max_skip, retention):
   """The library's computed-step flags from a ratio curve."""
   policy = magcache(thresh, max_skip, retention, ratios)
   return policy.decisions(len(ratios))
+
+
+def easycache_decisions(estimates, tau, warmup_steps):
+  """The library's EasyCache rule on recorded estimates (computed flags)."""
+  return step_reuse.easycache_decisions(estimates, tau, warmup_steps)
 
 
 def easycache_drive(inputs, outputs, tau, warmup):

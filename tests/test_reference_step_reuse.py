@@ -106,6 +106,8 @@ def test_easycache_sampling(setup):
   assert [bool(c) for c in carry["computed"]] == computed
   assert 0 < RUN["steps"] - sum(computed) < RUN["steps"] - 3, computed
   np.testing.assert_allclose(carry["estimates"], eps, rtol=1e-4, atol=1e-7)
+  # The host-side statement of the rule replays the in-graph decisions.
+  assert lib.easycache_decisions(carry["estimates"], tau, 2) == computed
   assert rel(got, want) <= TOL
   assert stats.cost_keys == ["dense" if c else "easycache:reused"
                              for c in computed]
