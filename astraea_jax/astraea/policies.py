@@ -536,11 +536,6 @@ class MagCache(_Base):
         f" retention={_fmt(self.retention)}")
     return f"magcache thresh={_fmt(self.thresh)} K={self.max_skip}{extra}"
 
-  def settings(self) -> dict:
-    out = super().settings()
-    out["ratios"] = [round(r, 6) for r in self.ratios]
-    return out
-
   def decisions(self, steps: int) -> list[bool]:
     if self.needs_calibration:
       raise ValueError(
