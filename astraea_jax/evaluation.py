@@ -78,7 +78,7 @@ DEFAULT_DEMO_PROMPTS = (
     ("a green square moving up and a white triangle moving down on a gray "
      "background"),
 )
-BASELINE_FAMILIES = ("step_cache", "toca", "pab")
+BASELINE_FAMILIES = ("step_cache", "toca", "pab", "easycache", "magcache")
 HEADLINE_SPEEDUP = 1.9        # issue #12: Astraea >= 5 dB above at ~1.9x
 HEADLINE_MARGIN_DB = 5.0
 RANDOM_MARGIN_DB = 1.0        # ours: the score must beat random by this
@@ -261,12 +261,25 @@ def load_speed_table(path) -> dict:
   return table
 
 
+# Reused steps of the 2025 step caches, until benchmarks/eval_speed.py
+# times them: EasyCache's runs no model at all (x + cached Delta, a few
+# elementwise ops on the latents: priced 0); MagCache's runs embedding and
+# head, priced as step caching's reused step, which does that and also
+# block 0's modulated input (an upper bound).
+REUSED_STEP_PROXIES = {"easycache:reused": None,
+                       "magcache:reused": "step_cache:reused"}
+
+
 def cost_ms(key: str, table: dict) -> float:
   """A step's time from the table; a token budget that was not measured is
   interpolated linearly between the measured budgets of its selector (and
-  the selector-free 0 and 1)."""
+  the selector-free 0 and 1); `REUSED_STEP_PROXIES` price the reused steps
+  of EasyCache and MagCache when the table lacks them."""
   if key in table:
     return table[key]
+  if key in REUSED_STEP_PROXIES:
+    proxy = REUSED_STEP_PROXIES[key]
+    return 0.0 if proxy is None else cost_ms(proxy, table)
   if not key.startswith("tokens:"):
     raise KeyError(f"no H200 time for the step configuration {key!r}; "
                    f"measured: {sorted(table)}")
@@ -307,6 +320,19 @@ def _steady_seconds(records, warm):
 # Running ---------------------------------------------------------------------
 
 
+def calibrate(problem: Problem, policies: Sequence) -> list:
+  """The policies with MagCache's ratio curve filled in where missing: one
+  full run on the problem's first sample (the paper calibrates on one),
+  reused for every sample; not timed."""
+  c, s = problem.config, problem.samples[0]
+  return [p.calibrate(problem.graphdef, problem.params, s.noise, s.context,
+                      s.negative_context, scheduler=c.scheduler,
+                      steps=c.steps, guidance_scale=c.guidance_scale,
+                      shift=c.shift, progress=False)
+          if getattr(p, "needs_calibration", False) else p
+          for p in policies]
+
+
 def evaluate(problem: Problem, policies: Sequence, *, lpips_weights=None,
              speed_table: dict | None = None, progress: bool = True):
   """Runs every policy on every sample; returns (runs, references).
@@ -321,6 +347,7 @@ def evaluate(problem: Problem, policies: Sequence, *, lpips_weights=None,
                 "guidance_scale": c.guidance_scale, "shift": c.shift,
                 "progress": False, "return_stats": True}
   policies = [p for p in policies if not isinstance(p, policies_lib.Dense)]
+  policies = calibrate(problem, policies)
   labels = [p.label() for p in policies]
   if len(set(labels)) != len(labels):
     raise ValueError(f"policies repeat: {labels}")
@@ -571,7 +598,8 @@ def plot(path, rows, *, title: str = "") -> bool:
   methods = list(dict.fromkeys(r["method"] for r in rows))
   palette = plt.get_cmap("tab10").colors
   family_colour = {"astraea": palette[0], "toca": palette[1],
-                   "pab": palette[2], "step_cache": palette[3]}
+                   "pab": palette[2], "step_cache": palette[3],
+                   "easycache": palette[4], "magcache": palette[5]}
   others = iter(palette[4:] * 3)
   colour = {m: family_colour.get(m) or next(others) for m in methods}
   for ax, metric in zip(axes[0], panels):
@@ -665,12 +693,15 @@ def resolve_policies(specs: Sequence[str], *, schedules=(),
                      budgets=(0.3, 0.4, 0.5, 0.7),
                      ablation_budget: float = 0.5) -> list:
   """Specs -> policies; "default" expands to `policy_specs.default_sweep`,
+  "frontier" to `policy_specs.frontier_sweep` (EasyCache, MagCache),
   searched schedule files join it as `astraea:schedule=FILE`."""
   out = []
   for spec in specs:
     if spec == "default":
       out += policy_specs.default_sweep(budgets=budgets,
                                         ablation_budget=ablation_budget)
+    elif spec == "frontier":
+      out += policy_specs.frontier_sweep()
     else:
       out.append(policy_specs.parse_policy(spec))
   for path in schedules:
@@ -700,6 +731,7 @@ def run(problem: Problem, policies, out, *, speed_json=None,
         json_name="eval.json", stem="eval"):
   """evaluate + summarize + write_report; returns (rows, paths)."""
   table = load_speed_table(speed_json) if speed_json else None
+  policies = calibrate(problem, policies)   # the report keeps the curves
   runs, references = evaluate(problem, policies, lpips_weights=lpips_weights,
                               speed_table=table, progress=progress)
   rows = summarize(runs, policies)

@@ -21,6 +21,7 @@ from astraea_jax.astraea import policies
 from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.astraea import search as search_lib
 from astraea_jax.astraea import selection
+from astraea_jax.astraea import step_reuse
 from astraea_jax.astraea import stdit3_tokenwise as astraea_stdit3
 from astraea_jax.configs import STDiT3Config, WanConfig
 from astraea_jax.models import stdit3 as stdit3_lib
@@ -112,6 +113,64 @@ def pab_plans(policy, timesteps):
 
 def step_cache(threshold):
   return policies.StepCache(threshold=threshold)
+
+
+def easycache(tau, warmup):
+  return policies.EasyCache(tau=tau, warmup=warmup)
+
+
+def magcache(thresh, max_skip, retention, ratios=()):
+  return policies.MagCache(thresh=thresh, max_skip=max_skip,
+                           retention=retention, ratios=tuple(ratios))
+
+
+def magcache_calibrate(split, noise, context, negative, policy, *, steps,
+                       shift, guidance):
+  """`MagCache.calibrate` with the Euler scheduler: the ratio curve."""
+  calibrated = policy.calibrate(
+      *split, jnp.asarray(noise, jnp.float32),
+      jnp.asarray(context, jnp.float32), jnp.asarray(negative, jnp.float32),
+      scheduler="euler", steps=steps, shift=shift, guidance_scale=guidance,
+      progress=False)
+  return np.asarray(calibrated.ratios), calibrated
+
+
+def magcache_decisions(ratios, thresh, max_skip, retention):
+  """The library's computed-step flags from a ratio curve."""
+  policy = magcache(thresh, max_skip, retention, ratios)
+  return policy.decisions(len(ratios))
+
+
+def easycache_decisions(estimates, tau, warmup_steps):
+  """The library's EasyCache rule on recorded estimates (computed flags)."""
+  return step_reuse.easycache_decisions(estimates, tau, warmup_steps)
+
+
+def easycache_drive(inputs, outputs, tau, warmup):
+  """EasyCache's plans run eagerly on given per-step CFG-batch inputs
+  (S, 2B, ...) with a stand-in model whose output at step i is outputs[i]:
+  (velocities, computed flags, estimates)."""
+  steps = len(inputs)
+  policy = easycache(tau, warmup)
+  table = jnp.asarray(outputs, jnp.float32)
+  carry = policy.init_carry(None, inputs.shape[1], 0, inputs.shape[1:],
+                            steps)
+
+  def step(plan, table, x, t, carry):
+    def model(latents, timestep, context):
+      del latents, context
+      return table[timestep[0].astype(jnp.int32)]
+    v, carry = plan.forward(model, x, t, None, carry)
+    return v, {**carry, "step": carry["step"] + 1}
+
+  step = jax.jit(step, static_argnums=0)
+  velocities = []
+  for i, plan in enumerate(policy.plans(np.zeros(steps), 0)):
+    v, carry = step(plan, table, jnp.asarray(inputs[i], jnp.float32),
+                    jnp.full((inputs.shape[1],), i, jnp.float32), carry)
+    velocities.append(np.asarray(v))
+  return (np.asarray(velocities), [bool(c) for c in carry["computed"]],
+          np.asarray(carry["estimates"]))
 
 
 def euler_timesteps(steps, shift):

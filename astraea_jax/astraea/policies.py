@@ -16,6 +16,11 @@ a plan says what each block computes at that step:
              middle of sampling (Zhao et al. 2024);
   StepCache  the whole step skipped while the timestep-modulated input has
              changed little (TeaCache, Liu et al. 2024; Delta-DiT).
+  EasyCache  the whole step reused (x + cached v - x) while the output
+             change estimated from a run-time transformation rate stays
+             small (Zhou et al. 2025);
+  MagCache   the whole step skipped while a calibrated magnitude-ratio
+             curve says the residual has changed little (Ma et al. 2025).
 
 A plan (`step_plans`) is what one step computes, a static argument of the
 one jitted step (`sampling.run`): one compile per distinct plan. A run's
@@ -28,6 +33,7 @@ and the default sweep: `policy_specs`. The Astraea policy reproduces
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import ClassVar
 
@@ -38,6 +44,7 @@ from flax import nnx
 
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
+from astraea_jax.astraea import step_reuse
 from astraea_jax.astraea.step_plans import (
     DensePlan,
     PABPlan,
@@ -426,6 +433,164 @@ class StepCache(_Base):
             for i, p in enumerate(plans)]
 
 
+def _fraction_steps(fraction: float, steps: int) -> int:
+  return max(1, math.floor(fraction * steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class EasyCache(_Base):
+  """EasyCache, run-time adaptive step reuse (Zhou et al., "Less is
+  Enough: Training-Free Video Diffusion Acceleration via Runtime-Adaptive
+  Caching", arXiv 2507.02860; rule in `step_reuse`).
+
+  At a computed step i the model's transformation vector Delta_i = v_i -
+  x_i is cached and its transformation rate k_i = |v_i - v_i'| / |x_i -
+  x_i'| measured against the computed step i' before it. A later step t
+  estimates its relative output change eps_t = k_i |x_t - x_{t-1}| /
+  |v_i|; while the sum of the estimates since i stays under `tau` the
+  model is not run and v_t = x_t + Delta_i, else it runs and the sum
+  restarts. The first floor(warmup * steps) steps (at least 1) and the
+  last always run; a step runs while no rate exists yet (two computed
+  steps). |.| = mean absolute value, measured on the conditional half of
+  the CFG batch, one decision for both halves, each reusing its own
+  Delta (as the authors' code). tau 0 computes every step.
+  """
+  tau: float = 0.05
+  warmup: float = 0.1
+  family: ClassVar[str] = "easycache"
+
+  def __post_init__(self):
+    if self.tau < 0:
+      raise ValueError(f"{self.tau=} must be >= 0")
+    if not 0.0 <= self.warmup < 1.0:
+      raise ValueError(f"{self.warmup=} must lie in [0, 1)")
+
+  def label(self) -> str:
+    extra = "" if self.warmup == 0.1 else f" warmup={_fmt(self.warmup)}"
+    return f"easycache tau={_fmt(self.tau)}{extra}"
+
+  def warmup_steps(self, steps: int) -> int:
+    return _fraction_steps(self.warmup, steps)
+
+  def plans(self, timesteps, num_tokens):
+    steps, warm = len(timesteps), self.warmup_steps(len(timesteps))
+    return [step_reuse.EasyCachePlan(
+        "full" if i < warm or i == steps - 1 else "adaptive")
+            for i in range(steps)]
+
+  def init_carry(self, config, batch, num_tokens, latent_shape, steps):
+    half = (batch // 2,) + tuple(latent_shape[1:])
+    return {"step": jnp.zeros((), jnp.int32),
+            "delta": jnp.zeros((batch,) + tuple(latent_shape[1:]), F32),
+            "v_last": jnp.zeros(half, F32), "x_last": jnp.zeros(half, F32),
+            "x_prev": jnp.zeros(half, F32), "rate": jnp.zeros((), F32),
+            "computed_count": jnp.zeros((), jnp.int32),
+            "accumulated": jnp.zeros((), F32),
+            "threshold": jnp.asarray(self.tau, F32),
+            "computed": jnp.zeros((steps,), bool),
+            "estimates": jnp.zeros((steps,), F32),
+            "rates": jnp.zeros((steps,), F32)}
+
+  def step_costs(self, plans, carry):
+    computed = np.asarray(carry["computed"])
+    return ["dense" if computed[i] else "easycache:reused"
+            for i in range(len(plans))]
+
+
+@dataclasses.dataclass(frozen=True)
+class MagCache(_Base):
+  """MagCache, magnitude-aware step skipping (Ma et al., "MagCache: Fast
+  Video Generation with Magnitude-Aware Cache", NeurIPS 2025, arXiv
+  2506.09045; rule in `step_reuse`).
+
+  `ratios` is the magnitude-ratio curve gamma_t = mean ||r_t|| / ||r_{t-1}||
+  of the block stack's residual r_t, one value per step, calibrated from
+  one full run (`calibrate`, as the paper does with one sample). After the
+  first floor(retention * steps) steps (at least 1), a step is skipped --
+  the head applied to x_t + the residual cached at the last computed step
+  t^ -- while the accumulated error sum_s |1 - prod_{t^<i<=s} gamma_i|
+  stays under `thresh` and the step is at most the `max_skip`-th (K) since
+  t^. The curve fixes every decision before sampling (static plans). Ours:
+  one curve and one decision for both CFG halves. thresh 0 computes every
+  step.
+  """
+  thresh: float = 0.06
+  max_skip: int = 2
+  retention: float = 0.2
+  ratios: tuple[float, ...] = ()
+  family: ClassVar[str] = "magcache"
+
+  def __post_init__(self):
+    if self.thresh < 0 or self.max_skip < 0:
+      raise ValueError(f"{self.thresh=} and {self.max_skip=} must be >= 0")
+    if not 0.0 <= self.retention < 1.0:
+      raise ValueError(f"{self.retention=} must lie in [0, 1)")
+    object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+
+  @property
+  def needs_calibration(self) -> bool:
+    return not self.ratios
+
+  def label(self) -> str:
+    extra = "" if self.retention == 0.2 else (
+        f" retention={_fmt(self.retention)}")
+    return f"magcache thresh={_fmt(self.thresh)} K={self.max_skip}{extra}"
+
+  def decisions(self, steps: int) -> list[bool]:
+    if self.needs_calibration:
+      raise ValueError(
+          f"{self.label()} has no magnitude-ratio curve: calibrate it first "
+          "(MagCache.calibrate on one sample, as `astraea eval` does, or "
+          "ratios=g0/g1/... in the spec)")
+    if len(self.ratios) != steps:
+      raise ValueError(
+          f"{self.label()}: its ratio curve has {len(self.ratios)} values "
+          f"for {steps} steps; calibrate it with the same steps "
+          "(MagCache.calibrate, or `astraea eval` does it on its first "
+          "sample)")
+    return step_reuse.magcache_decisions(
+        self.ratios, self.thresh, self.max_skip,
+        step_reuse.retention_steps(self.retention, steps))
+
+  def plans(self, timesteps, num_tokens):
+    return [step_reuse.MagCachePlan(compute=c)
+            for c in self.decisions(len(timesteps))]
+
+  def init_carry(self, config, batch, num_tokens, latent_shape, steps):
+    return {"step": jnp.zeros((), jnp.int32),
+            "residual": jnp.zeros((batch, num_tokens, config.dim), F32)}
+
+  def calibrate(self, graphdef, params, noise, context, negative_context,
+                **sample_kwargs) -> "MagCache":
+    """This policy with the ratio curve of one full run of the model on
+    (noise, context) with the sampling settings given (`sample`'s)."""
+    _, carry = sample(graphdef, params, noise, context, negative_context,
+                      policy=MagCacheCalibration(), return_carry=True,
+                      **{k: v for k, v in sample_kwargs.items()
+                         if k not in ("return_stats", "return_carry")})
+    return dataclasses.replace(
+        self, ratios=tuple(np.asarray(carry["ratios"]).tolist()))
+
+
+@dataclasses.dataclass(frozen=True)
+class MagCacheCalibration(_Base):
+  """The full model, recording MagCache's magnitude ratio at every step
+  (carry "ratios"; gamma_0 = 1)."""
+  family: ClassVar[str] = "magcache_calibration"
+
+  def label(self) -> str:
+    return "magcache calibration"
+
+  def plans(self, timesteps, num_tokens):
+    return [step_reuse.MagCachePlan(compute=True, record=True)
+            ] * len(timesteps)
+
+  def init_carry(self, config, batch, num_tokens, latent_shape, steps):
+    return {"step": jnp.zeros((), jnp.int32),
+            "residual": jnp.zeros((batch, num_tokens, config.dim), F32),
+            "ratios": jnp.ones((steps,), F32)}
+
+
 # The sampler -----------------------------------------------------------------
 
 
@@ -452,7 +617,8 @@ def sample(graphdef, params, noise, context, negative_context, *,
 
   Args as `astraea_jax.sampling.sample` (graphdef, params = nnx.split of
   the WanDiT; noise (B, C, F, H, W)); policy: Dense(), Astraea(...),
-  ToCa(...), PAB(...) or StepCache(...). Every step is waited for when
+  ToCa(...), PAB(...), StepCache(...), EasyCache(...) or a calibrated
+  MagCache(...) (`MagCache.calibrate`). Every step is waited for when
   progress or return_stats (per-step wall times).
 
   Returns latents, then `sampling.SampleStats` (label, method, plans,

@@ -10,11 +10,23 @@ from typing import Any
 
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
-from astraea_jax.astraea.policies import PAB, Astraea, Dense, StepCache, ToCa
+from astraea_jax.astraea.policies import (
+    PAB,
+    Astraea,
+    Dense,
+    EasyCache,
+    MagCache,
+    StepCache,
+    ToCa,
+)
 
 
 FAMILIES = {"dense": Dense, "astraea": Astraea, "toca": ToCa, "pab": PAB,
-            "step_cache": StepCache}
+            "step_cache": StepCache, "easycache": EasyCache,
+            "magcache": MagCache}
+# Settings by their papers' names.
+ALIASES = {"self": "self_range", "cross": "cross_range", "K": "max_skip",
+           "k": "max_skip"}
 
 # Astraea's ablations by name (the `ablation=` key of an astraea spec).
 ABLATIONS = {
@@ -58,6 +70,10 @@ def parse_policy(spec: str):
     toca:interval=3,ratio=0.3[,importance=lse|random]
     pab:self=2,cross=4[,window=100/800]
     step_cache:threshold=0.1[,indicator=timestep_embedding,reuse=velocity]
+    easycache:tau=0.05[,warmup=0.1]
+    magcache:thresh=0.06,K=2[,retention=0.2,ratios=g0/g1/...]
+      (without ratios, `astraea eval` calibrates the curve on its first
+      sample: MagCache.calibrate)
 
   Tuples are written with "/" (window=100/800, rescale=a/b/c).
   """
@@ -67,7 +83,7 @@ def parse_policy(spec: str):
                      f"{sorted(FAMILIES)}")
   cls = FAMILIES[family]
   fields = {f.name: f for f in dataclasses.fields(cls)}
-  aliases = {"self": "self_range", "cross": "cross_range"}
+  aliases = ALIASES
   kwargs, selection_kw = {}, {}
   for item in filter(None, (s.strip() for s in rest.split(","))):
     key, eq, value = item.partition("=")
@@ -133,3 +149,17 @@ def default_sweep(*, budgets=(0.3, 0.4, 0.5, 0.7), ablation_budget=0.5,
   # Beyond PAB's published window, to extend its front to higher speeds.
   sweep.append(PAB(self_range=4, cross_range=8, window=(0.0, 1000.0)))
   return sweep
+
+
+# The 2025 run-time step caches over their thresholds (docs/baselines.md):
+# `astraea eval --policies default frontier`. Around the defaults of the
+# authors' Wan code: EasyCache tau 0.05 (0.06 for Wan2.2 T2V), MagCache
+# delta 0.12 with K = 2 and retention 0.2 (Wan2.1).
+EASYCACHE_TAUS = (0.025, 0.05, 0.1, 0.2)
+MAGCACHE_SETTINGS = ((0.06, 2), (0.12, 2), (0.24, 4), (0.5, 6))
+
+
+def frontier_sweep() -> list:
+  """EasyCache and MagCache (uncalibrated: `astraea eval` calibrates)."""
+  return ([EasyCache(tau=t) for t in EASYCACHE_TAUS]
+          + [MagCache(thresh=d, max_skip=k) for d, k in MAGCACHE_SETTINGS])

@@ -1,5 +1,5 @@
-"""`astraea eval`: Astraea against step caching, ToCa, PAB and the
-ablations on one model (`evaluation`)."""
+"""`astraea eval`: Astraea against step caching, ToCa, PAB, EasyCache,
+MagCache and the ablations on one model (`evaluation`)."""
 
 from __future__ import annotations
 
@@ -49,10 +49,13 @@ def add_parser(sub, parents):
                  "prompt (converted checkpoints)")
   p.add_argument("--policies", nargs="+", default=["default"],
                  metavar="SPEC",
-                 help="'default' (the whole sweep) and/or specs such as "
-                      "astraea:budget=0.4 astraea:budget=0.5,ablation=random "
+                 help="'default' (the whole sweep), 'frontier' (EasyCache "
+                      "and MagCache over their thresholds) and/or specs "
+                      "such as astraea:budget=0.4 "
+                      "astraea:budget=0.5,ablation=random "
                       "toca:interval=3,ratio=0.3 pab:self=2,cross=4 "
-                      "step_cache:threshold=0.1 (see astraea_jax/astraea/"
+                      "step_cache:threshold=0.1 easycache:tau=0.05 "
+                      "magcache:thresh=0.06,K=2 (see astraea_jax/astraea/"
                       "policy_specs.py parse_policy)")
   p.add_argument("--schedule", nargs="+", default=None, metavar="FILE",
                  help="searched schedule.json files to add (astraea search)")

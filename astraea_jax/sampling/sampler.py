@@ -280,7 +280,7 @@ class SampleStats:
     for key in self.cost_keys:
       if key.startswith("tokens:"):
         total += float(key.split(":")[1])
-      elif key != "step_cache:reused":
+      elif not key.endswith(":reused"):   # whole-step reuse computes none
         total += 1.0
     return total / len(self.cost_keys)
 
