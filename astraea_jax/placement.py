@@ -90,6 +90,7 @@ def to_accelerator(tree):
   target = accelerator()
   if target.platform == "cpu":
     return tree
+  on_cpu = lambda x: isinstance(x, jax.Array) and all(
+      d.platform == "cpu" for d in x.devices())
   return jax.tree.map(
-      lambda x: jax.device_put(x, target)
-      if isinstance(x, jax.Array) and x.devices() != {target} else x, tree)
+      lambda x: jax.device_put(x, target) if on_cpu(x) else x, tree)
