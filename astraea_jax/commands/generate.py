@@ -134,6 +134,22 @@ def _config_fields(config: GenerateConfig, *unreported) -> dict:
           if k not in ("schedule", "selection", *unreported)}
 
 
+def _wan_text(pipe, report, prompt, negative_prompt, embeddings_path,
+              text_encoder_device):
+  """The Wan (2.1 or 2.2) text conditioning: --prompt encoded (the encoder
+  then dropped, freeing its host memory before sampling; the prompts go
+  into `report`), or the --text-embeddings file."""
+  if prompt is None:
+    return read_text_embeddings(embeddings_path,
+                                pipe.transformer.config.text_dim)
+  conditioning = pipe.encode_prompt(prompt, negative_prompt or "",
+                                    progress=True)
+  pipe.text_encoder = None
+  report.update(prompt=prompt, negative_prompt=negative_prompt or "",
+                text_encoder_device=text_encoder_device)
+  return conditioning
+
+
 def prepare_wan(model_path, out, *, config, prompt, negative_prompt,
                 embeddings_path, vae_path, allow_pth, dtype, fps,
                 text_encoder_device, image=None):
@@ -164,15 +180,8 @@ def prepare_wan(model_path, out, *, config, prompt, negative_prompt,
       model_path, vae=vae, dtype=dtype, load_text_encoder=prompt is not None,
       text_encoder_device=text_encoder_device)
   report = _config_fields(config)
-  if prompt is not None:                                             # 2.
-    conditioning = pipe.encode_prompt(prompt, negative_prompt or "",
-                                      progress=True)
-    pipe.text_encoder = None  # free its (host) memory before sampling
-    report.update(prompt=prompt, negative_prompt=negative_prompt or "",
-                  text_encoder_device=text_encoder_device)
-  else:
-    conditioning = read_text_embeddings(embeddings_path,
-                                        pipe.transformer.config.text_dim)
+  conditioning = _wan_text(pipe, report, prompt, negative_prompt,   # 2.
+                           embeddings_path, text_encoder_device)
   return pipe, conditioning, report
 
 
@@ -242,15 +251,8 @@ def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
       model_path, dtype=dtype, load_text_encoder=prompt is not None,
       text_encoder_device=text_encoder_device)
   report = {"model": pipeline_class.MODEL, **_config_fields(config)}
-  if prompt is not None:                                             # 2.
-    conditioning = pipe.encode_prompt(prompt, negative_prompt or "",
-                                      progress=True)
-    pipe.text_encoder = None  # free its (host) memory before sampling
-    report.update(prompt=prompt, negative_prompt=negative_prompt or "",
-                  text_encoder_device=text_encoder_device)
-  else:
-    conditioning = read_text_embeddings(embeddings_path,
-                                        transformer_config.text_dim)
+  conditioning = _wan_text(pipe, report, prompt, negative_prompt,   # 2.
+                           embeddings_path, text_encoder_device)
   if image is not None:
     conditioning = (*conditioning, pipe.encode_image(image[None]))
     report["image_to_video"] = True

@@ -208,16 +208,9 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     height, width = height or d["height"], width or d["width"]
     num_frames = num_frames or d["frames"]
     base.check_output_type(output_type)
-    base.check_one_text_input(prompt, prompt_embeds)
-    if prompt is not None:                                            # 1.
-      context, negative = self.encode_prompt(prompt, negative_prompt,
-                                             progress=progress)
-    else:
-      context = jnp.asarray(prompt_embeds, F32)
-      negative = (jnp.zeros_like(context[:, :1])
-                  if negative_prompt_embeds is None
-                  else jnp.asarray(negative_prompt_embeds, F32))
-    conditioning = (context, negative)
+    conditioning = self.text_conditioning(                            # 1.
+        prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+        progress=progress)
     if image is not None:
       if not hasattr(self, "encode_image"):
         raise ValueError(f"image: {self.MODEL} is text-to-video only")

@@ -189,6 +189,20 @@ class WanPipeline(base.Pipeline):
     b = len(prompts)
     return jnp.concatenate(rows[:b]), jnp.concatenate(rows[b:])
 
+  def text_conditioning(self, prompt, negative_prompt, prompt_embeds,
+                        negative_prompt_embeds, *, progress: bool = False):
+    """(context, negative_context) of `__call__`: the prompts encoded, or
+    the given embeddings (no negative ones: a zero row, as Wan's empty
+    context)."""
+    base.check_one_text_input(prompt, prompt_embeds)
+    if prompt is not None:
+      return self.encode_prompt(prompt, negative_prompt, progress=progress)
+    context = jnp.asarray(prompt_embeds, F32)
+    negative = (jnp.zeros_like(context[:, :1])
+                if negative_prompt_embeds is None
+                else jnp.asarray(negative_prompt_embeds, F32))
+    return context, negative
+
   # 2. Noise ------------------------------------------------------------------
 
   def latent_shape(self, height: int, width: int, num_frames: int,
@@ -295,15 +309,9 @@ class WanPipeline(base.Pipeline):
     to 480p, 5.0 above (Wan2.1's defaults).
     """
     base.check_output_type(output_type)
-    base.check_one_text_input(prompt, prompt_embeds)
-    if prompt is not None:                                            # 1.
-      context, negative = self.encode_prompt(prompt, negative_prompt,
-                                             progress=progress)
-    else:
-      context = jnp.asarray(prompt_embeds, F32)
-      negative = (jnp.zeros_like(context[:, :1])
-                  if negative_prompt_embeds is None
-                  else jnp.asarray(negative_prompt_embeds, F32))
+    context, negative = self.text_conditioning(                       # 1.
+        prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+        progress=progress)
     return self.sample_video(                                      # 2.-4.
         (context, negative), height=height, width=width,
         num_frames=num_frames, seed=seed, noise=noise,
