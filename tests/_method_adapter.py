@@ -283,3 +283,28 @@ def parallel_astraea_forwards(split, latents, timesteps, context_2b, ks,
     out.append((np.asarray(v), {name: np.asarray(a)[:, :, rows]
                                 for name, a in cache.items()}))
   return out
+
+
+# The tiny Wan and inputs of the policy references (test_reference_policies,
+# test_reference_step_reuse).
+POLICY_WAN = dict(num_layers=2, dim=64, ffn_dim=96, num_heads=2,
+                  text_dim=24, text_len=8, freq_dim=16)
+
+
+def rel(a, b):
+  """max |a - b| / max |b| in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def policy_case():
+  """(split model, its NumPy reference, noise (32 tokens), context,
+  negative context, both stacked) of the policy reference tests."""
+  import reference_wan  # pylint: disable=import-outside-toplevel
+  split, kw = wan_model(seed=7, **POLICY_WAN)
+  ref = reference_wan.WanRef(flat_params(split[1]), **kw)
+  rng = np.random.default_rng(2)
+  noise = rng.standard_normal((1, 16, 2, 8, 8))  # N = 32 tokens
+  ctx = rng.standard_normal((1, 6, POLICY_WAN["text_dim"]))
+  neg = rng.standard_normal((1, 6, POLICY_WAN["text_dim"]))
+  return split, ref, noise, ctx, neg, np.concatenate([ctx, neg])

@@ -74,3 +74,15 @@ def randomise_(module, seed):
           fan_in ** -0.5 if p.ndim > 1 and not gain else 0.1)
       noise = torch.randn(p.shape, generator=gen) * scale
       p.copy_(1 + noise if gain else noise)
+
+
+def random_reference_dit(config, model_type, seed):
+  """wan22's WanModel of our WanConfig `config`, every parameter random."""
+  ref = wan_model(
+      model_type=model_type, patch_size=config.patch_size,
+      text_len=config.text_len, in_dim=config.in_dim, dim=config.dim,
+      ffn_dim=config.ffn_dim, freq_dim=config.freq_dim,
+      text_dim=config.text_dim, out_dim=config.out_dim,
+      num_heads=config.num_heads, num_layers=config.num_layers)
+  randomise_(ref, seed)
+  return ref

@@ -17,29 +17,17 @@ import pytest
 
 import _method_adapter as lib
 import reference_step_reuse as rr
-import reference_wan
 
 TOL = 1e-5
-WAN = dict(num_layers=2, dim=64, ffn_dim=96, num_heads=2, text_dim=24,
-           text_len=8, freq_dim=16)
 RUN = dict(steps=8, shift=3.0, guidance=5.0)
 
 
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+rel = lib.rel
 
 
 @pytest.fixture(scope="module")
 def setup():
-  split, kw = lib.wan_model(seed=7, **WAN)
-  ref = reference_wan.WanRef(lib.flat_params(split[1]), **kw)
-  rng = np.random.default_rng(2)
-  noise = rng.standard_normal((1, 16, 2, 8, 8))  # N = 32 tokens
-  ctx = rng.standard_normal((1, 6, WAN["text_dim"]))
-  neg = rng.standard_normal((1, 6, WAN["text_dim"]))
-  ctx2b = np.concatenate([ctx, neg])
-  return split, ref, noise, ctx, neg, ctx2b
+  return lib.policy_case()
 
 
 # Decision rules on given measurements ----------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import torch
 from flax import nnx
 
-from _wan22_reference import randomise_, wan_model
+from _wan22_reference import random_reference_dit
 from astraea_jax import testing
 from astraea_jax.configs import WanConfig
 from astraea_jax.models import wan
@@ -36,15 +36,7 @@ TOKENS = 60
 CONTEXT_LENS = (9, 4)
 
 
-def reference_model(config, model_type, seed):
-  ref = wan_model(
-      model_type=model_type, patch_size=config.patch_size,
-      text_len=config.text_len, in_dim=config.in_dim, dim=config.dim,
-      ffn_dim=config.ffn_dim, freq_dim=config.freq_dim,
-      text_dim=config.text_dim, out_dim=config.out_dim,
-      num_heads=config.num_heads, num_layers=config.num_layers)
-  randomise_(ref, seed)
-  return ref
+reference_model = random_reference_dit
 
 
 def converted(ref, config):

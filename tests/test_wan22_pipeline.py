@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from _wan22_reference import load_wan22_module, randomise_, wan_model
+from _wan22_reference import load_wan22_module, random_reference_dit
 from astraea_jax import checkpoint, cli, testing
 from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.commands import generate
@@ -59,15 +59,7 @@ STEPS = 3
 CONTEXT_LENS = (5, 3)  # prompt, negative prompt
 
 
-def reference_dit(config, model_type, seed):
-  ref = wan_model(
-      model_type=model_type, patch_size=config.patch_size,
-      text_len=config.text_len, in_dim=config.in_dim, dim=config.dim,
-      ffn_dim=config.ffn_dim, freq_dim=config.freq_dim,
-      text_dim=config.text_dim, out_dim=config.out_dim,
-      num_heads=config.num_heads, num_layers=config.num_layers)
-  randomise_(ref, seed)
-  return ref
+reference_dit = random_reference_dit
 
 
 def write_folder(root, dits, vae_config, vae_name):
