@@ -242,15 +242,17 @@ class StepCachePlan:
     return "step_cache:full" if self.mode == "full" else "step_cache:cached"
 
 
-def step_cache_decisions(changes, threshold: float) -> list[bool]:
+def step_cache_decisions(changes, threshold: float, warmup: int = 1
+                         ) -> list[bool]:
   """Which steps StepCache computes, given each step's (rescaled)
   indicator change from the previous step: the first and last always; in
   between, a step computes when the changes summed since the last computed
   step (its own included) reach `threshold`. The rule `StepCachePlan`
-  applies inside the jitted step, written out for checking."""
+  applies inside the jitted step, written out for checking. warmup: the
+  steps computed first (1; EasyCache's rule is the same with its own)."""
   out, accumulated = [], 0.0
   for i, change in enumerate(changes):
-    if i in (0, len(changes) - 1):
+    if i < warmup or i == len(changes) - 1:
       out.append(True)
       accumulated = 0.0
       continue

@@ -44,6 +44,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from astraea_jax.astraea import step_plans
+
 F32 = jnp.float32
 
 
@@ -110,18 +112,9 @@ def easycache_decisions(estimates, threshold: float, warmup: int,
   the first `warmup` and the last always; in between a step computes when
   the estimates summed since the last computed step (its own included)
   reach the threshold. The rule `EasyCachePlan` applies in the jitted
-  step (which also computes while it has no rate yet), written out."""
-  out, accumulated = [], 0.0
-  for i, eps in enumerate(estimates):
-    if i < warmup or i == len(estimates) - 1:
-      out.append(True)
-      accumulated = 0.0
-      continue
-    accumulated += float(eps)
-    out.append(accumulated >= threshold)
-    if out[-1]:
-      accumulated = 0.0
-  return out
+  step (which also computes while it has no rate yet), written out: step
+  caching's accumulate-and-reset rule with EasyCache's warm-up."""
+  return step_plans.step_cache_decisions(estimates, threshold, warmup)
 
 
 # MagCache --------------------------------------------------------------------
