@@ -91,6 +91,40 @@ def test_scores_read_previous_lse_delta_and_penalty():
   np.testing.assert_array_equal(selection.select_tokens(scores, 2), [[1, 2]])
 
 
+def _sorted_top_k(scores, k):
+  """The sort-based reference: jax.lax.top_k (ties to lower indices),
+  indices sorted ascending."""
+  return np.sort(np.asarray(jax.lax.top_k(scores, k)[1]), axis=-1)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "wide", "signed_zero",
+                                  "infinite"])
+def test_radix_top_k_picks_exactly_what_lax_top_k_picks(kind):
+  """select_tokens / keep_top (radix select over the float bits) choose the
+  same set as jax.lax.top_k, ties to lower indices, for k from 0 to N
+  (traced k in the masked form): exact equality, no tolerance."""
+  rng = np.random.default_rng(len(kind))
+  b, n = 3, 97
+  scores = {"normal": rng.standard_normal((b, n)),
+            "ties": rng.integers(-2, 3, (b, n)).astype(float),
+            "wide": rng.standard_normal((b, n)) * 10.0 ** rng.integers(
+                -30, 30, (b, n)),
+            "signed_zero": np.where(rng.random((b, n)) < .5, -0.0, 0.0)
+                           + rng.integers(0, 2, (b, n)),
+            "infinite": np.where(rng.random((b, n)) < .3, -np.inf,
+                                 rng.standard_normal((b, n)))}[kind]
+  scores = jnp.asarray(scores, jnp.float32)
+  keep = jax.jit(selection.keep_top)
+  for k in (0, 1, 2, 31, 48, 49, 96, 97):
+    want = np.zeros((b, n), bool)
+    if k:
+      reference = _sorted_top_k(scores, k)
+      np.testing.assert_array_equal(selection.select_tokens(scores, k),
+                                    reference, err_msg=f"{k=}")
+      np.put_along_axis(want, reference, True, axis=-1)
+    np.testing.assert_array_equal(keep(scores, k), want, err_msg=f"{k=}")
+
+
 @pytest.mark.parametrize("penalty", [True, False])
 def test_penalty_bounds_how_long_a_token_waits(penalty):
   """With the penalty every token is recomputed within N/K + 4 steps; with

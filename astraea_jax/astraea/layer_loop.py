@@ -12,9 +12,11 @@ their cached residual update. What differs between the methods is a hook:
       runs one block (the model's one block forward with the method's
       attention function and arguments); token_index None = every token.
   select(x, layer_cache, layer, state) -> (token_index (B, K), state)
-      the sparse form's choice, K static (score top-K, per frame, per
-      shard, random, fixed, ToCa); `state` is the hook's own pytree carried
-      through the loop (the fixed ranking), None if it keeps none.
+      the sparse form's choice, each row's indices sorted and unique, K
+      static (score top-K, per frame, per shard, random, fixed, ToCa);
+      `state` is the hook's own pytree carried through the loop (the fixed
+      ranking), None if it keeps none. layer_cache: the block's entries
+      (`selection.LayerView`).
   select(x, layer_cache, layer, state) -> (keep (B, N) bool, state)
       the masked form's choice: every token computed, the kept ones take
       their new value (K may be traced: the budget search vmaps budgets).
@@ -68,15 +70,18 @@ def run(stacks, x, caches, *, apply, mode: str, config, select=None,
       x, cache = selection.write_all(cache, i, x, x_out, aux[statistic],
                                      config)
       return x, cache, state
-    chosen, state = select(x, selection.layer_cache(cache, i), i, state)
+    view = selection.layer_view(cache, i)
+    chosen, state = select(x, view, i, state)
     if mode == "masked":
       x_out, aux = apply(kind, block, x, None)
       x, cache = selection.write_masked(cache, i, x, x_out, aux[statistic],
-                                        chosen, config)
+                                        chosen, config,
+                                        view.made_input(config))
       return x, cache, state
     x_sel, aux = apply(kind, block, x, chosen)
     x, cache = selection.write_selected(cache, i, x, chosen, x_sel,
-                                        aux[statistic], config)
+                                        aux[statistic], config,
+                                        view.made_input(config))
     return x, cache, state
 
   def body(carry, layer_params):

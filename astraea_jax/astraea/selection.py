@@ -236,14 +236,16 @@ def reduce_heads(lse, config: SelectionConfig):
       lse, axis=1)
 
 
-def token_delta(x, last_input, config: SelectionConfig):
+def token_delta(x, last_input, config: SelectionConfig, current=None):
   """Delta_token (B, N): change of the block input since last computed.
 
   last_input: the cache's "input" entry (`encode_input`); with a sketch
   both norms are of the projections, ||P^T (x - x_last)|| (linear in x).
+  current: encode_input(x, config) where already made.
   """
   last = last_input.astype(F32)
-  current = encode_input(x, config) if config.delta_sketch else x
+  if current is None:
+    current = encode_input(x, config) if config.delta_sketch else x
   diff = jnp.linalg.norm(current.astype(F32) - last, axis=-1)
   if config.delta == "input_absolute":
     return diff
@@ -256,7 +258,11 @@ def token_scores(x, layer_cache, config: SelectionConfig):
   if config.use_lse:
     significance = significance * layer_cache["lse"]
   if config.use_delta:
-    significance = significance * token_delta(x, layer_cache["input"], config)
+    current = None
+    if isinstance(layer_cache, LayerView) and config.delta_sketch:
+      current = layer_cache.current_input(x, config)
+    significance = significance * token_delta(x, layer_cache["input"], config,
+                                              current)
   score = config.w_alpha * significance
   if config.use_penalty:
     score = score + config.w_beta * jnp.exp(
@@ -264,32 +270,116 @@ def token_scores(x, layer_cache, config: SelectionConfig):
   return score
 
 
+def _ordered_bits(scores):
+  """uint32 keys whose unsigned order is the float32 order of `scores`
+  (the sign bit flipped for positives, every bit for negatives)."""
+  scores = scores.astype(F32)
+  scores = jnp.where(scores == 0, 0.0, scores)  # -0.0 ties +0.0, as top_k
+  bits = jax.lax.bitcast_convert_type(scores, jnp.uint32)
+  negative = (bits >> 31).astype(bool)
+  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def top_k_mask(scores, k):
+  """(..., N) bool: the k highest scores of each row (k may be traced).
+
+  Ties go to lower indices, as `jax.lax.top_k` breaks them. A radix
+  select instead of a sort: four passes over 8-bit digits of the ordered
+  float bits, each a 256-bin histogram of the rows still tied with the
+  k-th largest key, find that key T exactly; the row keeps every key > T
+  and the first (lowest-index) ones equal to T. (On the GPU an XLA sort of
+  32,760 scores is many kernel launches; benchmarks/astraea_step_profile.)
+  """
+  keys = _ordered_bits(scores)
+  n = scores.shape[-1]
+  need = jnp.minimum(jnp.asarray(k, jnp.int32), n)
+  need = jnp.broadcast_to(need, scores.shape[:-1])
+  prefix = jnp.zeros(scores.shape[:-1], jnp.uint32)
+  bins = jnp.arange(256, dtype=jnp.uint32)
+  for shift in (24, 16, 8, 0):
+    active = jnp.ones(keys.shape, bool) if shift == 24 else (
+        (keys >> (shift + 8)) == (prefix >> (shift + 8))[..., None])
+    digit = (keys >> shift) & jnp.uint32(255)
+    hist = jnp.sum((digit[..., None] == bins) & active[..., None], axis=-2,
+                   dtype=jnp.int32)                       # (..., 256)
+    at_or_above = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
+    # The k-th largest key's digit: the highest bin j with >= need keys in
+    # bins j..255 (at_or_above is non-increasing in j).
+    j = jnp.sum(at_or_above >= need[..., None], axis=-1) - 1
+    j = jnp.clip(j, 0, 255)
+    above = jnp.take_along_axis(at_or_above, j[..., None], axis=-1)[..., 0]
+    above = above - jnp.take_along_axis(hist, j[..., None], axis=-1)[..., 0]
+    need = need - above
+    prefix = prefix | (j.astype(jnp.uint32) << shift)
+  threshold = prefix[..., None]
+  tied = keys == threshold
+  first_tied = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= need[..., None]
+  keep = (keys > threshold) | (tied & first_tied)
+  return jnp.where(jnp.asarray(k) >= n, True, keep)
+
+
 def select_tokens(scores, k: int):
-  """Indices (B, k) of the k highest scores, sorted ascending (kernel order)."""
-  _, idx = jax.lax.top_k(scores, k)
-  return jnp.sort(idx, axis=-1).astype(jnp.int32)
+  """Indices (B, k) of the k highest scores, sorted ascending (kernel
+  order); ties to lower indices (`top_k_mask`, as `jax.lax.top_k`)."""
+  keep = top_k_mask(scores, k)
+  flat = keep.reshape(-1, keep.shape[-1])
+  idx = jax.vmap(lambda row: jnp.nonzero(row, size=k)[0])(flat)
+  return idx.reshape(keep.shape[:-1] + (k,)).astype(jnp.int32)
+
+
+# Token indices are sorted and unique (`select_tokens`): telling XLA so
+# lets its GPU scatter store rows plainly. Without it, Wan2.1-1.3B 480p's
+# cache writes took ~18 ms of a 481 ms Astraea 0.4 step (H100 profile,
+# benchmarks/astraea_step_profile.py).
+_SORTED_UNIQUE = {"indices_are_sorted": True, "unique_indices": True}
 
 
 def scatter_tokens(x, token_index, values):
-  """x (B, N, ...) with rows token_index (B, K) replaced by values."""
-  return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb))(x, token_index, values)
+  """x (B, N, ...) with rows token_index (B, K) (sorted, unique) replaced
+  by values."""
+  return jax.vmap(lambda xb, ib, vb: xb.at[ib].set(vb, **_SORTED_UNIQUE))(
+      x, token_index, values)
 
 
-def _rows(x_in, x_out, lse, config):
-  """The cache entries of computed rows: inputs x_in, outputs x_out."""
-  return {**encode_update(x_out - x_in, config),
-          "input": encode_input(x_in, config),
+def _rows(x_in, x_out, lse, config, input_code=None):
+  """The cache entries of computed rows: inputs x_in, outputs x_out
+  (input_code: encode_input(x_in) where already made)."""
+  if input_code is None:
+    input_code = encode_input(x_in, config)
+  return {**encode_update(x_out - x_in, config), "input": input_code,
           "lse": reduce_heads(lse, config)}
 
 
+class LayerView(dict):
+  """One block's cache entries (`layer_cache`) as the select hooks see
+  them, plus the block input's code, made at most once per block: the
+  score's Delta needs encode_input(x) of every token, the cache write the
+  rows of the computed ones; with a sketch, one (B, N, dim) x (dim, r)
+  projection serves both (`current_input`, memoised while tracing)."""
+
+  def current_input(self, x, config: SelectionConfig):
+    made = getattr(self, "_made", {})
+    if config.delta_sketch not in made:
+      made[config.delta_sketch] = encode_input(x, config)
+      self._made = made  # pylint: disable=attribute-defined-outside-init
+    return made[config.delta_sketch]
+
+  def made_input(self, config: SelectionConfig):
+    """encode_input(x, config) if a hook made it for this block (a sketch
+    of the same size), else None."""
+    return getattr(self, "_made", {}).get(config.delta_sketch or None)
+
+
 def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
-                   config: SelectionConfig):
+                   config: SelectionConfig, input_code=None):
   """Block `layer` computed the tokens `token_index`; in-place cache update.
 
   cache: the stacked cache (init_cache); x: (B, N, dim) block input;
   x_out_sel: (B, K, dim) block output of the computed tokens; lse_sel:
   (B, H, K). Only the K rows of layer `layer` are written (a scatter into
   the stacked buffers, which XLA performs in place on loop-carried state).
+  input_code: encode_input(x) of every token (B, N, r) where the score
+  made it (`LayerView`); its rows are the cache's new "input" entries.
   Returns (x_next (B, N, dim), cache): computed tokens take their new
   output, the others x + their cached update.
   """
@@ -297,11 +387,14 @@ def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
   x_sel = jnp.take_along_axis(x, token_index[..., None], axis=1)
   x_next = scatter_tokens(x + _layer_update(cache, layer), token_index,
                           x_out_sel)
-  rows = _rows(x_sel, x_out_sel, lse_sel, config)
-  new = {k: cache[k].at[layer, b, token_index].set(v)
+  if input_code is not None:
+    input_code = jnp.take_along_axis(input_code, token_index[..., None],
+                                     axis=1)
+  rows = _rows(x_sel, x_out_sel, lse_sel, config, input_code)
+  new = {k: cache[k].at[layer, b, token_index].set(v, **_SORTED_UNIQUE)
          for k, v in rows.items()}
-  new["stale"] = cache["stale"].at[layer].add(1).at[layer, b,
-                                                    token_index].set(0)
+  new["stale"] = cache["stale"].at[layer].add(1).at[
+      layer, b, token_index].set(0, **_SORTED_UNIQUE)
   return x_next, new
 
 
@@ -313,13 +406,14 @@ def write_all(cache, layer, x, x_out, lse, config: SelectionConfig):
   return x_out, new
 
 
-def write_masked(cache, layer, x, x_out, lse, keep, config: SelectionConfig):
+def write_masked(cache, layer, x, x_out, lse, keep, config: SelectionConfig,
+                 input_code=None):
   """The masked form: block `layer` computed ALL tokens; the `keep` ones
   (B, N) bool take their output and refresh their cache, the others add
   their cached update (the same numbers as `write_selected` on the kept
   rows). Returns (x_next, cache)."""
   old = layer_cache(cache, layer)
-  rows = _rows(x, x_out, lse, config)
+  rows = _rows(x, x_out, lse, config, input_code)
   new = {k: jnp.where(keep.reshape(keep.shape + (1,) * (v.ndim - 2)), v,
                       old[k])
          for k, v in rows.items()}
@@ -334,9 +428,7 @@ def keep_top(scores, k):
   Ties go to lower indices, as `jax.lax.top_k` breaks them, so the masked
   form keeps exactly the tokens `select_tokens` picks.
   """
-  order = jnp.argsort(-scores, axis=-1, stable=True)
-  rank = jnp.argsort(order, axis=-1)
-  return jnp.where(k >= scores.shape[-1], True, rank < k)
+  return top_k_mask(scores, k)
 
 
 def reuse_all(cache, layer, x):
@@ -348,6 +440,11 @@ def reuse_all(cache, layer, x):
 def layer_cache(cache, layer):
   """The per-block view (the same entries) of block `layer`."""
   return jax.tree.map(lambda c: c[layer], cache)
+
+
+def layer_view(cache, layer) -> LayerView:
+  """`layer_cache` as the layer loop hands it to a select hook."""
+  return LayerView(layer_cache(cache, layer))
 
 
 # Per-block forms of the three updates, on one block's cache (the stacked
