@@ -292,3 +292,17 @@ def test_ti2v_image_sampling_matches_single_device(split_model):
       **hooks)
   assert ref.rel_err(got, want_sparse) <= TOL
   assert ref.rel_err(got, want) > 1e-3  # selection acted
+
+
+def test_ti2v_pipeline_on_devices_matches_one_device(split_model):
+  """`Wan22TI2VPipeline.denoise(devices=4)` (what `astraea generate
+  --devices 4` runs: data 2 x seq 2) with an image latent = one device."""
+  pipe = wan22_pipeline.Wan22TI2VPipeline(nnx.merge(*split_model))
+  noise, ctx, neg = ref.inputs()
+  image_latent = _ti2v_hooks(noise)["post_step"].args[0]
+  want = pipe.denoise(noise, ctx, neg, image_latent,
+                      num_inference_steps=STEPS, shift=3.0)
+  got = pipe.denoise(noise, ctx, neg, image_latent,
+                     num_inference_steps=STEPS, shift=3.0, devices=4)
+  assert ref.rel_err(got, want) <= TOL
+  np.testing.assert_array_equal(got[:, :, :1], image_latent)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax import checkpoint
+from astraea_jax import checkpoint, parallel
 from astraea_jax import placement as placement_lib
 from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.pipelines import base, wan_pipeline
@@ -188,10 +188,6 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   # Video -> latent factors when no VAE is loaded.
   FACTORS = (4, 8)
-  # No --devices for Wan2.2 yet: the denoising advice leaves it out.
-  STAGES = {**base.STAGES, "transformer": (
-      "denoising", "a smaller video (--size/--frames); with --budget the "
-      "8-bit token state (--cache-dtype float8)")}
 
   def __init__(self, transformer, vae=None, text_encoder=None,
                tokenizer=None, *, text_len: int | None = None,
@@ -253,10 +249,12 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     of the first frame; I2V-A14B: (B, 20, F, h, w) mask and latents),
     applied by `image_hooks`.
     refresh_experts (two experts, Astraea): the first low-noise step
-    computes every token (see `wan_tokenwise.sample`).
+    computes every token (see `wan_tokenwise.sample`). devices: sample on
+    N devices (`parallel.samplers`; one expert only: TI2V-5B).
     """
-    if devices is not None:
-      raise ValueError("--devices: Wan2.2 runs on one device for now")
+    if devices is not None and self.transformer_2 is not None:
+      raise ValueError(f"--devices: {self.MODEL} (two experts) runs on one "
+                       "device for now; TI2V-5B takes --devices")
     d = self.DEFAULTS
     steps = num_inference_steps or d["steps"]
     guidance_scale = d["guidance"] if guidance_scale is None else \
@@ -270,22 +268,28 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     common = {"scheduler": scheduler, "steps": None,
               "guidance_scale": guidance_scale, "progress": progress,
               **hooks}
+    dense_sample, astraea_sample = dense_sampler.sample, astraea_sampler.sample
+    if devices is not None:  # one expert (refused above otherwise)
+      dense_sample, astraea_sample = parallel.samplers(
+          devices, batch=2 * noise.shape[0])
     # Both experts are on the accelerator for the whole run.
     with placement_lib.placed(self.transformer_2):
       graphdef, params, boundary = self._experts()
-      common["boundary_ratio"] = boundary
+      experts = {} if boundary is None else {
+          "boundary_ratio": boundary, "refresh_experts": refresh_experts}
       if budget is None and schedule is None:
         if return_stats:
           raise ValueError("return_stats needs Astraea (budget or schedule)")
-        return dense_sampler.sample(graphdef, params, noise, context,
-                                    negative_context, loop=loop,
-                                    step_seconds=step_seconds, **common)
+        experts.pop("refresh_experts", None)
+        return dense_sample(graphdef, params, noise, context,
+                            negative_context, loop=loop,
+                            step_seconds=step_seconds, **experts, **common)
       extra = {} if selection_config is None else {
           "selection_config": selection_config}
-      return astraea_sampler.sample(
+      return astraea_sample(
           graphdef, params, noise, context, negative_context, budget=budget,
-          schedule=schedule, return_stats=return_stats,
-          refresh_experts=refresh_experts, **extra, **common)
+          schedule=schedule, return_stats=return_stats, **experts, **extra,
+          **common)
 
   def __call__(self, prompt=None, negative_prompt="", *, image=None,
                height: int | None = None, width: int | None = None,
@@ -320,9 +324,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   def _generate_options(self, config: base.GenerateConfig, fps: float):
     del fps  # no frame-rate condition
-    if config.devices is not None:
-      raise ValueError("--devices: Wan2.2 runs on one device for now")
-    return {"shift": config.shift,
+    return {"shift": config.shift, "devices": config.devices,
             "scheduler": config.scheduler or self.DEFAULTS["scheduler"]}
 
 
