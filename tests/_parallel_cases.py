@@ -20,7 +20,9 @@ from flax import nnx
 from astraea_jax import parallel, testing
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import selection
+from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.models import wan
+from astraea_jax.pipelines import wan22_pipeline
 from astraea_jax.sampling import sampler as dense
 
 TOL = 1e-5
@@ -227,3 +229,80 @@ def test_sequence_parallel_runs_the_one_block(model, monkeypatch):
       model, *a, sp=sp, num_selected=18, config=ref.SELECTION))(
           latents, timestep, context, cache)
   assert calls and all(c == (True, True) for c in calls)
+
+
+# Wan2.2: per-token timesteps (TI2V image) and condition channels (I2V) ------
+
+
+def _ti2v_hooks(noise):
+  """TI2V image-to-video's sampler hooks for `noise`: the first latent
+  frame is an image latent, its tokens at t = 0, put back every step."""
+  image_latent = 0.7 * jax.random.normal(jax.random.key(5),
+                                         noise.shape[:2] + (1,)
+                                         + noise.shape[3:])
+  return {"token_mask": wan22_pipeline.first_frame_token_mask(
+      noise.shape, ref.CONFIG.patch_size),
+          "post_step": wan22_pipeline.first_frame_post_step(image_latent)}
+
+
+def test_forward_with_token_timesteps_and_condition_matches_single_device():
+  """Per-token timesteps (B, N) are sharded with the tokens (pad rows
+  included: 35 tokens on a 2 x 2 hybrid) and condition channels are
+  patchified with the latents, on the I2V-A14B layout (in_dim 16 + 20)."""
+  config = ref.CONFIG.replace(in_dim=36)
+  model = nnx.merge(*ref.random_model(seed=2, config=config))
+  latents, timestep, context = _model_inputs(ref.SHAPE_35)
+  mask = wan22_pipeline.first_frame_token_mask(latents.shape,
+                                               config.patch_size)
+  per_token = dense.token_timesteps(timestep, mask)
+  assert per_token.shape == (2, 35) and (per_token[:, :7] == 0).all()
+  condition = jax.random.normal(jax.random.key(6), (2, 20)
+                                + latents.shape[2:])
+  want = jax.jit(lambda m, *a: m(*a[:3], condition=a[3]))(
+      model, latents, per_token, context, condition)
+  sp = parallel.SequenceParallel(parallel.make_mesh(4), "auto")
+  got = jax.jit(lambda m, *a: parallel.forward(m, *a[:3], sp=sp,
+                                               condition=a[3]))(
+      model, latents, per_token, context, condition)
+  assert ref.rel_err(got, want) <= TOL
+  scalar = model(latents, timestep, context, condition=condition)
+  assert ref.rel_err(scalar, want) > 1e-3  # the mask changes the output
+
+
+def test_ti2v_image_sampling_matches_single_device(split_model):
+  """TI2V image-to-video over meshes: the dense sampler (data 2 x seq 2)
+  against one device's, and Astraea with per-shard selection (3 Ulysses
+  shards, pad rows) against the one-device per-shard reference with the
+  same hooks (that the token mask acts: the forward case above)."""
+  noise, ctx, neg = ref.inputs()
+  hooks = _ti2v_hooks(noise)
+  common = {"steps": STEPS, "shift": 3.0, "progress": False}
+  want = dense.sample(*split_model, noise, ctx, neg, **hooks, **common)
+  got = parallel.sample(*split_model, noise, ctx, neg, **hooks, **common,
+                        mesh=parallel.make_mesh(4, data=2))
+  assert ref.rel_err(got, want) <= TOL
+  np.testing.assert_array_equal(got[:, :, :1], hooks["post_step"].args[0])
+  schedule = [1.0, 0.5, 0.0, 0.5]
+  got = parallel.astraea_sample(
+      *split_model, noise, ctx, neg, schedule=schedule, **hooks, **common,
+      mesh=parallel.make_mesh(3), strategy="ulysses",
+      selection_config=ref.SELECTION)
+  want_sparse = ref.reference_astraea_sample(
+      *split_model, noise, ctx, neg, schedule=schedule, num_shards=3,
+      **hooks)
+  assert ref.rel_err(got, want_sparse) <= TOL
+  assert ref.rel_err(got, want) > 1e-3  # selection acted
+
+
+def test_ti2v_pipeline_on_devices_matches_one_device(split_model):
+  """`Wan22TI2VPipeline.denoise(devices=4)` (what `astraea generate
+  --devices 4` runs: data 2 x seq 2) with an image latent = one device."""
+  pipe = wan22_pipeline.Wan22TI2VPipeline(nnx.merge(*split_model))
+  noise, ctx, neg = ref.inputs()
+  image_latent = _ti2v_hooks(noise)["post_step"].args[0]
+  want = pipe.denoise(noise, ctx, neg, image_latent,
+                      num_inference_steps=STEPS, shift=3.0)
+  got = pipe.denoise(noise, ctx, neg, image_latent,
+                     num_inference_steps=STEPS, shift=3.0, devices=4)
+  assert ref.rel_err(got, want) <= TOL
+  np.testing.assert_array_equal(got[:, :, :1], image_latent)

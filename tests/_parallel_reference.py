@@ -36,13 +36,13 @@ SELECTION = selection.EXACT
 MULTIPROCESS_SCHEDULE = (1.0, 0.5)
 
 
-def random_model(seed=1):
-  """(graphdef, params) of CONFIG, drawn with numpy on the host.
+def random_model(seed=1, config=CONFIG):
+  """(graphdef, params) of `config`, drawn with numpy on the host.
 
   The rules of `testing.random_params`, without its one big jit (which
   takes ~15 s to compile on a CPU, in every process that needs a model).
   """
-  graphdef, abstract = nnx.split(wan.abstract_model(CONFIG))
+  graphdef, abstract = nnx.split(wan.abstract_model(config))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -109,21 +109,25 @@ def reference_forward(model, latents, timestep, context, cache, *,
 @functools.partial(jax.jit,
                    static_argnames=("num_selected", "num_shards", "config"))
 def _reference_step(graphdef, params, context_2b, scheduler, sched_state,
-                    cache, latents, *, num_selected, num_shards, config):
+                    cache, latents, token_mask, post_step, *, num_selected,
+                    num_shards, config):
   def model_fn(cache, latents_2b, timesteps_2b):
     model = nnx.merge(graphdef, params)
-    return reference_forward(model, latents_2b, timesteps_2b, context_2b,
-                             cache, num_selected=num_selected,
-                             num_shards=num_shards, config=config)
+    return reference_forward(
+        model, latents_2b, dense.token_timesteps(timesteps_2b, token_mask),
+        context_2b, cache, num_selected=num_selected, num_shards=num_shards,
+        config=config)
 
   return dense.guided_step(model_fn, scheduler, jnp.float32(5.0), latents,
-                           sched_state, cache)
+                           sched_state, cache, post_step)
 
 
 def reference_astraea_sample(graphdef, params, noise, context, negative, *,
                              schedule, num_shards, shift=3.0,
-                             config=SELECTION):
-  """Astraea CFG sampling (UniPC, guidance 5) with per-shard selection."""
+                             config=SELECTION, token_mask=None,
+                             post_step=None):
+  """Astraea CFG sampling (UniPC, guidance 5) with per-shard selection;
+  token_mask, post_step: Wan2.2 TI2V's hooks (`sampling.sample`)."""
   model_config = nnx.merge(graphdef, params).config
   scheduler = dense.make_scheduler("unipc", len(schedule), shift=shift)
   n = 1
@@ -137,6 +141,6 @@ def reference_astraea_sample(graphdef, params, noise, context, negative, *,
   for theta in schedule:
     latents, state, cache = _reference_step(
         graphdef, params, context_2b, scheduler, state, cache, latents,
-        num_selected=schedule_lib.num_selected(theta, n),
+        token_mask, post_step, num_selected=schedule_lib.num_selected(theta, n),
         num_shards=num_shards, config=config)
   return latents

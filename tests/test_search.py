@@ -23,8 +23,10 @@ from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import search
 from astraea_jax.astraea import selection
 from astraea_jax.configs import WanConfig
+from astraea_jax.pipelines import wan22_pipeline
 from astraea_jax.sampling import sampler as dense
 from converters.safetensors_io import save_file
+from _parallel_reference import random_model
 
 # GA tests: 8 steps, the paper's population sizes.
 GA = search.SearchConfig(target_budget=0.45, steps=8)
@@ -232,6 +234,59 @@ def test_fitness_is_mse_of_the_sparse_sampler_vs_the_full_model(problem,
   # The masked simulation gives the sparse sampler's numbers (rel 1e-5,
   # as tests/test_astraea.py).
   assert rel_err(fitness(genome[None]), np.mean(mse)) <= 1e-5
+
+
+# Wan2.2 TI2V image-to-video: the image's tokens at t = 0 (token mask), its
+# latent put back after every step (post-step, one image per sample).
+TI2V = WanConfig.tiny(in_dim=48, out_dim=48, num_layers=2, dim=32,
+                      ffn_dim=48, num_heads=2, text_dim=24, text_len=8,
+                      freq_dim=16)
+TI2V_LATENTS = (SAMPLES, 48, 3, 4, 4)  # 12 tokens, 4 of them the image's
+
+
+@pytest.mark.parametrize("evaluator", ["masked", "sparse"])
+def test_ti2v_image_fitness_is_the_sparse_samplers(evaluator):
+  """The fitness of a TI2V image-to-video problem (per-token timesteps and
+  the image frame through `token_mask` / `post_steps`) is the MSE of the
+  sparse sampler with the same hooks against the dense one (rel 1e-5, as
+  the text-to-video test above)."""
+  graphdef, params = random_model(seed=4, config=TI2V)
+  rng = np.random.default_rng(5)
+  images = rng.standard_normal(TI2V_LATENTS[:2] + (1, 4, 4)).astype(
+      np.float32)
+  noise = wan22_pipeline.put_first_frame(
+      jnp.asarray(rng.standard_normal(TI2V_LATENTS), jnp.float32), images)
+  ctx = rng.standard_normal((SAMPLES, 5, 24)).astype(np.float32)
+  neg = np.zeros((1, 1, 24), np.float32)
+  mask = wan22_pipeline.first_frame_token_mask(TI2V_LATENTS, (1, 2, 2))
+  fitness = search.TreeFitness(
+      graphdef, params, noise, ctx, neg, steps=STEPS,
+      config=dataclasses_replace(EVAL, evaluator=evaluator),
+      token_mask=mask,
+      post_steps=wan22_pipeline.first_frame_post_step(images[:, None]))
+  genome = GENOMES[3]
+  mse = []
+  for s in range(SAMPLES):
+    args = (graphdef, params, noise[s:s + 1], ctx[s:s + 1], neg)
+    hooks = {"token_mask": mask, "post_step":
+             wan22_pipeline.first_frame_post_step(images[s:s + 1])}
+    full = dense.sample(*args, steps=STEPS, progress=False, **hooks)
+    np.testing.assert_array_equal(full[:, :, :1], images[s:s + 1])
+    assert rel_err(fitness.reference[s], full) <= 1e-5
+    fast = astraea.sample(*args, schedule=search.to_schedule(genome),
+                          steps=STEPS, progress=False,
+                          selection_config=EVAL.selection, **hooks)
+    mse.append(float(jnp.mean(jnp.square(fast - full))))
+  assert np.mean(mse) > 0
+  assert rel_err(fitness(genome[None]), np.mean(mse)) <= 1e-5
+  if evaluator == "masked":  # the mask counts (its absence changes x_T)
+    no_mask = dense.sample(*args, steps=STEPS, progress=False,
+                           post_step=hooks["post_step"])
+    assert rel_err(no_mask, full) > 1e-3
+  with pytest.raises(ValueError, match="one entry per sample"):
+    search.TreeFitness(graphdef, params, noise, ctx, neg, steps=STEPS,
+                       post_steps=wan22_pipeline.first_frame_post_step(
+                           images[:1, None]))
 
 
 def test_prefix_tree_equals_naive_evaluation_and_saves_steps(problem):

@@ -200,9 +200,10 @@ def test_generate_runs_a_converted_ti2v_folder(tmp_path, capsys):
   assert fps == 24.0
 
 
-def test_generate_says_i2v_a14b_has_no_pipeline_yet(tmp_path, capsys):
-  """I2V-A14B converts and loads, but no pipeline samples it yet: one line
-  saying so, before anything loads or is written."""
+def test_generate_says_i2v_a14b_needs_an_image(tmp_path, capsys):
+  """I2V-A14B from the diffusers layout converts; generating without
+  --image is one line naming the flag, before anything loads or is
+  written (tests/test_wan22_pipeline.py samples it)."""
   diffusers = write_diffusers(
       tmp_path / "diff", {"transformer": I2V, "transformer_2": I2V}, VAE21,
       index("WanImageToVideoPipeline", boundary_ratio=0.9,
@@ -211,7 +212,8 @@ def test_generate_says_i2v_a14b_has_no_pipeline_yet(tmp_path, capsys):
   out = tmp_path / "v.mp4"
   assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "a cat",
                    "--out", str(out)]) == 1
-  assert "holds wan2.2-i2v-a14b" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "required for wan2.2-i2v-a14b" in err and "--image" in err
   assert not out.exists()
 
 

@@ -9,15 +9,19 @@ autocast "cuda", T5 on CUDA), so `reference_sample` drives the reference's
 textimage2video.py's t2v / i2v and text2video.py's generate: per-token
 timesteps `mask2 * t` (mask 0 on the image's latent frame), CFG
 `uncond + g (cond - uncond)`, the image latent put back after every step,
-and for A14B the expert and guidance chosen by `t >= boundary * 1000`.
+and for A14B the expert and guidance chosen by `t >= boundary * 1000`;
+`reference_i2v_sample` follows image2video.py's (the image as the DiT's
+`y` channels, one timestep for all tokens).
 Our side loads the converted folder with the pipeline and samples from
 prompt embeddings (the text encoder has its own parity tests).
 
 Tolerance: max abs error <= 1e-5 * max|reference| + 1e-6
 (`testing.assert_close`): float32, the same math in another order. Three
 UniPC steps with CFG (and the VAE encode for the image) leave it at
-1.4e-6 to 1.8e-6 relative on this machine, within the single-forward
-bound of tests/test_wan22_dit.py.
+1.4e-6 to 1.8e-6 relative on this machine (I2V-A14B: 1.6e-6; its image
+channels 1.2e-7), within the single-forward bound of
+tests/test_wan22_dit.py. The one other tolerance, `bicubic_resize`
+against torch (atol 2e-6 on values ~1), is stated where it is used.
 """
 
 import ast
@@ -384,11 +388,13 @@ def test_generate_image_to_video(ti2v, tmp_path, capsys):
     (lambda p: write_image(p, (40, 40), "L"),
      "has 1 channel(s) (L); give an RGB image"),
 ])
-def test_bad_images_are_refused_naming_the_flag(ti2v, tmp_path, capsys,
-                                                make, message):
+@pytest.mark.parametrize("model", ["ti2v", "i2v"])
+def test_bad_images_are_refused_naming_the_flag(request, model, tmp_path,
+                                                capsys, make, message):
+  folder = request.getfixturevalue(model)[-1]
   image = make(tmp_path / "bad.png")
   out = tmp_path / "v.mp4"
-  assert cli.main(["generate", str(ti2v[2]), "--prompt", "a cat",
+  assert cli.main(["generate", str(folder), "--prompt", "a cat",
                    "--image", str(image), "--out", str(out)]) == 1
   err = capsys.readouterr().err
   assert "--image" in err and message in err
@@ -416,3 +422,224 @@ def test_generate_runs_the_two_experts(a14b, tmp_path, capsys):
   assert report["guidance_scale"] == [3.0, 4.0]
   assert load_file(out / "outputs.safetensors")["video_full"].shape == (
       1, 3, 5, 32, 48)
+
+
+# I2V-A14B ---------------------------------------------------------------------
+
+# wan22 configs/wan_i2v_A14B.py: (low noise, high noise) guidance, shift,
+# boundary. 3 steps at shift 5: t = 999, 909, 714; the boundary 0.9 * 1000
+# puts the last step on the low-noise expert.
+I2V_SHIFT, I2V_GUIDANCE, I2V_BOUNDARY = 5.0, (3.5, 3.5), 0.9
+I2V_CONFIG = WanConfig.tiny(in_dim=36, out_dim=16, **SMALL)
+# An image of 60 x 40 in an area of 48 x 32: wan22 sizes the video 48 x 32
+# (latents 4 x 6, 12 tokens over 2 latent frames of 5 video frames).
+I2V_IMAGE, I2V_AREA, I2V_FRAMES = (60, 40), 48 * 32, 5
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory):
+  high = reference_dit(I2V_CONFIG, "i2v", seed=11)
+  low = reference_dit(I2V_CONFIG, "i2v", seed=12)
+  folder = converted(
+      tmp_path_factory, "i2v",
+      {"high_noise_model": (high, I2V_CONFIG, "i2v"),
+       "low_noise_model": (low, I2V_CONFIG, "i2v")}, VAE21, "Wan2.1_VAE")
+  pipe = wan22_pipeline.Wan22I2VA14BPipeline.from_pretrained(
+      folder, load_text_encoder=False)
+  return high, low, pipe, folder
+
+
+def reference_wan21_vae():
+  module = load_wan22_module("vae2_1")
+  vae = module.WanVAE_(dim=VAE21.base_dim, z_dim=16, dim_mult=[1, 2, 4, 4],
+                       num_res_blocks=2,
+                       temperal_downsample=[False, True, True]).eval()
+  tensors = vae_tensors(VAE21, "original", 10)
+  vae.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+  return vae
+
+
+def reference_i2v_inputs(image_path, frame_num, max_area):
+  """wan22 image2video.py `generate` up to the loop: the image to [-1, 1]
+  (TF.to_tensor(img).sub_(0.5).div_(0.5); torchvision is not installed
+  here), the video size, the mask and y = [msk; vae.encode(...)]."""
+  img = np.array(Image.open(image_path).convert("RGB"))
+  img = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
+  img = img.sub_(0.5).div_(0.5)
+  vae_stride, patch_size = (4, 8, 8), (1, 2, 2)
+  F = frame_num  # pylint: disable=invalid-name
+  h, w = img.shape[1:]
+  aspect_ratio = h / w
+  lat_h = round(np.sqrt(max_area * aspect_ratio) // vae_stride[1]
+                // patch_size[1] * patch_size[1])
+  lat_w = round(np.sqrt(max_area / aspect_ratio) // vae_stride[2]
+                // patch_size[2] * patch_size[2])
+  h, w = lat_h * vae_stride[1], lat_w * vae_stride[2]
+  msk = torch.ones(1, F, lat_h, lat_w)
+  msk[:, 1:] = 0
+  msk = torch.concat([torch.repeat_interleave(msk[:, 0:1], repeats=4, dim=1),
+                      msk[:, 1:]], dim=1)
+  msk = msk.view(1, msk.shape[1] // 4, 4, lat_h, lat_w)
+  msk = msk.transpose(1, 2)[0]
+  video = torch.concat([torch.nn.functional.interpolate(
+      img[None], size=(h, w), mode="bicubic").transpose(0, 1),
+                        torch.zeros(3, F - 1, h, w)], dim=1)
+  scale = [torch.tensor(VAE21.latents_mean),
+           1 / torch.tensor(VAE21.latents_std)]
+  with torch.no_grad():
+    y = reference_wan21_vae().encode(video[None], scale)[0]
+  return (h, w), torch.concat([msk, y]).numpy()
+
+
+def reference_i2v_sample(high, low, noise, context, negative, y, *,
+                         guidance=I2V_GUIDANCE):
+  """wan22 image2video.py's loop (CFG, as with lightning=False: the
+  package's default lightning=True skips the unconditional branch and
+  loads other weights): both branches take y, t is one timestep for all
+  tokens, the expert and its scale by t >= boundary * 1000."""
+  sched = reference_scheduler(STEPS, I2V_SHIFT)
+  latent = torch.from_numpy(noise)
+  y = [torch.from_numpy(y)]
+  seq_len = latent.shape[1] * latent.shape[2] * latent.shape[3] // 4
+  ctx = [torch.from_numpy(context[0])]
+  neg = [torch.from_numpy(negative[0])]
+  boundary = I2V_BOUNDARY * 1000
+  with torch.no_grad():
+    for t in sched.timesteps:
+      is_high = t.item() >= boundary
+      model = high if is_high else low
+      scale = guidance[1] if is_high else guidance[0]
+      timestep = torch.stack([t])
+      cond = model([latent], t=timestep, context=ctx, seq_len=seq_len,
+                   y=y)[0]
+      uncond = model([latent], t=timestep, context=neg, seq_len=seq_len,
+                     y=y)[0]
+      pred = uncond + scale * (cond - uncond)
+      latent = sched.step(pred.unsqueeze(0), t, latent.unsqueeze(0),
+                          return_dict=False)[0].squeeze(0)
+  return latent.numpy()
+
+
+def test_i2v_a14b_matches_wan22_across_the_boundary(i2v, tmp_path):
+  """The image read, sized and resized as wan22 does (`read_image`), its
+  mask + Wan2.1 VAE channels, then 3 CFG steps with the expert switch,
+  all from the converted original-layout folder."""
+  high, low, pipe, _ = i2v
+  assert pipe.boundary_ratio == I2V_BOUNDARY
+  scheduler = sampler.make_scheduler("unipc", STEPS, shift=I2V_SHIFT,
+                                     schedule="wan")
+  assert sampler.expert_plan(scheduler.timesteps, I2V_BOUNDARY) == [0, 0, 1]
+  image_path = write_image(tmp_path / "cat.png", I2V_IMAGE)
+  (h, w), y = reference_i2v_inputs(image_path, I2V_FRAMES, I2V_AREA)
+  pixels, size = generate.read_image(image_path, area=I2V_AREA,
+                                     model=generate.I2V_A14B)
+  assert size == (h, w) == (32, 48)
+  condition = pipe.encode_image(pixels[None], I2V_FRAMES)
+  assert condition.shape == (1, 20, 2, 4, 6)
+  testing.assert_close(condition[0], y)
+  shape = pipe.latent_shape(h, w, I2V_FRAMES)
+  assert shape == (1, 16, 2, 4, 6)  # the DiT's out_dim, not its in_dim 36
+  noise = np.random.default_rng(13).standard_normal(shape).astype(
+      np.float32)
+  context, negative = embeddings(14)
+  expected = reference_i2v_sample(high, low, noise[0], context, negative, y)
+  ours = np.asarray(pipe(
+      prompt_embeds=context, negative_prompt_embeds=negative,
+      image=pixels[None], height=h, width=w, num_frames=I2V_FRAMES,
+      num_inference_steps=STEPS, noise=jnp.asarray(noise),
+      output_type="latents", progress=False))
+  testing.assert_close(ours[0], expected)
+  # negative controls: another guidance pair (the switch step's scale
+  # counts) and a black image give other samples
+  other = reference_i2v_sample(high, low, noise[0], context, negative, y,
+                               guidance=(1.0, 3.5))
+  assert np.abs(other - expected).max() > 1e-3 * np.abs(expected).max()
+  black = np.asarray(pipe(
+      prompt_embeds=context, negative_prompt_embeds=negative,
+      image=np.zeros_like(pixels[None]), height=h, width=w,
+      num_frames=I2V_FRAMES, num_inference_steps=STEPS,
+      noise=jnp.asarray(noise), output_type="latents", progress=False))
+  assert np.abs(black - ours).max() > 1e-3 * np.abs(ours).max()
+
+
+def test_i2v_resize_and_mask_follow_wan22():
+  """`bicubic_resize` = torch's bicubic interpolate (down and up);
+  `i2v_size` = image2video.py's rounding for a few aspect ratios."""
+  pixels = np.random.default_rng(0).uniform(-1, 1, (3, 37, 53)).astype(
+      np.float32)
+  for size in ((16, 32), (64, 80), (37, 53), (100, 20)):
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(pixels)[None], size=size, mode="bicubic")[0]
+    # float32 weights evaluated in another order: ~1e-7 of values ~1
+    np.testing.assert_allclose(wan22_pipeline.bicubic_resize(pixels, *size),
+                               want.numpy(), rtol=0, atol=2e-6)
+  for w, h in ((1920, 1080), (1080, 1920), (1000, 1000), (640, 480)):
+    aspect = h / w
+    want_h = round(np.sqrt(1280 * 720 * aspect) // 8 // 2 * 2) * 8
+    want_w = round(np.sqrt(1280 * 720 / aspect) // 8 // 2 * 2) * 8
+    assert wan22_pipeline.i2v_size(w, h, 1280 * 720) == (want_w, want_h)
+  mask = np.asarray(wan22_pipeline.i2v_mask((1, 16, 3, 2, 2)))
+  assert mask.shape == (1, 4, 3, 2, 2)
+  np.testing.assert_array_equal(mask[0, :, 0], 1)
+  np.testing.assert_array_equal(mask[0, :, 1:], 0)
+
+
+def test_astraea_on_i2v_a14b(i2v):
+  """Budget 1 through the token-wise engine = the dense two-expert I2V
+  run; at 0.5 the tokens are selected and the switch step runs them all."""
+  _, _, pipe, _ = i2v
+  noise = jnp.asarray(np.random.default_rng(15).standard_normal(
+      (1, 16, 2, 4, 6)).astype(np.float32))
+  context, negative = (jnp.asarray(x) for x in embeddings(16))
+  image = np.random.default_rng(17).uniform(-1, 1, (1, 3, 32, 48)).astype(
+      np.float32)
+  condition = pipe.image_conditioning(image, I2V_FRAMES)
+  run = functools.partial(pipe.denoise, noise, context, negative, condition,
+                          num_inference_steps=STEPS)
+  dense = run()
+  testing.assert_close(run(schedule=[1.0] * STEPS), dense)
+  half, stats = run(schedule=[1.0, 0.5, 0.5], return_stats=True)
+  assert stats.num_selected == [12, 6, 12]
+  kept, stats = run(schedule=[1.0, 0.5, 0.5], return_stats=True,
+                    refresh_experts=False)
+  assert stats.num_selected == [12, 6, 6]
+  assert np.abs(np.asarray(half) - np.asarray(dense)).max() > 1e-4
+  assert np.abs(np.asarray(kept) - np.asarray(half)).max() > 1e-4
+  with pytest.raises(ValueError, match="is image-to-video: give an image"):
+    pipe.denoise(noise, context, negative, num_inference_steps=STEPS)
+  with pytest.raises(ValueError, match=r"--devices: .* \(two experts\) runs "
+                     "on one device"):
+    run(devices=2)
+
+
+def test_generate_i2v_a14b(i2v, tmp_path, capsys):
+  """`astraea generate` with --image: the video's size from the image
+  (60 x 40 in 48 x 32 -> 48 x 32), the model's guidance pair reported,
+  the video decoded."""
+  image = write_image(tmp_path / "cat.png", I2V_IMAGE)
+  out = tmp_path / "out"
+  assert cli.main(["generate", str(i2v[3]), "--prompt", "a cat",
+                   "--image", str(image), "--size", "48x32", "--frames",
+                   "5", "--steps", "3", "--out", str(out)]) == 0, \
+      capsys.readouterr().err
+  report = json.loads((out / "report.json").read_text())
+  assert report["model"] == "wan2.2-i2v-a14b"
+  assert (report["height"], report["width"]) == (32, 48)
+  assert report["guidance_scale"] == [3.5, 3.5] and report["image_to_video"]
+  assert load_file(out / "outputs.safetensors")["video_full"].shape == (
+      1, 3, 5, 32, 48)
+
+
+def test_i2v_a14b_needs_an_image_before_anything_loads(i2v, tmp_path,
+                                                       capsys, monkeypatch):
+  def no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(checkpoint, "load_model", no_loading)
+  out = tmp_path / "v.mp4"
+  assert cli.main(["generate", str(i2v[3]), "--prompt", "a cat",
+                   "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert ("error: the following arguments are required for "
+          "wan2.2-i2v-a14b") in err and "--image PATH" in err
+  assert not out.exists()

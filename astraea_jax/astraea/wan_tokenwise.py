@@ -57,13 +57,14 @@ def run_blocks(model, x, e0, ctx, rope, cache, *, mode: str, config,
 
 
 def forward(model, latents, timestep, context, cache, *, num_selected: int,
-            config: selection.SelectionConfig):
+            config: selection.SelectionConfig, condition=None):
   """One model evaluation with token selection; returns (velocity, cache).
 
-  latents (B, C, F, H, W); cache from `selection.init_cache` with batch B;
-  num_selected: static K.
+  latents (B, C, F, H, W); timestep (B,) or per token (B, L); cache from
+  `selection.init_cache` with batch B; num_selected: static K; condition:
+  the model's extra input channels (`WanDiT.__call__`).
   """
-  x, e, e0, ctx, rope = model.embed(latents, timestep, context)
+  x, e, e0, ctx, rope = model.embed(latents, timestep, context, condition)
   mode = layer_loop.mode_for(num_selected, x.shape[1])
   x, cache, _ = run_blocks(model, x, e0, ctx, rope, cache, mode=mode,
                            config=config,
@@ -73,13 +74,13 @@ def forward(model, latents, timestep, context, cache, *, num_selected: int,
 
 
 def forward_masked(model, latents, timestep, context, cache, num_selected,
-                   *, config: selection.SelectionConfig):
+                   *, config: selection.SelectionConfig, condition=None):
   """`forward` as a masked dense simulation; num_selected may be traced.
 
   Every block computes all tokens; the top-K by the same scores (ties
   broken towards lower indices, as `jax.lax.top_k`) keep their new values.
   """
-  x, e, e0, ctx, rope = model.embed(latents, timestep, context)
+  x, e, e0, ctx, rope = model.embed(latents, timestep, context, condition)
   keep = layer_loop.score_keep(jnp.asarray(num_selected, jnp.int32), config)
   x, cache, _ = run_blocks(model, x, e0, ctx, rope, cache, mode="masked",
                            config=config, select=keep)
@@ -94,30 +95,24 @@ class Plan(NamedTuple):
   expert: int = 0
 
 
-def _velocity(graphdef, params, context_2b, cache, latents_2b, timesteps_2b,
-              token_mask=None, *, plan: Plan):
+def _velocity(graphdef, params, inputs: dense_sampler.WanInputs, cache,
+              latents_2b, timesteps_2b, *, plan: Plan):
   model = nnx.merge(graphdef, dense_sampler.pick_expert(params, plan.expert))
-  timesteps = dense_sampler.token_timesteps(timesteps_2b, token_mask)
-  return forward(model, latents_2b, timesteps, context_2b, cache,
-                 num_selected=plan.num_selected, config=plan.config)
+  return forward(model, latents_2b, inputs.timesteps(timesteps_2b),
+                 inputs.context, cache, num_selected=plan.num_selected,
+                 config=plan.config, condition=inputs.condition)
 
 
-def _velocity_masked(graphdef, params, context_2b, token_mask, cache,
-                     latents_2b, timesteps_2b, *, plan: Plan):
-  return _velocity(graphdef, params, context_2b, cache, latents_2b,
-                   timesteps_2b, token_mask, plan=plan)
-
-
-def model_fn(graphdef, params, context_2b, token_mask=None):
+def model_fn(graphdef, params, context_2b, token_mask=None,
+             condition_2b=None):
   """Astraea's WanDiT as a `model_fn` for `sampling.run` (plan: `Plan`).
 
   params: one model's state or the experts' (`sampler.pick_expert`);
-  token_mask: (L,) per-token timestep factors (`sampler.token_timesteps`).
+  token_mask, condition_2b: as `sampler.WanInputs`.
   """
-  if token_mask is None:
-    return jax.tree_util.Partial(_velocity, graphdef, params, context_2b)
-  return jax.tree_util.Partial(_velocity_masked, graphdef, params,
-                               context_2b, token_mask)
+  return jax.tree_util.Partial(_velocity, graphdef, params,
+                               dense_sampler.WanInputs(
+                                   context_2b, token_mask, condition_2b))
 
 
 def refresh_at_switch(ks, experts, num_tokens: int):
@@ -151,7 +146,7 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
            .SelectionConfig(), return_trajectory: bool = False,
            progress: bool = True, return_stats: bool = False,
            boundary_ratio: float | None = None, token_mask=None,
-           post_step=None, refresh_experts: bool = True):
+           post_step=None, refresh_experts: bool = True, condition=None):
   """Astraea CFG sampling: like `sampling.sample`, with a token budget.
 
   Args:
@@ -162,7 +157,8 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
     refresh_experts: the first step of the low-noise expert computes every
       token (`refresh_at_switch`), so no token reuses the other expert's
       cached update; False keeps the schedule's K there.
-    token_mask, post_step, guidance_scale: as in `sampling.sample`.
+    token_mask, post_step, condition, guidance_scale: as in
+      `sampling.sample`.
     Others as in `astraea_jax.sampling.sample`.
 
   Returns latents, plus the trajectory and/or SampleStats when asked.
@@ -182,7 +178,7 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
   latents, _, trajectory, stats = dense_sampler.run(
       model_fn(model, params,
                dense_sampler.cfg_context(context, negative_context),
-               token_mask),
+               token_mask, dense_sampler.cfg_condition(condition)),
       jnp.asarray(noise, F32), scheduler=scheduler,
       guidance_scale=dense_sampler.expert_guidance(experts, guidance_scale),
       plans=[Plan(k, selection_config, e) for k, e in zip(ks, experts)],

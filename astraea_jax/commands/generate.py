@@ -1,11 +1,12 @@
 """`astraea generate`: a video (or latents) from a converted Wan2.1,
-Wan2.2 (TI2V-5B, T2V-A14B) or OpenSora v1.2 model.
+Wan2.2 (TI2V-5B, T2V-A14B, I2V-A14B) or OpenSora v1.2 model.
 
   astraea generate --model wan-1.3b/ --prompt "A cat baking a cake" \
       --size 832x480 --frames 81 --budget 0.4 --out cat.mp4
   astraea generate wan-dit/ --text-embeddings prompt.safetensors \
       --height 480 --width 832 --frames 81 --budget 0.4 --compare --out out/
   astraea generate ti2v-5b/ --prompt "A cat" --image cat.png --out cat.mp4
+  astraea generate i2v-a14b/ --prompt "A cat" --image cat.png --out cat.mp4
 
 The model is a converted whole-model folder (`astraea convert` of a full
 Wan2.1 or OpenSora v1.2 download: manifest.json, transformer/, vae/,
@@ -55,6 +56,10 @@ WAN = wan_pipeline.WanPipeline.MODEL
 OPENSORA = opensora_pipeline.OpenSoraPipeline.MODEL
 TI2V = wan22_pipeline.Wan22TI2VPipeline.MODEL
 T2V_A14B = wan22_pipeline.Wan22T2VA14BPipeline.MODEL
+I2V_A14B = wan22_pipeline.Wan22I2VA14BPipeline.MODEL
+# The models that take --image, and those that need it.
+IMAGE_MODELS = (TI2V, I2V_A14B)
+IMAGE_REQUIRED = (I2V_A14B,)
 
 
 def model_family(model_path) -> str:
@@ -230,17 +235,19 @@ def prepare_opensora(model_path, out, *, config, prompt, negative_prompt,
 def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
                   embeddings_path, vae_path, allow_pth, dtype, fps,
                   text_encoder_device, image=None):
-  """(a Wan2.2 pipeline, (context, negative[, image latent]), report
-  fields) for a converted Wan2.2 folder; `image` (3, H, W) in [-1, 1] at
-  the video's size (TI2V image-to-video)."""
+  """(a Wan2.2 pipeline, (context, negative[, image conditioning]),
+  report fields) for a converted Wan2.2 folder; `image` (3, H, W) in
+  [-1, 1] at the video's size (TI2V-5B, I2V-A14B)."""
   del out, allow_pth, fps
-  unsupported = {"--vae (the folder has its VAE)": vae_path is not None,
-                 "--devices (one device for now)": config.devices is not None}
+  pipeline_class = pipelines.pipeline_class(model_path)
+  unsupported = {
+      "--vae (the folder has its VAE)": vae_path is not None,
+      "--devices (the two-expert A14B models run on one device for now)":
+          config.devices is not None and pipeline_class.MODEL != TI2V}
   refused = [k for k, v in unsupported.items() if v]
   if refused:
     raise ValueError(f"{model_path} is a Wan2.2 folder; not supported for "
                      f"it: {', '.join(refused)}")
-  pipeline_class = pipelines.pipeline_class(model_path)
   transformer_config, vae_config = pipeline_class.read_configs(model_path)
   wan_pipeline.latent_shape(                     # fail before loading weights
       config.height, config.width, config.frames,
@@ -254,23 +261,28 @@ def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
   conditioning = _wan_text(pipe, report, prompt, negative_prompt,   # 2.
                            embeddings_path, text_encoder_device)
   if image is not None:
-    conditioning = (*conditioning, pipe.encode_image(image[None]))
+    conditioning = (*conditioning,
+                    pipe.image_conditioning(image[None], config.frames))
     report["image_to_video"] = True
   return pipe, conditioning, report
 
 
 PREPARE = {WAN: prepare_wan, OPENSORA: prepare_opensora,
-           TI2V: prepare_wan22, T2V_A14B: prepare_wan22}
+           TI2V: prepare_wan22, T2V_A14B: prepare_wan22,
+           I2V_A14B: prepare_wan22}
 # The area TI2V's image-to-video fits the image's aspect ratio into, and
 # the multiple of its sides (VAE 16x times the 2x2 patch).
 TI2V_IMAGE_MULTIPLE = 32
 
 
-def read_image(path, *, area: int):
+def read_image(path, *, area: int, model: str = TI2V):
   """(pixels (3, H, W) float32 in [-1, 1], (H, W)) of the RGB image at
-  `path` for TI2V image-to-video: the video size of area <= `area`
-  nearest the image's aspect ratio (multiples of 32), the image scaled
-  to cover it and centre-cropped (wan22's textimage2video.py)."""
+  `path`, at the video size `model` makes of it within `area` pixels:
+  TI2V-5B: the size of area <= `area` nearest the image's aspect ratio
+  (multiples of 32), the image scaled to cover it and centre-cropped
+  (wan22's textimage2video.py); I2V-A14B: wan22 image2video.py's size
+  (`wan22_pipeline.i2v_size`, multiples of 16), the image resized to it
+  bicubically as PyTorch does (no crop)."""
   try:
     from PIL import Image  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -287,6 +299,11 @@ def read_image(path, *, area: int):
   if bands != ("R", "G", "B"):
     raise ValueError(f"--image {path} has {len(bands)} channel(s) "
                      f"({image.mode}); give an RGB image (3 channels)")
+  if model == I2V_A14B:
+    width, height = wan22_pipeline.i2v_size(image.width, image.height, area)
+    pixels = np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0
+    return (wan22_pipeline.bicubic_resize(pixels * 2.0 - 1.0, height, width),
+            (height, width))
   m = TI2V_IMAGE_MULTIPLE
   width, height = wan22_pipeline.best_output_size(image.width, image.height,
                                                   m, m, area)
@@ -305,9 +322,9 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
   path) pairs the caller read (e.g. the --schedule file), which the outputs
   must not overlap either. Each model is on the accelerator only during
   its stage (`placement`); text_encoder_device="cpu" encodes on the CPU.
-  image_path: an RGB image (TI2V-5B image-to-video); the video's size
-  becomes the one of area <= height x width that fits the image
-  (`read_image`).
+  image_path: an RGB image (TI2V-5B image-to-video; I2V-A14B needs one);
+  the video's size becomes the one of area <= height x width that fits
+  the image (`read_image`).
   """
   if (prompt is None) == (embeddings_path is None):
     raise ValueError("give a prompt (--prompt) or text embeddings "
@@ -318,13 +335,17 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
       ("--model", model_path), ("--vae", vae_path),
       ("--text-embeddings", embeddings_path), *sources])
   family = model_family(model_path)
+  if family in IMAGE_REQUIRED and image_path is None:
+    raise common.UsageError(
+        f"the following arguments are required for {family} (image to "
+        f"video, {model_path}): --image PATH (an RGB image, the first frame)")
   image = None
   if image_path is not None:
-    if family != TI2V:
-      raise ValueError(f"--image: {model_path} holds {family}; only {TI2V} "
-                       "takes an image")
-    image, (height, width) = read_image(image_path,
-                                        area=config.height * config.width)
+    if family not in IMAGE_MODELS:
+      raise ValueError(f"--image: {model_path} holds {family}; only "
+                       f"{' and '.join(IMAGE_MODELS)} take an image")
+    image, (height, width) = read_image(
+        image_path, area=config.height * config.width, model=family)
     config = dataclasses.replace(config, height=height, width=width)
   pipe, conditioning, report = PREPARE[family](
       model_path, out, config=config, prompt=prompt,
@@ -454,9 +475,10 @@ def add_parser(sub, parents):
                     help="safetensors with `context` (L, text_dim) and "
                          "optional `negative_context`")
   p.add_argument("--image", default=None, metavar="PATH",
-                 help="Wan2.2 TI2V-5B image-to-video: an RGB image as the "
-                      "first frame; the video takes the size of area <= "
-                      "WIDTHxHEIGHT nearest its aspect ratio")
+                 help="Wan2.2 image-to-video (TI2V-5B; required for "
+                      "I2V-A14B): an RGB image as the first frame; the "
+                      "video takes a size of area <= WIDTHxHEIGHT near its "
+                      "aspect ratio")
   p.add_argument("--negative-prompt", default=None,
                  help="what to steer away from (default: empty)")
   p.add_argument("--out", required=True,
@@ -478,11 +500,12 @@ def add_parser(sub, parents):
                  help="sampling steps (Wan2.1: 50; OpenSora: 30)")
   p.add_argument("--guidance", type=common.NONNEGATIVE, default=None,
                  help="CFG scale >= 0 (Wan2.1, Wan2.2 TI2V: 5.0; OpenSora: "
-                      "7.0; Wan2.2 A14B: 4.0 high-noise / 3.0 low-noise "
-                      "expert, this flag sets both)")
+                      "7.0; Wan2.2 T2V-A14B: 4.0 high-noise / 3.0 "
+                      "low-noise expert, I2V-A14B: 3.5 both; this flag sets "
+                      "both)")
   p.add_argument("--shift", type=common.POSITIVE, default=None,
                  help="flow shift (Wan2.1: 3.0 up to 480p, else 5.0; Wan2.2: "
-                      "TI2V 5.0, A14B 12.0)")
+                      "TI2V 5.0, T2V-A14B 12.0, I2V-A14B 5.0)")
   p.add_argument("--scheduler", choices=["unipc", "euler"], default=None,
                  help="Wan2.1: unipc (default) or euler; OpenSora: its "
                       "rectified-flow Euler only")

@@ -9,6 +9,11 @@ selects round(K / P) tokens on each of the P shards (see
 parallel/sequence_parallel.py). Both run the one host loop (`sampling.run`)
 with the step's results pinned to the mesh.
 
+Wan2.2's inputs pass as in the one-device samplers: `token_mask` (TI2V
+image-to-video: the image's tokens at timestep 0; the per-token timesteps
+are sharded with the tokens), `post_step` (its image frame put back after
+every step) and `condition` (I2V-A14B's extra input channels).
+
 Inputs may be host or device arrays and are placed on the mesh
 (replicated); results come back replicated, readable on every process of
 a multi-host run.
@@ -37,30 +42,41 @@ from astraea_jax.sampling import sampler as dense_sampler
 F32 = jnp.float32
 
 
-def _dense_velocity(graphdef, params, context_2b, sp, carry, latents_2b,
+def _dense_velocity(graphdef, params, inputs, sp, carry, latents_2b,
                     timesteps_2b):
   model = nnx.merge(graphdef, params)
-  return sp_wan.forward(model, latents_2b, timesteps_2b, context_2b,
-                        sp=sp), carry
+  return sp_wan.forward(model, latents_2b, inputs.timesteps(timesteps_2b),
+                        inputs.context, sp=sp,
+                        condition=inputs.condition), carry
 
 
-def wan_model_fn(graphdef, params, context_2b, sp: sp_wan.SequenceParallel):
-  """`sampling.wan_model_fn` with the model sequence-parallel over sp.mesh."""
-  return jax.tree_util.Partial(_dense_velocity, graphdef, params, context_2b,
-                               sp)
+def wan_model_fn(graphdef, params, context_2b, sp: sp_wan.SequenceParallel,
+                 token_mask=None, condition_2b=None):
+  """`sampling.wan_model_fn` with the model sequence-parallel over sp.mesh
+  (token_mask, condition_2b: as `sampling.sampler.WanInputs`)."""
+  return jax.tree_util.Partial(
+      _dense_velocity, graphdef, params,
+      dense_sampler.WanInputs(context_2b, token_mask, condition_2b), sp)
 
 
-def _placed_inputs(params, noise, context, negative_context, scheduler, mesh):
-  """Everything the loop reads, replicated on the mesh."""
+def _placed_inputs(params, noise, context, negative_context, scheduler, mesh,
+                   token_mask=None, condition=None, post_step=None):
+  """Everything the loop reads, replicated on the mesh: (params, latents,
+  WanInputs of the CFG batch, scheduler, post_step)."""
   if context.shape[0] != noise.shape[0]:
     raise ValueError(f"context batch {context.shape[0]} != noise batch "
                      f"{noise.shape[0]}")
-  context_2b = dense_sampler.cfg_context(jnp.asarray(context),
-                                         jnp.asarray(negative_context))
+  inputs = dense_sampler.WanInputs(
+      dense_sampler.cfg_context(jnp.asarray(context),
+                                jnp.asarray(negative_context)),
+      None if token_mask is None else jnp.asarray(token_mask, F32),
+      dense_sampler.cfg_condition(
+          None if condition is None else jnp.asarray(condition)))
   return (mesh_lib.replicate(params, mesh),
           mesh_lib.put(noise, mesh).astype(F32),
-          mesh_lib.put(context_2b, mesh),
-          mesh_lib.replicate(scheduler, mesh))
+          mesh_lib.replicate(inputs, mesh),
+          mesh_lib.replicate(scheduler, mesh),
+          mesh_lib.replicate(post_step, mesh))
 
 
 def _check_data_axis(sp, noise):
@@ -80,12 +96,14 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
            scheduler: str | Any = "unipc", steps: int | None = 50,
            guidance_scale: float = 5.0, shift: float | None = None,
            return_trajectory: bool = False, loop: str = "python",
-           progress: bool = True, step_seconds: list | None = None):
+           progress: bool = True, step_seconds: list | None = None,
+           token_mask=None, post_step=None, condition=None):
   """Dense CFG sampling over a mesh; `sampling.sample` plus mesh/strategy.
 
   strategy: "auto" | "ulysses" | "ring" | "hybrid" (parallel.attention);
   ulysses: the hybrid's Ulysses group size. loop "scan" runs
   `sampling.denoise`'s scanned loop; "python" a jitted step per step.
+  token_mask, post_step, condition: as `sampling.sample` (Wan2.2).
   """
   sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
   _check_data_axis(sp, noise)
@@ -93,9 +111,11 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
   mesh = sp.program_mesh(nnx.merge(model, params).config.num_heads)
   scheduler = dense_sampler.resolve_scheduler(scheduler, steps, shift,
                                                noise.shape)
-  params, latents, context_2b, scheduler = _placed_inputs(
-      params, noise, context, negative_context, scheduler, mesh)
-  model_fn = wan_model_fn(model, params, context_2b, sp)
+  params, latents, inputs, scheduler, post_step = _placed_inputs(
+      params, noise, context, negative_context, scheduler, mesh,
+      token_mask, condition, post_step)
+  model_fn = jax.tree_util.Partial(_dense_velocity, model, params, inputs,
+                                   sp)
   rep = NamedSharding(mesh, P())
   # Pinned output shardings (latents and scheduler state replicated) keep
   # every step's inputs placed alike, so the step compiles once.
@@ -105,7 +125,7 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
       sched_state=mesh_lib.replicate(scheduler.init(latents), mesh),
       out_shardings=(rep, rep, rep), loop=loop,
       return_trajectory=return_trajectory, progress=progress,
-      wait=step_seconds is not None)
+      wait=step_seconds is not None, post_step=post_step)
   if step_seconds is not None:
     step_seconds.extend(stats.step_seconds)
   if return_trajectory:
@@ -121,19 +141,23 @@ class Plan(NamedTuple):
   sp: sp_wan.SequenceParallel
 
 
-def _astraea_velocity(graphdef, params, context_2b, cache, latents_2b,
+def _astraea_velocity(graphdef, params, inputs, cache, latents_2b,
                       timesteps_2b, *, plan: Plan):
   model = nnx.merge(graphdef, params)
-  return sp_wan.astraea_forward(model, latents_2b, timesteps_2b, context_2b,
-                                cache, sp=plan.sp,
+  return sp_wan.astraea_forward(model, latents_2b,
+                                inputs.timesteps(timesteps_2b),
+                                inputs.context, cache, sp=plan.sp,
                                 num_selected=plan.num_selected,
-                                config=plan.config)
+                                config=plan.config,
+                                condition=inputs.condition)
 
 
-def astraea_model_fn(graphdef, params, context_2b):
+def astraea_model_fn(graphdef, params, context_2b, token_mask=None,
+                     condition_2b=None):
   """Astraea over the mesh as a `model_fn` for `sampling.run`."""
-  return jax.tree_util.Partial(_astraea_velocity, graphdef, params,
-                               context_2b)
+  return jax.tree_util.Partial(
+      _astraea_velocity, graphdef, params,
+      dense_sampler.WanInputs(context_2b, token_mask, condition_2b))
 
 
 def astraea_sample(model, params, noise, context, negative_context, *,
@@ -143,12 +167,14 @@ def astraea_sample(model, params, noise, context, negative_context, *,
                    guidance_scale: float = 5.0, shift: float | None = None,
                    selection_config: selection.SelectionConfig = selection
                    .SelectionConfig(), return_trajectory: bool = False,
-                   progress: bool = True, return_stats: bool = False):
+                   progress: bool = True, return_stats: bool = False,
+                   token_mask=None, post_step=None, condition=None):
   """Astraea CFG sampling over a mesh; `astraea.wan_tokenwise.sample` plus mesh.
 
   Each of the P sequence shards computes round(K_t / P) of its own tokens
   at step t (K_t = round(theta_t N)); budget 1.0 steps run the dense
   blocks. Stats (return_stats) count the tokens computed over all shards.
+  token_mask, post_step, condition: as `sampling.sample` (Wan2.2).
   """
   sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
   _check_data_axis(sp, noise)
@@ -158,8 +184,9 @@ def astraea_sample(model, params, noise, context, negative_context, *,
   plan = sp.plan(config.num_heads)
   layout = TokenLayout(n, plan.num_shards)
   mesh = sp.inner_mesh(plan)  # the program's one mesh (program_mesh)
-  params, latents, context_2b, scheduler = _placed_inputs(
-      params, noise, context, negative_context, scheduler, mesh)
+  params, latents, inputs, scheduler, post_step = _placed_inputs(
+      params, noise, context, negative_context, scheduler, mesh,
+      token_mask, condition, post_step)
   cache = sp_wan.init_cache(config, 2 * noise.shape[0], n, sp,
                             selection_config)
   per_shard = [sp_wan.local_num_selected(k, layout) for k in ks]
@@ -167,14 +194,15 @@ def astraea_sample(model, params, noise, context, negative_context, *,
               for k, p in zip(ks, per_shard)]
   rep = NamedSharding(mesh, P())
   latents, _, trajectory, stats = dense_sampler.run(
-      astraea_model_fn(model, params, context_2b), latents,
+      jax.tree_util.Partial(_astraea_velocity, model, params, inputs),
+      latents,
       scheduler=scheduler,
       guidance_scale=mesh_lib.put(np.float32(guidance_scale), mesh),
       sched_state=mesh_lib.replicate(scheduler.init(latents), mesh),
       out_shardings=(rep, rep, cache["update"].sharding),
       plans=[Plan(k, selection_config, sp) for k in ks], carry=cache,
       return_trajectory=return_trajectory, progress=progress,
-      wait=return_stats, desc="astraea",
+      wait=return_stats, desc="astraea", post_step=post_step,
       postfix=[{"budget": f"{t:.2f}", "tokens": f"{c}/{n}"}
                for t, c in zip(budgets, computed)])
   stats = dataclasses.replace(

@@ -4,7 +4,9 @@
 `astraea_forward` computes `astraea.wan_tokenwise.forward` with the tokens
 sharded over the mesh's "seq" axis and the batch over "data", inside one
 `shard_map`:
-  1. (global) patchify, split the tokens and the RoPE table into the shards
+  1. (global) patchify (the latents and any `condition` channels, as
+     `WanDiT.embed`), split the tokens, the RoPE table and per-token
+     timesteps (Wan2.2 TI2V: the image's tokens at t = 0) into the shards
      of `TokenLayout`; each device gets rows [start_i, start_i + count_i);
   2. (per device) patch/time/text embeddings of its rows; every block (the
      model's own `WanBlock`) runs its rows with `sequence_parallel_attention`
@@ -103,7 +105,8 @@ def _attention(plan, layout):
 
 
 def _embed_local(model: wan.WanDiT, tokens, timestep, context):
-  """`WanDiT.embed` of this device's rows: tokens (b, slots, patch_dim)."""
+  """`WanDiT.embed` of this device's rows: tokens (b, slots, patch_dim);
+  timestep (b,), or per token (b, slots) for these rows."""
   return (model.embed_tokens(tokens),
           *model.embed_conditions(timestep, context))
 
@@ -174,9 +177,12 @@ def select_tokens_per_shard(scores, k_local: int, layout: TokenLayout):
   return jnp.sort((starts + local).reshape(b, -1), axis=-1).astype(jnp.int32)
 
 
-def _prepare(model, latents, timestep, context, sp: SequenceParallel):
-  """Checks, then (plan, layout, tokens, context, rope) in shard-row order."""
-  model.check_inputs(latents, timestep, context)
+def _prepare(model, latents, timestep, context, sp: SequenceParallel,
+             condition=None):
+  """Checks, then (plan, layout, tokens, timestep, its spec, context,
+  rope) in shard-row order; per-token timesteps (B, N) are sharded like
+  the tokens (a pad row repeats its shard's last token's timestep)."""
+  model.check_inputs(latents, timestep, context, condition)
   c = model.config
   batch = latents.shape[0]
   if batch % sp.data_size:
@@ -186,27 +192,36 @@ def _prepare(model, latents, timestep, context, sp: SequenceParallel):
   grid = model.grid(latents.shape)
   plan = sp.plan(c.num_heads)
   layout = TokenLayout(int(np.prod(grid)), plan.num_shards)
+  if condition is not None:
+    latents = jnp.concatenate([latents, condition.astype(latents.dtype)],
+                              axis=1)
   tokens = layout.shard(wan.patchify(latents, c.patch_size))
   rope = tuple(layout.shard(t, axis=0)
                for t in layers.rope_table(grid, c.head_dim, c.rope_theta))
-  return plan, layout, tokens, context, rope
+  if timestep.ndim == 2:
+    timestep, timestep_spec = layout.shard(timestep, axis=1), P(DATA, SEQ)
+  else:
+    timestep_spec = P(DATA)
+  return plan, layout, tokens, timestep, timestep_spec, context, rope
 
 
 def forward(model: wan.WanDiT, latents, timestep, context, *,
-            sp: SequenceParallel, return_aux: bool = False):
-  """`model(latents, timestep, context)` with the tokens over `sp.mesh`.
+            sp: SequenceParallel, return_aux: bool = False, condition=None):
+  """`model(latents, timestep, context, condition=condition)` with the
+  tokens over `sp.mesh`.
 
   Same arguments and result as `WanDiT.__call__` (global arrays; call it
-  inside jit). aux["lse"]: (num_layers, B, H, N) self-attention LSE.
+  inside jit; timestep (B,) or per token (B, N)). aux["lse"]:
+  (num_layers, B, H, N) self-attention LSE.
   """
-  plan, layout, tokens, ctx, rope = _prepare(model, latents, timestep,
-                                             context, sp)
+  plan, layout, tokens, timestep, t_spec, ctx, rope = _prepare(
+      model, latents, timestep, context, sp, condition)
   graphdef, params = nnx.split(model)
   rows = P(DATA, SEQ)
   body = functools.partial(_dense_local, graphdef, plan=plan, layout=layout)
   out, lse = mesh_lib.shard_map(
       body, mesh=sp.inner_mesh(plan),
-      in_specs=(P(), rows, P(DATA), P(DATA), P(SEQ)),
+      in_specs=(P(), rows, t_spec, P(DATA), P(SEQ)),
       out_specs=(rows, P(None, DATA, None, SEQ)),
   )(params, tokens, timestep, ctx, rope)
   c = model.config
@@ -244,16 +259,18 @@ def init_cache(config, batch: int, num_tokens: int, sp: SequenceParallel,
 
 def astraea_forward(model: wan.WanDiT, latents, timestep, context, cache, *,
                     sp: SequenceParallel, num_selected: int,
-                    config: selection.SelectionConfig):
+                    config: selection.SelectionConfig, condition=None):
   """`astraea.wan_tokenwise.forward` with the tokens over `sp.mesh`.
 
-  cache from `init_cache` (sharded rows). num_selected: static global K;
+  timestep (B,) or per token (B, N); condition: the model's extra input
+  channels (`forward`); cache from `init_cache` (sharded rows).
+  num_selected: static global K;
   0 < K < N computes round(K / P) rows per shard (local top-K/P); K = N
   runs the dense blocks, K = 0 reuses every cached update.
   Returns (velocity (B, C, F, H, W) float32, cache).
   """
-  plan, layout, tokens, ctx, rope = _prepare(model, latents, timestep,
-                                             context, sp)
+  plan, layout, tokens, timestep, t_spec, ctx, rope = _prepare(
+      model, latents, timestep, context, sp, condition)
   local_num_selected(num_selected, layout)  # range check
   c = model.config
   expected = (c.num_layers, latents.shape[0],
@@ -271,7 +288,7 @@ def astraea_forward(model: wan.WanDiT, latents, timestep, context, cache, *,
                            config=config)
   out, cache = mesh_lib.shard_map(
       body, mesh=sp.inner_mesh(plan),
-      in_specs=(P(), rows, P(DATA), P(DATA), P(SEQ), cache_spec),
+      in_specs=(P(), rows, t_spec, P(DATA), P(SEQ), cache_spec),
       out_specs=(rows, cache_spec),
   )(params, tokens, timestep, ctx, rope, cache)
   out = wan.unpatchify(layout.unshard(out), model.grid(latents.shape),

@@ -65,8 +65,8 @@ class GenerateConfig:
 
 def pipeline_class(path) -> type:
   """The pipeline class of a converted whole-model folder's model; a
-  ValueError for a model with no pipeline yet (Wan2.2 I2V-A14B: its models
-  load with `checkpoint.load_model`)."""
+  ValueError for a model with no pipeline (its models load with
+  `checkpoint.load_model`)."""
   model = checkpoint.manifest_model(path)
   if model not in PIPELINES:
     raise ValueError(

@@ -14,8 +14,13 @@ text2video.py and configs/):
     after, each with its own CFG scale (low, high) = (3.0, 4.0)
     (`sampling.sampler.expert_plan`). Astraea's token caches belong to
     one expert: the first low-noise step computes every token.
-I2V-A14B (in_dim 36: mask and image latents as extra channels) has no
-pipeline yet.
+  * I2V-A14B (wan22's image2video.py): the T2V-A14B sampling (boundary
+    0.900, shift 5.0, guidance 3.5 for both experts) with the image as
+    extra input channels of the DiT (in_dim 36 = 16 noisy latent + 4 mask
+    + 16 image latent): the image, resized bicubically to the video size
+    (`i2v_size`, `bicubic_resize`), followed by num_frames - 1 black frames
+    encoded with the Wan2.1 VAE, and a mask that is 1 on the first latent
+    frame (`i2v_mask`); both CFG branches see it (`i2v_condition`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astraea_jax import checkpoint
+from astraea_jax import checkpoint, parallel
 from astraea_jax import placement as placement_lib
 from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.pipelines import base, wan_pipeline
@@ -100,6 +105,80 @@ def resize_crop(image, width: int, height: int) -> np.ndarray:
   return np.moveaxis(pixels * 2.0 - 1.0, -1, 0)
 
 
+def i2v_size(width: int, height: int, area: int, *, spatial_factor: int = 8,
+             patch: int = 2) -> tuple[int, int]:
+  """(ow, oh): the I2V-A14B video size of an image of width x height with
+  area <= `area`: wan22 image2video.py's lat_h = round(sqrt(area * h / w)
+  // 8 // 2 * 2) (and lat_w likewise), times the VAE's 8."""
+  aspect = height / width
+  lat_h = round(np.sqrt(area * aspect) // spatial_factor // patch * patch)
+  lat_w = round(np.sqrt(area / aspect) // spatial_factor // patch * patch)
+  if not lat_h or not lat_w:
+    raise ValueError(f"an image of {width}x{height} leaves no video of area "
+                     f"<= {area} (sides multiples of {spatial_factor * patch})")
+  return lat_w * spatial_factor, lat_h * spatial_factor
+
+
+def _cubic_weights(t, a=-0.75):
+  """PyTorch's upsample_bicubic2d kernel (Keys, A = -0.75) at offsets
+  1 + t, t, 1 - t, 2 - t of the four taps."""
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)
+
+
+def _bicubic_taps(size_in: int, size_out: int):
+  """(taps (size_out, 4) int, weights (size_out, 4) float32) of
+  `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`
+  (no antialiasing) along one axis: taps clamped at the borders. Each
+  source position is rounded to float32 once, as PyTorch's CPU kernel
+  gets it (a fused multiply-add): the weights then agree to ~5e-7, where
+  computing the position exactly leaves them 2e-5 apart at 720p."""
+  scale = np.float32(size_in) / np.float32(size_out)
+  src = ((np.arange(size_out) + 0.5) * np.float64(scale) - 0.5).astype(
+      np.float32)
+  base = np.floor(src)
+  taps = np.clip(base[:, None].astype(int) + np.arange(-1, 3), 0,
+                 size_in - 1)
+  return taps, _cubic_weights(src - base).astype(np.float32)
+
+
+def bicubic_resize(pixels, height: int, width: int) -> np.ndarray:
+  """(C, H, W) float32 -> (C, height, width) as PyTorch's bicubic
+  `interpolate` (align_corners=False, no antialias, no clamping), which
+  wan22's image2video.py resizes the image with: along the width, then
+  the height, 4 taps each."""
+  pixels = np.asarray(pixels, np.float32)
+  taps, weights = _bicubic_taps(pixels.shape[2], width)
+  x = np.einsum("chwk,wk->chw", pixels[:, :, taps], weights)
+  taps, weights = _bicubic_taps(pixels.shape[1], height)
+  return np.einsum("chkw,hk->chw", x[:, taps], weights)
+
+
+def i2v_mask(latent_shape, temporal_factor: int = 4):
+  """(B, temporal_factor, F, h, w) float32 mask channels of I2V-A14B for
+  latents (B, C, F, h, w): 1 on the first latent frame (the image), 0
+  elsewhere. wan22 builds a per-video-frame mask (1 on frame 0), repeats
+  frame 0 four times and folds the frames into 4 channels per latent
+  frame, which is this."""
+  b, _, f, h, w = latent_shape
+  frame = jnp.where(jnp.arange(f) == 0, 1.0, 0.0).astype(F32)
+  return jnp.broadcast_to(frame[None, None, :, None, None],
+                          (b, temporal_factor, f, h, w))
+
+
+def i2v_condition(image_latents):
+  """(B, 16, F, h, w) Wan2.1 VAE latents of the image and its black frames
+  -> (B, 20, F, h, w), the DiT's conditioning channels [mask; latents]
+  (wan22: y = torch.concat([msk, y]))."""
+  return jnp.concatenate([i2v_mask(image_latents.shape),
+                          image_latents.astype(F32)], axis=1)
+
+
 # The pipelines ----------------------------------------------------------------
 
 
@@ -109,10 +188,6 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   # Video -> latent factors when no VAE is loaded.
   FACTORS = (4, 8)
-  # No --devices for Wan2.2 yet: the denoising advice leaves it out.
-  STAGES = {**base.STAGES, "transformer": (
-      "denoising", "a smaller video (--size/--frames); with --budget the "
-      "8-bit token state (--cache-dtype float8)")}
 
   def __init__(self, transformer, vae=None, text_encoder=None,
                tokenizer=None, *, text_len: int | None = None,
@@ -128,7 +203,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
             if self.vae is not None else self.FACTORS)
     return wan_pipeline.latent_shape(
         height, width, num_frames, patch_size=self.transformer.config
-        .patch_size, batch=batch, channels=self.transformer.config.in_dim,
+        .patch_size, batch=batch, channels=self.transformer.config.out_dim,
         temporal_factor=t, spatial_factor=s)
 
   def _experts(self):
@@ -138,6 +213,25 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
       return graphdef, params, None
     return graphdef, (params, nnx.state(self.transformer_2)), \
         self.boundary_ratio
+
+  def image_conditioning(self, image, num_frames: int):
+    """image (B, 3, H, W) in [-1, 1] at the video's size -> the denoiser's
+    image input (`denoise`'s fourth); a ValueError for a text-to-video
+    model."""
+    del image, num_frames
+    raise ValueError(f"image: {self.MODEL} is text-to-video only")
+
+  def image_hooks(self, noise, image_latent):
+    """(noise, sampler keyword arguments) for `denoise`'s image input
+    (None: text to video): TI2V puts the image's latent in frame 0 and
+    gives its tokens timestep 0 (`first_frame_token_mask`,
+    `first_frame_post_step`)."""
+    if image_latent is None:
+      return noise, {}
+    return put_first_frame(noise, image_latent), {
+        "token_mask": first_frame_token_mask(
+            noise.shape, self.transformer.config.patch_size),
+        "post_step": first_frame_post_step(image_latent)}
 
   @base.stage("transformer")
   def denoise(self, noise, context, negative_context, image_latent=None, *,
@@ -150,13 +244,17 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     """CFG sampling from `noise` (B, C, F, h, w) -> latents, dense or
     Astraea (`budget` / `schedule`) as `WanPipeline.denoise`.
 
-    Defaults (None) are the model's (`DEFAULTS`). image_latent: (B, C, 1,
-    h, w), the VAE latent of the first frame (TI2V image-to-video).
+    Defaults (None) are the model's (`DEFAULTS`). image_latent: the image
+    input of `image_conditioning` (TI2V: (B, C, 1, h, w), the VAE latent
+    of the first frame; I2V-A14B: (B, 20, F, h, w) mask and latents),
+    applied by `image_hooks`.
     refresh_experts (two experts, Astraea): the first low-noise step
-    computes every token (see `wan_tokenwise.sample`).
+    computes every token (see `wan_tokenwise.sample`). devices: sample on
+    N devices (`parallel.samplers`; one expert only: TI2V-5B).
     """
-    if devices is not None:
-      raise ValueError("--devices: Wan2.2 runs on one device for now")
+    if devices is not None and self.transformer_2 is not None:
+      raise ValueError(f"--devices: {self.MODEL} (two experts) runs on one "
+                       "device for now; TI2V-5B takes --devices")
     d = self.DEFAULTS
     steps = num_inference_steps or d["steps"]
     guidance_scale = d["guidance"] if guidance_scale is None else \
@@ -166,31 +264,32 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
       scheduler = dense_sampler.make_scheduler(
           scheduler, steps, shift=shift,
           **({"schedule": "wan"} if scheduler == "unipc" else {}))
-    hooks = {}
-    if image_latent is not None:
-      noise = put_first_frame(noise, image_latent)
-      hooks.update(token_mask=first_frame_token_mask(
-          noise.shape, self.transformer.config.patch_size),
-                   post_step=first_frame_post_step(image_latent))
+    noise, hooks = self.image_hooks(noise, image_latent)
     common = {"scheduler": scheduler, "steps": None,
               "guidance_scale": guidance_scale, "progress": progress,
               **hooks}
+    dense_sample, astraea_sample = dense_sampler.sample, astraea_sampler.sample
+    if devices is not None:  # one expert (refused above otherwise)
+      dense_sample, astraea_sample = parallel.samplers(
+          devices, batch=2 * noise.shape[0])
     # Both experts are on the accelerator for the whole run.
     with placement_lib.placed(self.transformer_2):
       graphdef, params, boundary = self._experts()
-      common["boundary_ratio"] = boundary
+      experts = {} if boundary is None else {
+          "boundary_ratio": boundary, "refresh_experts": refresh_experts}
       if budget is None and schedule is None:
         if return_stats:
           raise ValueError("return_stats needs Astraea (budget or schedule)")
-        return dense_sampler.sample(graphdef, params, noise, context,
-                                    negative_context, loop=loop,
-                                    step_seconds=step_seconds, **common)
+        experts.pop("refresh_experts", None)
+        return dense_sample(graphdef, params, noise, context,
+                            negative_context, loop=loop,
+                            step_seconds=step_seconds, **experts, **common)
       extra = {} if selection_config is None else {
           "selection_config": selection_config}
-      return astraea_sampler.sample(
+      return astraea_sample(
           graphdef, params, noise, context, negative_context, budget=budget,
-          schedule=schedule, return_stats=return_stats,
-          refresh_experts=refresh_experts, **extra, **common)
+          schedule=schedule, return_stats=return_stats, **experts, **extra,
+          **common)
 
   def __call__(self, prompt=None, negative_prompt="", *, image=None,
                height: int | None = None, width: int | None = None,
@@ -212,12 +311,10 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
         prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
         progress=progress)
     if image is not None:
-      if not hasattr(self, "encode_image"):
-        raise ValueError(f"image: {self.MODEL} is text-to-video only")
       if tuple(np.shape(image)[2:]) != (height, width):
         raise ValueError(f"image {np.shape(image)} must be (B, 3, {height}, "
                          f"{width}), the video's size")
-      conditioning += (self.encode_image(image),)
+      conditioning += (self.image_conditioning(image, num_frames),)
     return self.sample_video(                                      # 2.-4.
         conditioning, height=height, width=width, num_frames=num_frames,
         seed=seed, noise=noise, output_type=output_type, progress=progress,
@@ -227,9 +324,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   def _generate_options(self, config: base.GenerateConfig, fps: float):
     del fps  # no frame-rate condition
-    if config.devices is not None:
-      raise ValueError("--devices: Wan2.2 runs on one device for now")
-    return {"shift": config.shift,
+    return {"shift": config.shift, "devices": config.devices,
             "scheduler": config.scheduler or self.DEFAULTS["scheduler"]}
 
 
@@ -244,6 +339,10 @@ class Wan22TI2VPipeline(Wan22Pipeline):
               "scheduler": "unipc"}
   FACTORS = (4, 16)
 
+  def image_conditioning(self, image, num_frames: int):
+    del num_frames  # the image is the first frame alone
+    return self.encode_image(image)
+
   @base.stage("vae")
   def encode_image(self, image):
     """image (B, 3, H, W) in [-1, 1] -> its latent (B, z, 1, h, w), the
@@ -255,16 +354,10 @@ class Wan22TI2VPipeline(Wan22Pipeline):
       raise ValueError(f"image must be (B, 3, H, W); got {image.shape}")
     return wan_vae.encode_jit(self.vae, image[:, :, None])
 
-class Wan22T2VA14BPipeline(Wan22Pipeline):
-  """Wan2.2 T2V-A14B: two experts (high noise: transformer/, low noise:
-  transformer_2/) switching at the manifest's boundary_ratio."""
-
-  MODEL = "wan2.2-t2v-a14b"
-  # wan22 configs/wan_t2v_A14B.py: guidance (low noise, high noise);
-  # 16 fps and 81 frames from shared_config; 1280*720 as wan22's generate.
-  DEFAULTS = {"height": 720, "width": 1280, "frames": 81, "steps": 40,
-              "guidance": (3.0, 4.0), "shift": 12.0, "fps": 16.0,
-              "scheduler": "unipc"}
+class Wan22A14BPipeline(Wan22Pipeline):
+  """What T2V-A14B and I2V-A14B share: two experts (high noise:
+  transformer/, low noise: transformer_2/) switching at the manifest's
+  boundary_ratio. Not registered (no MODEL)."""
 
   @classmethod
   def from_pretrained(cls, path, *, dtype: str | None = None,
@@ -286,6 +379,72 @@ class Wan22T2VA14BPipeline(Wan22Pipeline):
 
   def _experts(self):
     if self.transformer_2 is None or self.boundary_ratio is None:
-      raise ValueError("T2V-A14B needs both experts and boundary_ratio "
+      raise ValueError(f"{self.MODEL} needs both experts and boundary_ratio "
                        "(load the folder with from_pretrained)")
     return super()._experts()
+
+
+class Wan22T2VA14BPipeline(Wan22A14BPipeline):
+  """Wan2.2 T2V-A14B: text to video with two experts."""
+
+  MODEL = "wan2.2-t2v-a14b"
+  # wan22 configs/wan_t2v_A14B.py: guidance (low noise, high noise);
+  # 16 fps and 81 frames from shared_config; 1280*720 as wan22's generate.
+  DEFAULTS = {"height": 720, "width": 1280, "frames": 81, "steps": 40,
+              "guidance": (3.0, 4.0), "shift": 12.0, "fps": 16.0,
+              "scheduler": "unipc"}
+
+
+class Wan22I2VA14BPipeline(Wan22A14BPipeline):
+  """Wan2.2 I2V-A14B: image (and text) to video with two experts; the
+  image enters as 20 extra input channels of the DiT (`encode_image`)."""
+
+  MODEL = "wan2.2-i2v-a14b"
+  # wan22 configs/wan_i2v_A14B.py (boundary 0.900 is the converter's:
+  # converters/model_folder.py BOUNDARY_RATIOS); max area 1280*720, 81
+  # frames at 16 fps as wan22's generate for i2v-A14B.
+  DEFAULTS = {"height": 720, "width": 1280, "frames": 81, "steps": 40,
+              "guidance": (3.5, 3.5), "shift": 5.0, "fps": 16.0,
+              "scheduler": "unipc"}
+
+  def _check_components(self):
+    super()._check_components()
+    c = self.transformer.config
+    if c.in_dim != c.out_dim + 20:
+      raise ValueError(f"I2V-A14B's DiT takes its {c.out_dim} latent "
+                       "channels + 4 mask + the image latent's "
+                       f"{c.out_dim}; got {c.in_dim=}")
+
+  def image_conditioning(self, image, num_frames: int):
+    return self.encode_image(image, num_frames)
+
+  @base.stage("vae")
+  def encode_image(self, image, num_frames: int):
+    """image (B, 3, H, W) in [-1, 1] -> (B, 20, F, h, w): the mask and the
+    Wan2.1 VAE latents of the image followed by num_frames - 1 black
+    (zero) frames (wan22 image2video.py: y = [msk; vae.encode(...)])."""
+    if self.vae is None:
+      raise ValueError("this pipeline has no VAE to encode the image with")
+    image = jnp.asarray(image, F32)
+    if image.ndim != 4 or image.shape[1] != 3:
+      raise ValueError(f"image must be (B, 3, H, W); got {image.shape}")
+    b, _, h, w = image.shape
+    video = jnp.concatenate(
+        [image[:, :, None], jnp.zeros((b, 3, num_frames - 1, h, w), F32)],
+        axis=2)
+    return i2v_condition(wan_vae.encode_jit(self.vae, video))
+
+  def image_hooks(self, noise, image_latent):
+    """I2V-A14B: the image's channels (`encode_image`) as the DiT's
+    `condition`; it samples nothing without them."""
+    if image_latent is None:
+      raise ValueError(f"{self.MODEL} is image-to-video: give an image "
+                       "(--image PATH; image= or the image conditioning "
+                       "of encode_image)")
+    expected = (noise.shape[0], self.transformer.config.in_dim
+                - noise.shape[1], *noise.shape[2:])
+    if tuple(image_latent.shape) != expected:
+      raise ValueError(f"image conditioning {tuple(image_latent.shape)} "
+                       f"must be {expected} (encode_image of the video's "
+                       "size and frames)")
+    return noise, {"condition": image_latent}

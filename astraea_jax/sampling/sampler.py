@@ -20,8 +20,9 @@ is the thin Wan wrapper with an empty carry.
 Hooks, never a copy of the loop (Wan2.2): the per-step plan can pick an
 expert's parameters (`expert_plan`, `pick_expert`), the guidance scale may
 be one per step (`step_guidance`), `post_step` edits the latents after each
-scheduler step (TI2V's image frame) and `wan_model_fn(token_mask=)` gives
-some tokens timestep 0 (`token_timesteps`).
+scheduler step (TI2V's image frame), `wan_model_fn(token_mask=)` gives
+some tokens timestep 0 (`token_timesteps`) and `condition_2b=` adds input
+channels (I2V-A14B's mask and image latents; `WanInputs`).
 
 Two loop drivers with identical numerics: "python" (default) calls ONE
 jitted step function per step and can show a progress bar; "scan" compiles
@@ -35,7 +36,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -526,31 +527,52 @@ def token_timesteps(timesteps_2b, token_mask):
       timesteps_2b.dtype)
 
 
-def _wan_velocity(graphdef, params, context_2b, carry, latents_2b,
-                  timesteps_2b, token_mask=None, *, plan=None):
+class WanInputs(NamedTuple):
+  """What a Wan model call of the CFG batch takes besides the latents and
+  the timesteps (a pytree; None fields are empty):
+
+    context: (2B, L, text_dim) text embeddings (`cfg_context`);
+    token_mask: None or (L,) per-token timestep factors (TI2V image-to-
+      video, `token_timesteps`);
+    condition: None or (2B, C', F, H, W) channels concatenated to the
+      latents (I2V-A14B: mask and image latents, `cfg_condition`).
+  """
+  context: Any
+  token_mask: Any = None
+  condition: Any = None
+
+  def timesteps(self, timesteps_2b):
+    """The model's timesteps: (2B,), or (2B, L) with a token mask."""
+    return token_timesteps(timesteps_2b, self.token_mask)
+
+
+def cfg_condition(condition):
+  """(B, C', F, H, W) conditioning channels -> (2B, ...) for the CFG batch
+  [cond; uncond]: both branches see the same image (wan22 image2video.py
+  passes y to both); None stays None."""
+  if condition is None:
+    return None
+  return jnp.concatenate([condition, condition], axis=0)
+
+
+def _wan_velocity(graphdef, params, inputs: WanInputs, carry, latents_2b,
+                  timesteps_2b, *, plan=None):
   model = nnx.merge(graphdef, pick_expert(params, plan))
-  timesteps = token_timesteps(timesteps_2b, token_mask)
-  return model(latents_2b, timesteps, context_2b), carry
+  return model(latents_2b, inputs.timesteps(timesteps_2b), inputs.context,
+               condition=inputs.condition), carry
 
 
-def _wan_velocity_masked(graphdef, params, context_2b, token_mask, carry,
-                         latents_2b, timesteps_2b, *, plan=None):
-  return _wan_velocity(graphdef, params, context_2b, carry, latents_2b,
-                       timesteps_2b, token_mask, plan=plan)
-
-
-def wan_model_fn(graphdef, params, context_2b, token_mask=None):
+def wan_model_fn(graphdef, params, context_2b, token_mask=None,
+                 condition_2b=None):
   """The dense WanDiT as a `model_fn` (empty carry) for `denoise`.
 
   params: one model's state, or the experts' states (high, low noise),
-  then each step's plan is its expert (`expert_plan`). token_mask: None or
-  (L,) per-token timestep factors (`token_timesteps`).
+  then each step's plan is its expert (`expert_plan`). token_mask,
+  condition_2b: as `WanInputs`.
   """
-  if token_mask is None:
-    return jax.tree_util.Partial(_wan_velocity, graphdef, params,
-                                 context_2b)
-  return jax.tree_util.Partial(_wan_velocity_masked, graphdef, params,
-                               context_2b, token_mask)
+  return jax.tree_util.Partial(_wan_velocity, graphdef, params,
+                               WanInputs(context_2b, token_mask,
+                                         condition_2b))
 
 
 def make_scheduler(name: str, steps: int, *, shift: float,
@@ -570,7 +592,7 @@ def sample(model, params, noise, context, negative_context, *,
            return_trajectory: bool = False, loop: str = "python",
            progress: bool = True, step_seconds: list | None = None,
            boundary_ratio: float | None = None, token_mask=None,
-           post_step=None):
+           post_step=None, condition=None):
   """Dense CFG sampling with a WanDiT: noise -> latents.
 
   Args:
@@ -589,6 +611,9 @@ def sample(model, params, noise, context, negative_context, *,
       boundary_ratio * 1000 (`expert_plan`); one compile per expert.
     token_mask: (L,) per-token timestep factors (TI2V image-to-video).
     post_step: latents -> latents after each step (`guided_step`).
+    condition: (B, C', F, H, W) channels the model takes after the
+      latents' (I2V-A14B: mask and image latents), the same for both CFG
+      branches.
     Others as in `denoise`.
 
   Returns:
@@ -603,9 +628,9 @@ def sample(model, params, noise, context, negative_context, *,
     raise ValueError("two experts' params go with a boundary_ratio, one "
                      f"model's without ({boundary_ratio=})")
   experts = expert_plan(scheduler.timesteps, boundary_ratio)
-  model_fn = wan_model_fn(model, params, cfg_context(context,
-                                                     negative_context),
-                          token_mask)
+  model_fn = wan_model_fn(model, params,
+                          cfg_context(context, negative_context), token_mask,
+                          cfg_condition(condition))
   latents, _, trajectory, stats = run(
       model_fn, jnp.asarray(noise, jnp.float32), scheduler=scheduler,
       guidance_scale=expert_guidance(experts, guidance_scale),

@@ -30,7 +30,9 @@ inside the CFG step `guided_step`, as one vmapped batch of rows
 code path for 1..N devices). `EvalConfig(evaluator="sparse")` runs the
 sampler's own sparse path instead (a step costs ~ its budget, not a full
 step; one compile per budget; equal to the masked numbers up to float
-rounding).
+rounding). Wan2.2 TI2V image-to-video problems pass the sampler's hooks:
+`TreeFitness(token_mask=, post_steps=)` (per-token timesteps, the image
+frame of each sample put back after every step).
 
 Cheaper than evaluating every candidate from scratch, without changing any
 number (each row's result depends only on its own inputs: the batch shape

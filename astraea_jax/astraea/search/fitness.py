@@ -119,26 +119,33 @@ def resolve_sizes(config: EvalConfig, num_samples: int, row_bytes: int,
   return min(per_pass, num_samples), batch_nodes, lanes, memo_nodes
 
 
-def _velocity(graphdef, params, context_2, num_selected, config, masked,
+def _velocity(graphdef, params, inputs, num_selected, config, masked,
               cache, latents_2, timesteps_2):
   model = nnx.merge(graphdef, params)
+  timesteps_2 = inputs.timesteps(timesteps_2)
   if masked:
     return astraea_sampler.forward_masked(model, latents_2, timesteps_2,
-                                          context_2, cache, num_selected,
-                                          config=config)
-  return astraea_sampler.forward(model, latents_2, timesteps_2, context_2,
-                                 cache, num_selected=num_selected,
-                                 config=config)
+                                          inputs.context, cache,
+                                          num_selected, config=config)
+  return astraea_sampler.forward(model, latents_2, timesteps_2,
+                                 inputs.context, cache,
+                                 num_selected=num_selected, config=config)
 
 
-def _row_step(graphdef, params, scheduler, guidance_scale, contexts,
+def _row_step(graphdef, params, scheduler, guidance_scale, contexts, hooks,
               num_selected, selection_config, masked, sample, state):
-  """One CFG step of one row (candidate prefix, sample)."""
+  """One CFG step of one row (candidate prefix, sample). hooks: (token
+  mask or None, post-step with per-sample leaves or None)."""
   latents, sched_state, cache = state
-  model_fn = functools.partial(_velocity, graphdef, params, contexts[sample],
-                               num_selected, selection_config, masked)
+  token_mask, post_steps = hooks
+  post_step = (None if post_steps is None
+               else jax.tree.map(lambda x: x[sample], post_steps))
+  model_fn = functools.partial(
+      _velocity, graphdef, params,
+      dense_sampler.WanInputs(contexts[sample], token_mask), num_selected,
+      selection_config, masked)
   return dense_sampler.guided_step(model_fn, scheduler, guidance_scale,
-                                   latents, sched_state, cache)
+                                   latents, sched_state, cache, post_step)
 
 
 def _map_rows(step, *rows):
@@ -152,12 +159,14 @@ def _map_rows(step, *rows):
 
 @functools.partial(jax.jit, static_argnames=("selection_config",))
 def _masked_rows_step(graphdef, params, scheduler, guidance_scale, contexts,
-                      k_table, samples, genes, states, *, selection_config):
+                      hooks, k_table, samples, genes, states, *,
+                      selection_config):
   """`_row_step` vmapped over rows, each with its own (traced) budget."""
 
   def step(sample, gene, state):
     return _row_step(graphdef, params, scheduler, guidance_scale, contexts,
-                     k_table[gene], selection_config, True, sample, state)
+                     hooks, k_table[gene], selection_config, True, sample,
+                     state)
 
   return _map_rows(step, samples, genes, states)
 
@@ -165,10 +174,11 @@ def _masked_rows_step(graphdef, params, scheduler, guidance_scale, contexts,
 @functools.partial(jax.jit, static_argnames=("num_selected",
                                              "selection_config"))
 def _sparse_rows_step(graphdef, params, scheduler, guidance_scale, contexts,
-                      samples, states, *, num_selected, selection_config):
+                      hooks, samples, states, *, num_selected,
+                      selection_config):
   """`_row_step` vmapped over rows that share one static K."""
   step = functools.partial(_row_step, graphdef, params, scheduler,
-                           guidance_scale, contexts, num_selected,
+                           guidance_scale, contexts, hooks, num_selected,
                            selection_config, False)
   return _map_rows(step, samples, states)
 
@@ -408,6 +418,14 @@ class TreeFitness(PrefixTree):
     config: `EvalConfig`.
     devices: devices to shard the rows of a call over (default: all); one
       code path for 1..N devices.
+    token_mask: None or (L,) per-token timestep factors for every sample
+      (Wan2.2 TI2V image-to-video: 0 on the image's tokens;
+      `sampling.sample`).
+    post_steps: None or a pytree function latents -> latents after every
+      step (`sampling.sample`'s post_step) whose array leaves have one
+      entry per sample on a leading axis (TI2V: `wan22_pipeline.
+      first_frame_post_step` of the (S, 1, C, 1, h, w) image latents, with
+      `noise` starting from them as the pipeline's does).
 
   Attributes: `counts` and `row_steps_by_gene` (what was computed),
   `reference` (the full model's final latents), `fingerprint`,
@@ -415,7 +433,8 @@ class TreeFitness(PrefixTree):
   """
 
   def __init__(self, graphdef, params, noise, contexts, negative_contexts, *,
-               steps: int, config: EvalConfig = EvalConfig(), devices=None):
+               steps: int, config: EvalConfig = EvalConfig(), devices=None,
+               token_mask=None, post_steps=None):
     noise = jnp.asarray(noise, F32)
     if noise.ndim != 5 or noise.shape[0] < 1:
       raise ValueError(f"noise must be (S >= 1, C, F, H, W); got "
@@ -446,6 +465,16 @@ class TreeFitness(PrefixTree):
         dense_sampler.cfg_context(c[None], n[None])
         for c, n in zip(contexts, negative_contexts)])      # (S, 2, L, D)
     self.contexts = jax.device_put(contexts_2, replicated)
+    if token_mask is not None and np.shape(token_mask) != (self.num_tokens,):
+      raise ValueError(f"token_mask {np.shape(token_mask)} must be "
+                       f"({self.num_tokens},), one factor per token")
+    for leaf in jax.tree.leaves(post_steps):
+      if np.shape(leaf)[:1] != (num_samples,):
+        raise ValueError(f"post_steps leaf {np.shape(leaf)} must have one "
+                         f"entry per sample ({num_samples}) first")
+    self.hooks = jax.device_put(
+        (None if token_mask is None else jnp.asarray(token_mask, F32),
+         post_steps), replicated)
     self.guidance_scale = jnp.asarray(config.guidance_scale, F32)
     self._cache_shape = (model_config.num_layers, 2, self.num_tokens,
                          model_config.dim)
@@ -511,7 +540,7 @@ class TreeFitness(PrefixTree):
   def _fingerprint(self, noise, contexts_2):
     h = hashlib.sha256()
     for x in (noise, contexts_2, self.reference, self.k_table,
-              self.scheduler.timesteps):
+              self.scheduler.timesteps, *jax.tree.leaves(self.hooks)):
       h.update(np.asarray(x).tobytes())
     # The batch shape and device count enter too: they fix each row's float
     # rounding, so a resumed run needs them to match the interrupted one.
@@ -538,7 +567,7 @@ class TreeFitness(PrefixTree):
     batch, samples, row_genes = jax.device_put((batch, samples, row_genes),
                                                self._rows)
     common = (self.graphdef, self.params, self.scheduler, self.guidance_scale,
-              self.contexts)
+              self.contexts, self.hooks)
     if self.config.evaluator == "masked":
       out = _masked_rows_step(*common, self.k_table, samples, row_genes, batch,
                               selection_config=self.config.selection)
