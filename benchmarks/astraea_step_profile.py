@@ -111,8 +111,57 @@ def _time(fn, args, repeats, donate_index=None):
   return statistics.median(seconds[1:]), args
 
 
+def targets_of(rows, budgets) -> list[dict]:
+  """Issue #25's bookkeeping target (<= 2% of a dense step) and the
+  compile-time ratios of the Triton-GEMM-off programs, per tree."""
+  out = []
+  for tree in dict.fromkeys(r.get("tree", "") for r in rows):
+    by = {r["name"]: r for r in rows if r.get("tree", "") == tree}
+    if "dense" not in by:
+      continue
+    for b in budgets:
+      parts = [f"select_only_{b}", f"write_only_{b}"]
+      if all(p in by for p in parts):
+        value = sum(by[p]["step_ms"] for p in parts) / by["dense"]["step_ms"]
+        out.append({"name": f"bookkeeping_fraction_{b}", "tree": tree,
+                    "rows": parts + ["dense"], "value": value, "op": "<=",
+                    "target": 0.02, "met": value <= 0.02})
+    for name in ("dense", "all", *[f"astraea_{b}" for b in budgets]):
+      if name in by and name + "_notriton" in by:
+        ratio = by[name + "_notriton"]["step_ms"] / by[name]["step_ms"]
+        out.append({"name": f"step_time_ratio_notriton_{name}",
+                    "tree": tree, "rows": [name, name + "_notriton"],
+                    "value": ratio, "op": "<=", "target": 1.02,
+                    "met": ratio <= 1.02})
+  return out
+
+
+def record(paths_and_trees, out, note):
+  """benchmarks/results/astraea_step_profile_<gpu>.json from device calls'
+  rows files, each tagged with the tree that ran it."""
+  import common  # pylint: disable=import-outside-toplevel
+  rows, profiles, device, budgets = [], {}, None, set()
+  for path, tree in paths_and_trees:
+    doc = json.loads(pathlib.Path(path).read_text())
+    device = device or doc["device"]
+    for row in doc["rows"]:
+      rows.append({**row, "tree": tree, "device": doc["device"],
+                   "jax": doc["jax"]})
+      if row["name"].startswith("select_only_"):
+        budgets.add(row["name"].rsplit("_", 1)[1])
+    profiles.update({f"{tree}:{k}": v for k, v in doc["profiles"].items()})
+  settings = {"device": device, "model": "Wan2.1-1.3B random bfloat16",
+              "video": "480p x 81 (32,760 tokens), CFG batch 2, 512 text "
+                       "tokens", "source_note": note, "profiles": profiles}
+  common.write_results(out, "astraea_step_profile", settings, rows,
+                       targets_of(rows, sorted(budgets)))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--record", nargs="+", metavar="ROWS_JSON:TREE",
+                      help="write --out (a results file) from device rows")
+  parser.add_argument("--note", default="")
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--budgets", type=float, nargs="+", default=[0.4])
   parser.add_argument("--repeats", type=int, default=5)
@@ -125,6 +174,9 @@ def main():
   parser.add_argument("--only", nargs="*", default=None)
   parser.add_argument("--out", type=pathlib.Path, required=True)
   args = parser.parse_args()
+  if args.record:
+    return record([p.rsplit(":", 1) for p in args.record], args.out,
+                  args.note)
   args.out.mkdir(parents=True, exist_ok=True)
   import astraea_end_to_end as e2e  # pylint: disable=import-outside-toplevel
   import dense_wan  # pylint: disable=import-outside-toplevel

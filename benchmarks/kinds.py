@@ -230,6 +230,19 @@ def _pipeline_memory(row=None, target=None):
   return MEASURED, "the process peak of the row named in the target"
 
 
+def _step_profile(row=None, target=None):
+  """benchmarks/astraea_step_profile.py: programs of one process."""
+  if row is not None:
+    return MEASURED, ("one compiled program: XLA compile seconds once, "
+                      "step time the median of repeated calls")
+  if target["name"].startswith("bookkeeping"):
+    return COMPOSED, ("two programs timed apart (the scores + top-K of "
+                      "every block; the cache writes and x + update of "
+                      "every block) summed, over the dense step's time, "
+                      "all in the same process")
+  return MEASURED, "ratio of two programs' figures in the same process"
+
+
 RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
          "astraea_opensora": _astraea, "astraea_end_to_end": _end_to_end,
          "attention": _attention, "demo_agreement": _demo,
@@ -238,7 +251,8 @@ RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
          "eval_speed": _eval_speed,
          "parallel": _parallel, "pipeline_wan": _pipeline_wan,
          "pipeline_memory": _pipeline_memory,
-         "sampling_loop": _sampling_loop, "search_cost": _search_cost}
+         "sampling_loop": _sampling_loop, "search_cost": _search_cost,
+         "astraea_step_profile": _step_profile}
 
 
 def label(doc: dict) -> dict:
