@@ -176,7 +176,10 @@ class WanBlock(nnx.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulate(e0)
     aux, computed = {}, {}
     if self_attn_out is None:
-      h = self._modulated(x, shift1, scale1)
+      # In the projections' dtype at once (they cast to it anyway): with
+      # token selection the K chosen rows are gathered from h, which XLA
+      # otherwise writes out in float32 and converts again.
+      h = self._modulated(x, shift1, scale1).astype(self.self_attn.q.dtype)
       k, v = self.self_attn.key_value(h, rope)
       rope_q = rope
       if token_index is not None:
