@@ -16,7 +16,7 @@ process), on a persistent compilation cache folder of its own:
 Parts (each one device call; their rows merge into one JSON per GPU):
   speed  - Wan2.1-1.3B 480p x 81 (32,760 tokens), 50 steps: dense and
            Astraea at mean budgets 0.3/0.4/0.7 (the default lean state);
-  speed04 - the speed part's dense and 0.4 rows alone;
+  speed04 - the speed part's dense and 0.4 rows alone; speed03 its 0.3 row;
   cold04 - a new process each: Astraea 0.4 (cold and warm run), dense
            (cold run);
   states - the same video: dense, Astraea 0.4 with the float32 state (the
@@ -478,7 +478,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--part", action="append",
                       choices=["speed", "states", "memory", "user",
-                               "opensora", "speed04", "cold04"])
+                               "opensora", "speed04", "speed03", "cold04"])
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--out")
   parser.add_argument("--timeout", type=int, default=900)
@@ -511,7 +511,8 @@ def main():
                          summarize(rows))
 
   tables = {"speed": SPEED, "states": STATES, "memory": MEMORY,
-            "opensora": OPENSORA, "speed04": SPEED[:2], "cold04": COLD04}
+            "opensora": OPENSORA, "speed04": SPEED[:2], "speed03": SPEED[2:3],
+            "cold04": COLD04}
   for part in parts:
     print(f"part {part}:", flush=True)
     if part == "user":
