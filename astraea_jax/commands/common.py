@@ -168,10 +168,14 @@ def model_schedule_id(model) -> str:
   transformer's config.json (the architecture; retrained weights of one
   architecture share it)."""
   path = pathlib.Path(model)
-  config = (path / "transformer" if checkpoint.is_model_folder(path)
-            else path) / checkpoint.CONFIG_FILE
-  return "config-sha256:" + hashlib.sha256(config.read_bytes()).hexdigest()[
-      :16]
+  digest = hashlib.sha256()
+  if checkpoint.is_model_folder(path):   # every expert's config (Wan2.2)
+    configs = sorted(path.glob(f"transformer*/{checkpoint.CONFIG_FILE}"))
+  else:
+    configs = [path / checkpoint.CONFIG_FILE]
+  for config in configs:
+    digest.update(config.read_bytes())
+  return "config-sha256:" + digest.hexdigest()[:16]
 
 
 def searched_schedule(budget, steps, folder, model_id, *, default=False):
