@@ -40,7 +40,13 @@ import tempfile
 import numpy as np
 import tqdm
 
-from astraea_jax.astraea.search.genetic import FULL, SearchConfig, to_schedule
+from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea.search.genetic import (
+    FULL,
+    SearchConfig,
+    from_schedule,
+    to_schedule,
+)
 
 DP_STATE_VERSION = 1
 
@@ -61,6 +67,11 @@ class DPConfig:
   ref_gene: int = 0
   profile_count: int = 3
   profile_steps: tuple[int, ...] | None = None
+  # The trajectory perturbed: "full" (the full model: one measurement for
+  # every target budget) or "default" (`schedule.default_schedule` of the
+  # target: the costs include the staleness of neighbouring sparse steps;
+  # budget 1.0 is measured too, its cost is a gain).
+  base: str = "full"
 
   def __post_init__(self):
     genes = tuple(sorted(set(int(g) for g in self.genes)))
@@ -71,13 +82,36 @@ class DPConfig:
       raise ValueError(f"{self.ref_gene=} must be one of genes={genes}")
     if self.profile_count < 0:
       raise ValueError(f"{self.profile_count=} must be >= 0")
+    if self.base not in ("full", "default"):
+      raise ValueError(f"{self.base=} must be 'full' or 'default'")
 
   @property
   def complete(self) -> bool:
     return self.genes == tuple(range(FULL))
 
-  def plan(self, steps: int) -> dict[int, tuple[int, ...]]:
-    """{step: genes measured there} for steps 1..steps-1."""
+  def base_genome(self, config: SearchConfig) -> np.ndarray:
+    """The perturbed trajectory's genome for a search config."""
+    if self.base == "full":
+      return np.full(config.steps, FULL, np.int32)
+    genome = from_schedule(schedule_lib.default_schedule(
+        config.target_budget, config.steps))
+    lo, hi = config.budget_band()
+    if not lo <= genome.sum() <= hi:
+      raise ValueError(f"the default schedule of {config.target_budget:g} "
+                       f"has {genome.sum()} tenths, outside the band "
+                       f"[{lo}, {hi}]")
+    return genome
+
+  def plan(self, steps: int, base=None) -> dict[int, tuple[int, ...]]:
+    """{step: genes measured there} for steps 1..steps-1 (never the base's
+    own gene; 10 too where the base is not full)."""
+    base = np.full(steps, FULL) if base is None else np.asarray(base)
+    plan = self._plan(steps)
+    return {t: tuple(g for g in genes + ((FULL,) if base[t] != FULL
+                                         else ()) if g != base[t])
+            for t, genes in plan.items()}
+
+  def _plan(self, steps: int) -> dict[int, tuple[int, ...]]:
     if self.complete:
       return {t: self.genes for t in range(1, steps)}
     profile = self.profile_steps
@@ -260,9 +294,10 @@ def load_state(path, search_config, dp_config, fingerprint):
     raise ValueError(f"{path}: not a --method dp search state (method "
                      f"{doc.get('method', 'ga')!r}, version "
                      f"{doc.get('version')!r})")
-  # The target budget only enters the DP's last (free) step.
-  keep = lambda d: {k: v for k, v in d.items()
-                    if k not in ("target_budget", "band")}
+  # From the full model, the target budget only enters the DP's last
+  # (free) step.
+  free = ("target_budget", "band") if dp_config.base == "full" else ()
+  keep = lambda d: {k: v for k, v in d.items() if k not in free}
   if (keep(doc["config"]) != keep(search_config.to_dict())
       or doc["dp"] != dp_config.to_dict()):
     raise ValueError(f"{path} was written by a search with other settings")
@@ -287,7 +322,7 @@ def search(fitness_fn, config: SearchConfig, dp_config: DPConfig = DPConfig(),
   steps = config.steps
   fingerprint = getattr(fitness_fn, "fingerprint", None)
   retain = getattr(fitness_fn, "retain", None)
-  base = np.full(steps, FULL, np.int32)
+  base = dp_config.base_genome(config)
   measured, base_fitness = {}, None
   if resume:
     if state_path is None or not pathlib.Path(state_path).exists():
@@ -296,7 +331,7 @@ def search(fitness_fn, config: SearchConfig, dp_config: DPConfig = DPConfig(),
                                         fingerprint)
   if base_fitness is None:
     base_fitness = float(fitness_fn(base[None])[0])
-  plan = dp_config.plan(steps)
+  plan = dp_config.plan(steps, base)
   todo = [t for t in plan if any((t, g) not in measured for g in plan[t])]
   bar = tqdm.tqdm(total=len(plan), initial=len(plan) - len(todo),
                   disable=not progress, desc="dp: step costs", unit="step")
