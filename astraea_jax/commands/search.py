@@ -85,7 +85,8 @@ def run(args) -> int:
   try:
     dp_config = search.DPConfig(genes=tuple(args.dp_genes),
                                 ref_gene=min(args.dp_genes),
-                                profile_count=args.dp_profile_steps)
+                                profile_count=args.dp_profile_steps,
+                                base=args.dp_base)
   except ValueError as e:
     raise common.UsageError(f"--dp-genes: {e}") from None
   install = None
@@ -185,6 +186,10 @@ def add_parser(sub, parents):
                  default=3,
                  help="dp: the last steps where every budget is measured "
                       "(default 3)")
+  p.add_argument("--dp-base", choices=["full", "default"], default="full",
+                 help="dp: perturb the full model's trajectory (default; "
+                      "one measurement serves every budget) or the default "
+                      "schedule of the target (measured per budget)")
   p.add_argument("--install", action="store_true",
                  help="also store the schedule in MODEL/schedules/, where "
                       "`astraea generate --budget` finds it (needs --band "
