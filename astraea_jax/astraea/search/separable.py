@@ -23,7 +23,7 @@ the sum of tenths in the search's band (`SearchConfig.budget_band`), in
 O(T * 10T * 11) operations. Whether the model ranks schedules like the
 real fitness is measured, not assumed (benchmarks/search_dp_demo.py).
 
-Cost at T steps and S samples: S * (2T + sum_t m_t (T - t)) row-steps at
+Cost at T steps and S samples: S * (3T + sum_t m_t (T - t)) row-steps at
 most, m_t the budgets measured at step t (`count_row_steps`), against
 the GA's ~ (population + children x generations) * T * S.
 """
@@ -72,6 +72,10 @@ class DPConfig:
   # target: the costs include the staleness of neighbouring sparse steps;
   # budget 1.0 is measured too, its cost is a gain).
   base: str = "full"
+  # Also evaluate `schedule.default_schedule` of the target and return it
+  # where it measures better than the DP's optimum (as the GA seeds its
+  # population with it: never worse than the default).
+  include_default: bool = True
 
   def __post_init__(self):
     genes = tuple(sorted(set(int(g) for g in self.genes)))
@@ -136,11 +140,11 @@ def count_row_steps(steps: int, samples: int, config: DPConfig) -> int:
   """Row-steps (one candidate, one sample, one CFG step) the DP search
   computes at most with prefix sharing: the base (= reference) trajectory
   and its last step again for its own fitness, each perturbation of step
-  t from t to the end, and the chosen schedule (after its first step; less
-  where it starts with more full steps)."""
+  t from t to the end, the chosen schedule and the default schedule
+  (after their first step; less where they start with more full steps)."""
   plan = config.plan(steps)
   per_sample = steps + 1 + sum(len(g) * (steps - t) for t, g in plan.items())
-  return samples * (per_sample + steps - 1)
+  return samples * (per_sample + (steps - 1) * (1 + config.include_default))
 
 
 # Exact optimum ---------------------------------------------------------------
@@ -255,6 +259,7 @@ class DPResult:
   measured: dict                  # {(t, gene): c_t(gene)}
   base_fitness: float
   genomes_evaluated: int
+  chosen: str = "dp"             # "default" where the default measured better
 
 
 def _state_doc(measured, base_fitness, search_config, dp_config,
@@ -358,11 +363,23 @@ def search(fitness_fn, config: SearchConfig, dp_config: DPConfig = DPConfig(),
   if retain is not None:
     retain(base[None])
   fitness = float(fitness_fn(genome[None])[0])
+  chosen = "dp"
+  default = from_schedule(schedule_lib.default_schedule(config.target_budget,
+                                                        steps))
+  if (dp_config.include_default and lo <= default.sum() <= hi
+      and not np.array_equal(default, genome)):
+    default_fitness = float(fitness_fn(default[None])[0])
+    evaluated += 1
+    if default_fitness < fitness:
+      genome, fitness, chosen = default, default_fitness, "default"
+      value = float(costs[np.arange(steps), default].sum())
   if progress:
-    print(f"dp: {len(measured)} step costs measured; schedule mean budget "
-          f"{genome.mean() / FULL:.3f}, predicted fitness "
+    which = ("the DP optimum" if chosen == "dp" else
+             "the default: it measured better than the DP optimum")
+    print(f"dp: {len(measured)} step costs measured; schedule ({which}), "
+          f"mean budget {genome.mean() / FULL:.3f}, predicted fitness "
           f"{base_fitness + value:.4g}, measured {fitness:.4g}")
   return DPResult(genome=genome, schedule=to_schedule(genome),
                   fitness=fitness, predicted=base_fitness + value,
                   costs=costs, measured=measured, base_fitness=base_fitness,
-                  genomes_evaluated=evaluated + 1)
+                  genomes_evaluated=evaluated + 1, chosen=chosen)
