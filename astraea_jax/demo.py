@@ -39,8 +39,22 @@ FPS = 8  # 16 frames -> a 2 s clip
 STRIP_FRAMES = 8  # frames shown in the PNG strip (evenly spaced)
 
 
+def schedules_folder(weights=None):
+  """Where the searched schedules of a demo weights folder are: the
+  package's demo_model/schedules/ for the packaged weights, else
+  WEIGHTS/schedules/."""
+  # pylint: disable=import-outside-toplevel
+  from astraea_jax.astraea import schedule as schedule_lib
+  from astraea_jax.demo_model import model as demo_model
+  if weights is None or pathlib.Path(weights).resolve() == (
+      demo_model.WEIGHTS_DIR.resolve()):
+    return demo_model.SCHEDULES_DIR
+  return pathlib.Path(weights) / schedule_lib.SCHEDULES_DIR
+
+
 def main(*, prompt: str | None = None, budget: float | None = 0.5,
-         schedule: str | None = None, steps: int | None = None,
+         schedule: str | None = None, default_schedule: bool = False,
+         steps: int | None = None,
          seed: int = 0, guidance: float | None = None,
          out: str = "astraea-demo", weights: str | None = None,
          timing_runs: int = 0, progress: bool = True) -> int:
@@ -56,17 +70,29 @@ def main(*, prompt: str | None = None, budget: float | None = 0.5,
   prompt = demo_model.DEFAULT_PROMPT if prompt is None else prompt
   demo_model.encode(model, [prompt])  # checks the words before any work
   steps = config.steps if steps is None else steps
+  searched = None
   if schedule is not None:
     budgets = schedule_lib.load_for_steps(schedule, steps)
+    source, schedule_note = f"--schedule {schedule}", None
   else:
-    budgets, warning = schedule_lib.for_mean_budget(budget, steps)
-    if warning:
-      print(f"warning: --budget {budget:g} with {steps} steps: {warning}",
-            file=sys.stderr)
+    # The searched schedule of this budget (shipped with the packaged
+    # weights; WEIGHTS/schedules/ for others), where one fits.
+    searched, schedule_note = common_searched(budget, steps, weights,
+                                              default_schedule)
+    source = ("searched" if searched is not None else
+              "default (full warm-up steps, then even)")
+    budgets = searched
+    if searched is None:
+      budgets, warning = schedule_lib.for_mean_budget(budget, steps)
+      if warning:
+        print(f"warning: --budget {budget:g} with {steps} steps: {warning}",
+              file=sys.stderr)
   budget = None
   print(f"astraea demo: {prompt!r}, {steps} steps, seed {seed}, "
         f"{config.frames} frames of {config.width}x{config.height} "
         f"({config.num_tokens} tokens)")
+  if schedule_note:
+    print(schedule_note)
   run = demo_model.compare(model, prompt, seed=seed, steps=steps,
                            guidance=guidance, budget=budget,
                            schedule=budgets, progress=progress,
@@ -102,6 +128,8 @@ def main(*, prompt: str | None = None, budget: float | None = 0.5,
       "video": [config.frames, config.height, config.width],
       "tokens": stats.num_tokens,
       "budget_schedule": [float(b) for b in stats.budgets],
+      "schedule_source": source,
+      "schedule_note": schedule_note,
       "mean_budget": float(np.mean(stats.budgets)),
       "tokens_per_step": stats.num_selected,
       "compiled_token_counts": stats.compiled_k,
@@ -134,6 +162,29 @@ def main(*, prompt: str | None = None, budget: float | None = 0.5,
         "(top: full, bottom: Astraea), report.json")
   return 0 if all(math.isfinite(quality[k]) for k in ("psnr_db", "ssim")) \
       else 1
+
+
+def common_searched(budget, steps, weights, default_schedule):
+  """(budgets or None, the line to print) for the demo's --budget: the
+  searched schedule of that budget for these weights, where one fits."""
+  # pylint: disable=import-outside-toplevel
+  from astraea_jax.astraea import schedule as schedule_lib
+  from astraea_jax.demo_model import model as demo_model
+  if default_schedule:
+    return None, ("schedule: the default (full warm-up steps, then even), "
+                  "as --default-schedule asks")
+  folder = schedules_folder(weights)
+  try:
+    found, note = schedule_lib.find_searched(
+        folder, budget, steps, model=demo_model.model_id(weights))
+  except ValueError as e:
+    raise ValueError(f"--budget {budget:g}: {e} (or pass "
+                     "--default-schedule)") from None
+  if found is None:
+    return None, (f"schedule: the default (full warm-up steps, then even): "
+                  f"{note}")
+  return found, (f"schedule: the {note} (--default-schedule uses the "
+                 "default one)")
 
 
 def training_summary(training: dict) -> dict:

@@ -144,3 +144,81 @@ def load_for_steps(path, steps: int, *, flag: str = "--schedule"):
     return validate(budgets, steps)
   except ValueError as e:
     raise ValueError(f"{flag} {path}: {e}") from None
+
+
+# Searched schedules found by model and budget ---------------------------------
+#
+# A searched schedule is found, not named: `astraea search --install` writes
+# it into MODEL/schedules/ (the converted folder it was searched on), and the
+# demo model's ship in astraea_jax/demo_model/schedules/. One file per mean
+# budget, `searched_name(budget)`; it records the model it was searched for
+# (`model`: an id the caller computes) and its format version, and is refused
+# when either differs.
+
+SEARCHED_KIND = "astraea-searched-schedule"
+SEARCHED_VERSION = 1
+SCHEDULES_DIR = "schedules"
+MEAN_TOLERANCE = 0.005
+
+
+def searched_name(budget: float) -> str:
+  """The file name of the searched schedule of a mean budget."""
+  return f"budget_{budget:.2f}.json"
+
+
+def save_searched(path, schedule, *, model: str, target_budget: float,
+                  steps: int, **metadata):
+  """A searched schedule file (atomic), findable by `find_searched`."""
+  budgets = validate(schedule, steps)
+  if abs(float(np.mean(budgets)) - target_budget) > MEAN_TOLERANCE:
+    raise ValueError(f"the schedule's mean budget {np.mean(budgets):.4f} is "
+                     f"not the target {target_budget:g}")
+  save(path, budgets, kind=SEARCHED_KIND, version=SEARCHED_VERSION,
+       model=model, target_budget=float(target_budget), steps=int(steps),
+       **metadata)
+
+
+def find_searched(folder, budget: float, steps: int, *, model: str):
+  """(budgets, note) of the searched schedule for `budget` in `folder`.
+
+  budgets is None where there is none to use (no file; or one of another
+  length than `steps`), and the note says why; a file of another format
+  version or another model, or a broken one, is a ValueError naming it.
+  """
+  path = pathlib.Path(folder) / searched_name(budget)
+  if not path.is_file():
+    return None, (f"no searched schedule for mean budget {budget:g} in "
+                  f"{path.parent}")
+  try:
+    doc = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"searched schedule {path} is not readable JSON "
+                     f"({e}); remove it or search again") from None
+  if not isinstance(doc, dict) or doc.get("kind") != SEARCHED_KIND:
+    raise ValueError(f"{path} is not a searched schedule (no \"kind\": "
+                     f"\"{SEARCHED_KIND}\"); remove it or search again")
+  if doc.get("version") != SEARCHED_VERSION:
+    raise ValueError(f"{path} is a searched schedule of format version "
+                     f"{doc.get('version')!r}; this version reads "
+                     f"{SEARCHED_VERSION}: search again (astraea search "
+                     "--install)")
+  if doc.get("model") != model:
+    raise ValueError(f"{path} was searched for another model "
+                     f"({doc.get('model')!r}, this one is {model!r}): "
+                     "search again for this model, or remove it")
+  budgets = doc.get("schedule")
+  if (not isinstance(budgets, list) or not budgets or not all(
+      isinstance(b, (int, float)) and not isinstance(b, bool)
+      for b in budgets)):
+    raise ValueError(f"{path}: \"schedule\" must be a list of budgets")
+  if len(budgets) != steps:
+    return None, (f"the searched schedule {path} has {len(budgets)} steps, "
+                  f"but sampling runs {steps}")
+  try:
+    budgets = validate(budgets, steps)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+  if abs(float(np.mean(budgets)) - budget) > MEAN_TOLERANCE:
+    raise ValueError(f"{path}: mean budget {np.mean(budgets):.4f} is not "
+                     f"{budget:g}, the budget its name says")
+  return budgets, f"searched schedule {path}"

@@ -6,7 +6,9 @@ several commands take, the model check, and the top-level error handler
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import pathlib
 import sys
 import threading
 
@@ -103,6 +105,10 @@ def add_budget_options(p, help_budget):
   group.add_argument("--schedule", default=None, metavar="FILE",
                      help="schedule.json (astraea search) with one budget "
                           "per step")
+  p.add_argument("--default-schedule", action="store_true",
+                     help="with --budget: the default schedule (full "
+                          "warm-up steps, then even) even where a searched "
+                          "schedule of that budget exists")
   return group
 
 
@@ -157,14 +163,57 @@ def note_empty_prompt(prompt):
           "(the text condition is the empty caption)", file=sys.stderr)
 
 
-def budget_schedule(args, steps):
+def model_schedule_id(model) -> str:
+  """The id searched schedules record for a converted model: a hash of its
+  transformer's config.json (the architecture; retrained weights of one
+  architecture share it)."""
+  path = pathlib.Path(model)
+  digest = hashlib.sha256()
+  if checkpoint.is_model_folder(path):   # every expert's config (Wan2.2)
+    configs = sorted(path.glob(f"transformer*/{checkpoint.CONFIG_FILE}"))
+  else:
+    configs = [path / checkpoint.CONFIG_FILE]
+  for config in configs:
+    digest.update(config.read_bytes())
+  return "config-sha256:" + digest.hexdigest()[:16]
+
+
+def searched_schedule(budget, steps, folder, model_id, *, default=False):
+  """(budgets or None, what to print): the searched schedule of `budget`
+  in `folder` when one fits (`schedule.find_searched`; a file of another
+  model or version is a ValueError), else None and why the default."""
+  if default:
+    return None, ("schedule: the default (full warm-up steps, then even), "
+                  "as --default-schedule asks")
+  budgets, note = schedule_lib.find_searched(folder, budget, steps,
+                                             model=model_id)
+  if budgets is None:
+    return None, (f"schedule: the default (full warm-up steps, then even): "
+                  f"{note}")
+  return budgets, (f"schedule: the {note} (--default-schedule uses the "
+                   "default one)")
+
+
+def budget_schedule(args, steps, searched=None):
   """The per-step budgets of --budget / --schedule (None: dense), with a
-  warning where the request is degenerate."""
+  warning where the request is degenerate. searched: (folder, model id)
+  where a searched schedule of --budget may be (`searched_schedule`)."""
   if args.schedule is not None:
     return tuple(schedule_lib.load_for_steps(args.schedule, steps,
                                              flag="--schedule"))
   if args.budget is None:
     return None
+  if searched is not None:
+    try:
+      found, note = searched_schedule(
+          args.budget, steps, *searched,
+          default=getattr(args, "default_schedule", False))
+    except ValueError as e:
+      raise UsageError(f"--budget {args.budget:g}: {e} (or pass "
+                       "--default-schedule)") from None
+    print(note)
+    if found is not None:
+      return tuple(float(b) for b in found)
   budgets, warning = schedule_lib.for_mean_budget(args.budget, steps)
   if warning:
     print(f"warning: --budget {args.budget:g} with --steps {steps}: "

@@ -20,8 +20,13 @@ def run_demo(args) -> int:
           ("--weights", weights or demo_model.WEIGHTS_DIR),
           ("--schedule", args.schedule)))
   common.note_empty_prompt(args.prompt)
+  if args.default_schedule and args.schedule is not None:
+    raise common.UsageError("give --schedule FILE or --default-schedule, "
+                            "not both")
   return demo_lib.main(prompt=args.prompt, budget=args.budget,
-                       schedule=args.schedule, steps=args.steps,
+                       schedule=args.schedule,
+                       default_schedule=args.default_schedule,
+                       steps=args.steps,
                        seed=args.seed, guidance=args.guidance, out=args.out,
                        weights=weights, timing_runs=args.timing_runs,
                        progress=not args.quiet)
@@ -47,7 +52,9 @@ def add_demo_parser(sub, parents):
                  help="default: 'a red circle moving right on a striped "
                       "background'")
   common.add_budget_options(
-      p, "Astraea mean token budget in (0, 1] (default 0.5)")
+      p, "Astraea mean token budget in (0, 1] (default 0.5); the shipped "
+      "searched schedule of that budget is used where one exists "
+      "(0.3, 0.4, 0.5, 0.7 at 20 steps), else the default schedule")
   p.set_defaults(budget=0.5)
   p.add_argument("--steps", type=common.POSITIVE_INT, default=None,
                  help="sampling steps (default: the model's, 20)")

@@ -41,6 +41,7 @@ import numpy as np
 
 from astraea_jax import checkpoint, outputs, pipelines
 from astraea_jax import video as video_lib
+from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.commands import common
 from astraea_jax.pipelines import (
     opensora_pipeline,
@@ -433,7 +434,12 @@ def run(args) -> int:
   height, width = _video_size(args, (defaults["height"], defaults["width"]))
   steps = pick("steps")
   common.note_empty_prompt(args.prompt)
-  schedule = common.budget_schedule(args, steps)
+  if args.default_schedule and args.budget is None:
+    raise common.UsageError("--default-schedule picks the schedule of a "
+                            "--budget: give --budget too")
+  searched = (pathlib.Path(model) / schedule_lib.SCHEDULES_DIR,
+              common.model_schedule_id(model))
+  schedule = common.budget_schedule(args, steps, searched=searched)
   state = common.token_state(args, accelerated)
   config = GenerateConfig(
       height=height, width=width, frames=pick("frames"),

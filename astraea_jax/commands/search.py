@@ -9,6 +9,7 @@ import tempfile
 import numpy as np
 
 from astraea_jax import checkpoint, outputs, pipelines
+from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import search
 from astraea_jax.commands import common
 from converters.safetensors_io import save_file
@@ -64,10 +65,34 @@ def run(args) -> int:
   if args.proxy_check < 3:
     raise common.UsageError(f"--proxy-check {args.proxy_check}: a rank "
                             "correlation needs at least 3 genomes")
-  config = search.SearchConfig(
-      target_budget=args.target_budget, steps=args.steps,
-      population=args.population, children=args.children,
-      generations=args.generations, seed=args.seed)
+  band = tuple(args.band) if args.band else (
+      (1.0, 1.0) if args.method == "dp" else (0.9, 1.1))
+  if not 0.0 < band[0] <= 1.0 <= band[1]:
+    raise common.UsageError(f"--band {band[0]:g} {band[1]:g}: need "
+                            "0 < LO <= 1 <= HI")
+  if args.install and band != (1.0, 1.0):
+    raise common.UsageError(
+        f"--install stores the schedule as the one of mean budget "
+        f"{args.target_budget:g}, so it needs that exact mean: --band 1 1 "
+        f"(got --band {band[0]:g} {band[1]:g})")
+  try:
+    config = search.SearchConfig(
+        target_budget=args.target_budget, steps=args.steps,
+        population=args.population, children=args.children,
+        generations=args.generations, seed=args.seed, band=band)
+  except ValueError as e:
+    raise common.UsageError(f"--target-budget/--steps/--band: {e}") from None
+  try:
+    dp_config = search.DPConfig(genes=tuple(args.dp_genes),
+                                ref_gene=min(args.dp_genes),
+                                profile_count=args.dp_profile_steps,
+                                base=args.dp_base)
+  except ValueError as e:
+    raise common.UsageError(f"--dp-genes: {e}") from None
+  install = None
+  if args.install:
+    install = (pathlib.Path(args.model) / schedule_lib.SCHEDULES_DIR,
+               common.model_schedule_id(args.model))
   problem = search.Problem(height=args.height, width=args.width,
                            frames=args.frames, samples=args.samples,
                            seed=args.seed)
@@ -94,7 +119,8 @@ def run(args) -> int:
         problem=problem, eval_config=eval_config, proxy=proxy,
         proxy_check=args.proxy_check,
         min_rank_correlation=args.min_rank_correlation, dtype=args.dtype,
-        resume=args.resume, progress=not args.quiet)
+        resume=args.resume, progress=not args.quiet, method=args.method,
+        dp_config=dp_config, install=install)
   steps = report["row_steps"]
   print(f"schedule (mean budget {report['mean_budget']:.3f}, fitness "
         f"{report['fitness']:.4g}): {report['schedule']}")
@@ -102,6 +128,10 @@ def run(args) -> int:
         f"{report['naive_row_steps']} without sharing or caching")
   print(f"wrote {args.out}/schedule.json (astraea generate --schedule), "
         "report.json, search_state.json")
+  if install is not None:
+    print(f"installed {report['installed']}: `astraea generate --model "
+          f"{args.model} --budget {args.target_budget:g} --steps "
+          f"{args.steps}` uses it from now on")
   return 0
 
 
@@ -109,9 +139,12 @@ def add_parser(sub, parents):
   p = sub.add_parser(
       "search", parents=parents,
       help="search the per-step token budget schedule",
-      description="Evolutionary search of one token budget per denoising "
-      "step (Astraea sec. 3.3) for a target mean budget; writes "
-      "OUT/schedule.json for `astraea generate --schedule`.")
+      description="Search of one token budget per denoising step for a "
+      "target mean budget: the paper's evolutionary search (Astraea sec. "
+      "3.3, --method ga) or the separable model optimised by dynamic "
+      "programming (--method dp); writes OUT/schedule.json for `astraea "
+      "generate --schedule` (and with --install MODEL/schedules/, where "
+      "`astraea generate --budget` finds it).")
   p.add_argument("--model", required=True,
                  help="converted checkpoint folder (astraea convert): a "
                       "whole-model folder, or a transformer alone")
@@ -134,6 +167,33 @@ def add_parser(sub, parents):
                  help="(prompt, noise) pairs the fitness averages over; "
                       "sample j: prompt j mod #prompts, noise seed + j")
   p.add_argument("--seed", type=common.SEED, default=0)
+  p.add_argument("--method", choices=list(search.runner.METHODS),
+                 default="ga",
+                 help="ga: the paper's evolutionary search (default); dp: "
+                      "step costs measured one step at a time from the "
+                      "full model's trajectory, optimised exactly by dynamic "
+                      "programming (far fewer model evaluations)")
+  p.add_argument("--band", type=common.POSITIVE, nargs=2, default=None,
+                 metavar=("LO", "HI"),
+                 help="feasible mean budgets [LO, HI] x target (default: "
+                      "0.9 1.1 for ga, as the paper; 1 1, the exact mean, "
+                      "for dp)")
+  p.add_argument("--dp-genes", type=common.number(int, 0, 9), nargs="+",
+                 default=[0, 5], metavar="TENTHS",
+                 help="dp: budgets (tenths, 0..9) measured at every step; "
+                      "the others follow the profile steps (default 0 5)")
+  p.add_argument("--dp-profile-steps", type=common.NONNEGATIVE_INT,
+                 default=3,
+                 help="dp: the last steps where every budget is measured "
+                      "(default 3)")
+  p.add_argument("--dp-base", choices=["full", "default"], default="full",
+                 help="dp: perturb the full model's trajectory (default; "
+                      "one measurement serves every budget) or the default "
+                      "schedule of the target (measured per budget)")
+  p.add_argument("--install", action="store_true",
+                 help="also store the schedule in MODEL/schedules/, where "
+                      "`astraea generate --budget` finds it (needs --band "
+                      "1 1, the default for dp)")
   p.add_argument("--population", type=common.number(int, 2), default=50)
   p.add_argument("--children", type=common.POSITIVE_INT, default=30)
   p.add_argument("--generations", type=common.NONNEGATIVE_INT, default=30)

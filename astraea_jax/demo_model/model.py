@@ -49,6 +49,9 @@ from converters.safetensors_io import (
 )
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
+# The searched budget schedules of the packaged weights (`astraea demo`
+# uses the one of its --budget; benchmarks/search_dp_demo.py made them).
+SCHEDULES_DIR = pathlib.Path(__file__).resolve().parent / "schedules"
 WEIGHTS_FILE = "demo.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
@@ -266,6 +269,12 @@ def weights_sha256(folder=None) -> str:
   for name in (WEIGHTS_FILE, CONFIG_FILE):
     digest.update((folder / name).read_bytes())
   return digest.hexdigest()
+
+
+def model_id(folder=None) -> str:
+  """The id a searched schedule records for these weights (a retrained
+  model is another model: its schedules must be searched again)."""
+  return f"astraea-demo:{weights_sha256(folder)[:16]}"
 
 
 def load_config(folder=None) -> tuple[DemoConfig, dict]:

@@ -55,10 +55,16 @@ with the full fitness (`rank_correlation`).
 Search state is checkpointed after every generation (`save_state`); a
 resumed search ends with exactly the uninterrupted result.
 
+The cheap search (`separable`, `astraea search --method dp`): a fitness
+model separable over steps, c_t(b) measured by perturbing one step of the
+full model's trajectory at a time, minimised exactly by dynamic
+programming under the mean-budget band.
+
 Modules: `genetic` (genomes and the genetic operators), `loop` (the search
 loop and its resumable state), `fitness` (the prefix-tree fitness over the
-masked or sparse simulation), `runner` (rank proxies, the plot and the
-file runner `run_files` that `astraea search` calls).
+masked or sparse simulation), `separable` (the DP search), `runner` (rank
+proxies, the plot and the file runner `run_files` that `astraea search`
+calls).
 """
 
 from astraea_jax.astraea.search.genetic import (
@@ -97,6 +103,8 @@ from astraea_jax.astraea.search.fitness import (
     TreeFitness,
     resolve_sizes,
 )
+from astraea_jax.astraea.search import separable
+from astraea_jax.astraea.search.separable import DPConfig
 from astraea_jax.astraea.search.runner import (
     Problem,
     load_samples,
@@ -107,6 +115,7 @@ from astraea_jax.astraea.search.runner import (
 )
 
 __all__ = [
+    "DPConfig",
     "EVALUATORS",
     "EvalConfig",
     "FULL",
@@ -139,6 +148,7 @@ __all__ = [
     "save_state",
     "search",
     "select_survivors",
+    "separable",
     "spearman",
     "to_schedule",
     "tournament",

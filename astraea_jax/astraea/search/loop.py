@@ -87,6 +87,10 @@ def load_state(path, config: SearchConfig, fingerprint) -> SearchState:
     doc = json.loads(pathlib.Path(path).read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not a search state ({e})") from e
+  if doc.get("method", "ga") != "ga":
+    raise ValueError(f"{path} is a --method {doc['method']} search state, "
+                     "not the GA's: resume it with --method "
+                     f"{doc['method']}")
   if doc.get("version") != STATE_VERSION:
     raise ValueError(f"{path}: search state version {doc.get('version')} "
                      f"!= {STATE_VERSION}")

@@ -19,6 +19,7 @@ from astraea_jax.astraea.search.genetic import (
     SearchConfig,
     initial_population,
 )
+from astraea_jax.astraea.search import separable
 from astraea_jax.astraea.search.loop import (
     STATE_FILE,
     search,
@@ -28,6 +29,9 @@ from astraea_jax.astraea.search.fitness import (
     TreeFitness,
 )
 
+
+
+METHODS = ("ga", "dp")
 
 
 # Proxies --------------------------------------------------------------------
@@ -150,7 +154,9 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
               EvalConfig(), proxy: Problem | None = None,
               proxy_check: int = 8, min_rank_correlation: float = 0.8,
               dtype: str | None = None, resume: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, method: str = "ga",
+              dp_config: separable.DPConfig = separable.DPConfig(),
+              install: tuple[pathlib.Path, str] | None = None) -> dict:
   """`astraea search`: the budget schedule of one converted checkpoint.
 
   Writes into `out`: search_state.json (after every generation),
@@ -159,7 +165,14 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
   resolution, fewer samples) the search runs on the proxy after measuring
   its Spearman rank correlation with the full fitness on `proxy_check`
   random feasible genomes; below `min_rank_correlation` it stops.
+
+  method: "ga" (the paper's evolutionary search) or "dp" (`separable`:
+  step costs measured one step at a time, optimised exactly).
+  install: (folder, model id): also write the schedule there as the
+  searched schedule of its target budget (`schedule.save_searched`).
   """
+  if method not in METHODS:
+    raise ValueError(f"{method=} must be one of {METHODS}")
   out = pathlib.Path(out)
   state_path = out / STATE_FILE
   if resume and not state_path.exists():
@@ -221,26 +234,51 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
           f"the proxy ranks candidates unlike the full fitness: Spearman "
           f"rho={check['spearman']:.3f} < {min_rank_correlation=}; use a "
           "closer proxy or none")
-  result = search(fitness_fn, config, state_path=state_path, resume=resume,
-                  progress=progress)
+  report["method"] = method
+  if method == "dp":
+    result = separable.search(fitness_fn, config, dp_config,
+                              state_path=state_path, resume=resume,
+                              progress=progress)
+    report.update(dp_config=dp_config.to_dict(),
+                  predicted_fitness=result.predicted,
+                  step_costs=result.costs.tolist(), history=[],
+                  genomes_requested=result.genomes_evaluated)
+  else:
+    result = search(fitness_fn, config, state_path=state_path,
+                    resume=resume, progress=progress)
+    report.update(history=result.history,
+                  genomes_requested=result.genomes_requested)
   report.update(
       schedule=result.schedule.tolist(),
       mean_budget=float(np.mean(result.schedule)),
-      fitness=result.fitness, history=result.history,
-      genomes_requested=result.genomes_requested,
+      fitness=result.fitness,
       genomes_evaluated=result.genomes_evaluated,
       # This process's work (a resumed run counts only what it did).
       row_steps=dict(fitness_fn.counts),
       row_steps_by_gene=fitness_fn.row_steps_by_gene.tolist(),
-      naive_row_steps=(result.genomes_requested + 1) * config.steps
+      naive_row_steps=(report["genomes_requested"] + 1) * config.steps
       * fitness_fn.num_samples)
   if proxy is not None:
     report["fitness_full"] = float(full(result.genome[None])[0])
   schedule_lib.save(out / "schedule.json", result.schedule,
                     target_budget=config.target_budget,
                     fitness_mse=report.get("fitness_full", result.fitness),
-                    steps=config.steps, searched_with=str(model_path))
+                    steps=config.steps, searched_with=str(model_path),
+                    method=method)
+  if install is not None:
+    folder, model_id = install
+    folder = pathlib.Path(folder)
+    folder.mkdir(exist_ok=True)
+    path = folder / schedule_lib.searched_name(config.target_budget)
+    schedule_lib.save_searched(
+        path, result.schedule, model=model_id,
+        target_budget=config.target_budget, steps=config.steps,
+        method=method, fitness_mse=report.get("fitness_full",
+                                              result.fitness),
+        prompts=[str(p) for p in embedding_paths])
+    report["installed"] = str(path)
   outputs.write_json(out / "report.json", report)
-  plot(out / "search.png", result.history, result.schedule,
-       config.target_budget)
+  if method == "ga":
+    plot(out / "search.png", result.history, result.schedule,
+         config.target_budget)
   return report
