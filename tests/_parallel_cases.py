@@ -10,6 +10,8 @@ sharded model does the same maths in another summation order (attention
 merged from chunks, matmuls over fewer rows); observed errors are ~1e-6.
 """
 
+import functools
+
 import _parallel_reference as ref
 import jax
 import jax.numpy as jnp
@@ -355,3 +357,24 @@ def test_two_expert_i2v_sampling_matches_single_device():
   assert ref.rel_err(got, want_sparse) <= TOL
   assert ref.rel_err(got, want) > 1e-3  # selection acted
 
+
+def test_a14b_pipeline_on_devices_matches_one_device(split_model):
+  """`Wan22T2VA14BPipeline.denoise(devices=4)` (what `astraea generate
+  --devices 4` runs: data 2 x seq 2) with Astraea = one device: the
+  schedule computes all tokens or none (per-shard selection is then the
+  global one, so one device's sampler is the reference), and the switch
+  step computes all where the schedule says none. The dense mesh sampler
+  with two experts: the case above."""
+  graphdef, (_, low) = _experts((1, 5))
+  pipe = wan22_pipeline.Wan22T2VA14BPipeline(
+      nnx.merge(*split_model), transformer_2=nnx.merge(graphdef, low),
+      boundary_ratio=BOUNDARY)
+  noise, ctx, neg = ref.inputs()
+  run = functools.partial(pipe.denoise, noise, ctx, neg,
+                          num_inference_steps=STEPS, shift=3.0,
+                          schedule=[1.0, 1.0, 0.0, 0.0], return_stats=True,
+                          selection_config=ref.SELECTION)
+  want, want_stats = run()
+  got, stats = run(devices=4)
+  assert stats.num_selected == want_stats.num_selected == [35, 35, 35, 0]
+  assert ref.rel_err(got, want) <= TOL
