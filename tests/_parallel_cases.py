@@ -10,6 +10,8 @@ sharded model does the same maths in another summation order (attention
 merged from chunks, matmuls over fewer rows); observed errors are ~1e-6.
 """
 
+import functools
+
 import _parallel_reference as ref
 import jax
 import jax.numpy as jnp
@@ -306,3 +308,73 @@ def test_ti2v_pipeline_on_devices_matches_one_device(split_model):
                      num_inference_steps=STEPS, shift=3.0, devices=4)
   assert ref.rel_err(got, want) <= TOL
   np.testing.assert_array_equal(got[:, :, :1], image_latent)
+
+
+# Wan2.2 A14B: two experts switched by the step plan ------------------------
+
+BOUNDARY = 0.875  # T2V-A14B's: timesteps 999, 900 | 750, 500 (shift 3)
+GUIDANCE = (3.0, 4.0)  # (low-noise expert, high-noise expert)
+
+
+def _experts(seeds, config=ref.CONFIG):
+  """(graphdef, (high-noise params, low-noise params)) of two random
+  models of `config`."""
+  (graphdef, high), (_, low) = (ref.random_model(seed=s, config=config)
+                                for s in seeds)
+  return graphdef, (high, low)
+
+
+def test_two_expert_i2v_sampling_matches_single_device():
+  """I2V-A14B over meshes across the expert boundary (the mask and image
+  channels as `condition`, a guidance scale per expert): the dense
+  sampler (data 2 x seq 2) against one device's; Astraea (3 Ulysses
+  shards, pad rows) against the one-device per-shard reference with the
+  same experts, scales and condition; the switch step computes every
+  token (refresh_at_switch)."""
+  config = ref.CONFIG.replace(in_dim=36)
+  graphdef, experts = _experts((3, 4), config)
+  noise, ctx, neg = ref.inputs()
+  condition = jax.random.normal(jax.random.key(7), (1, 20) + noise.shape[2:])
+  common = {"steps": STEPS, "shift": 3.0, "progress": False,
+            "boundary_ratio": BOUNDARY, "guidance_scale": GUIDANCE,
+            "condition": condition}
+  plan = dense.expert_plan(dense.make_scheduler(
+      "unipc", STEPS, shift=3.0).timesteps, BOUNDARY)
+  assert plan == [0, 0, 1, 1]  # the run crosses the boundary
+  want = dense.sample(graphdef, experts, noise, ctx, neg, **common)
+  got = parallel.sample(graphdef, experts, noise, ctx, neg, **common,
+                        mesh=parallel.make_mesh(4, data=2))
+  assert ref.rel_err(got, want) <= TOL
+  got, stats = parallel.astraea_sample(
+      graphdef, experts, noise, ctx, neg, schedule=[1.0, 1.0, 0.5, 0.5],
+      **common, mesh=parallel.make_mesh(3), strategy="ulysses",
+      selection_config=ref.SELECTION, return_stats=True)
+  assert stats.num_selected == [35, 35, 35, 18]  # the switch step: all
+  want_sparse = ref.reference_astraea_sample(
+      graphdef, experts, noise, ctx, neg, schedule=[1.0, 1.0, 1.0, 0.5],
+      num_shards=3, experts=plan, guidance=[4.0, 4.0, 3.0, 3.0],
+      condition=condition)
+  assert ref.rel_err(got, want_sparse) <= TOL
+  assert ref.rel_err(got, want) > 1e-3  # selection acted
+
+
+def test_a14b_pipeline_on_devices_matches_one_device(split_model):
+  """`Wan22T2VA14BPipeline.denoise(devices=4)` (what `astraea generate
+  --devices 4` runs: data 2 x seq 2) with Astraea = one device: the
+  schedule computes all tokens or none (per-shard selection is then the
+  global one, so one device's sampler is the reference), and the switch
+  step computes all where the schedule says none. The dense mesh sampler
+  with two experts: the case above."""
+  graphdef, (_, low) = _experts((1, 5))
+  pipe = wan22_pipeline.Wan22T2VA14BPipeline(
+      nnx.merge(*split_model), transformer_2=nnx.merge(graphdef, low),
+      boundary_ratio=BOUNDARY)
+  noise, ctx, neg = ref.inputs()
+  run = functools.partial(pipe.denoise, noise, ctx, neg,
+                          num_inference_steps=STEPS, shift=3.0,
+                          schedule=[1.0, 1.0, 0.0, 0.0], return_stats=True,
+                          selection_config=ref.SELECTION)
+  want, want_stats = run()
+  got, stats = run(devices=4)
+  assert stats.num_selected == want_stats.num_selected == [35, 35, 35, 0]
+  assert ref.rel_err(got, want) <= TOL

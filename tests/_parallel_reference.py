@@ -76,9 +76,10 @@ def _set_layer(tree, i, new):
 
 
 def reference_forward(model, latents, timestep, context, cache, *,
-                      num_selected, num_shards, config=SELECTION):
+                      num_selected, num_shards, config=SELECTION,
+                      condition=None):
   """One Astraea model call on one device with per-shard selection."""
-  x, e, e0, ctx, rope = model.embed(latents, timestep, context)
+  x, e, e0, ctx, rope = model.embed(latents, timestep, context, condition)
   n = x.shape[1]
   layout = parallel.TokenLayout(n, num_shards)
   k_local = parallel.local_num_selected(num_selected, layout)
@@ -109,26 +110,33 @@ def reference_forward(model, latents, timestep, context, cache, *,
 @functools.partial(jax.jit,
                    static_argnames=("num_selected", "num_shards", "config"))
 def _reference_step(graphdef, params, context_2b, scheduler, sched_state,
-                    cache, latents, token_mask, post_step, *, num_selected,
-                    num_shards, config):
+                    cache, latents, token_mask, post_step, guidance,
+                    condition_2b, *, num_selected, num_shards, config):
   def model_fn(cache, latents_2b, timesteps_2b):
     model = nnx.merge(graphdef, params)
     return reference_forward(
         model, latents_2b, dense.token_timesteps(timesteps_2b, token_mask),
         context_2b, cache, num_selected=num_selected, num_shards=num_shards,
-        config=config)
+        config=config, condition=condition_2b)
 
-  return dense.guided_step(model_fn, scheduler, jnp.float32(5.0), latents,
+  return dense.guided_step(model_fn, scheduler, guidance, latents,
                            sched_state, cache, post_step)
 
 
 def reference_astraea_sample(graphdef, params, noise, context, negative, *,
                              schedule, num_shards, shift=3.0,
                              config=SELECTION, token_mask=None,
-                             post_step=None):
+                             post_step=None, experts=None, guidance=None,
+                             condition=None):
   """Astraea CFG sampling (UniPC, guidance 5) with per-shard selection;
-  token_mask, post_step: Wan2.2 TI2V's hooks (`sampling.sample`)."""
-  model_config = nnx.merge(graphdef, params).config
+  token_mask, post_step, condition: Wan2.2's hooks (`sampling.sample`).
+  Two experts (A14B): params the pair, experts the expert of each step
+  and guidance its CFG scale; the schedule is taken as it is (a switch
+  step's budget 1.0 is the caller's)."""
+  experts = [0] * len(schedule) if experts is None else experts
+  guidance = [5.0] * len(schedule) if guidance is None else guidance
+  condition_2b = dense.cfg_condition(condition)
+  model_config = nnx.merge(graphdef, dense.pick_expert(params, 0)).config
   scheduler = dense.make_scheduler("unipc", len(schedule), shift=shift)
   n = 1
   for s, p in zip(noise.shape[2:], model_config.patch_size):
@@ -138,9 +146,10 @@ def reference_astraea_sample(graphdef, params, noise, context, negative, *,
   latents = jnp.asarray(noise)
   state = scheduler.init(latents)
   context_2b = dense.cfg_context(context, negative)
-  for theta in schedule:
+  for theta, expert, scale in zip(schedule, experts, guidance):
     latents, state, cache = _reference_step(
-        graphdef, params, context_2b, scheduler, state, cache, latents,
-        token_mask, post_step, num_selected=schedule_lib.num_selected(theta, n),
+        graphdef, dense.pick_expert(params, expert), context_2b, scheduler,
+        state, cache, latents, token_mask, post_step, jnp.float32(scale),
+        condition_2b, num_selected=schedule_lib.num_selected(theta, n),
         num_shards=num_shards, config=config)
   return latents

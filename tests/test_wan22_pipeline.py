@@ -607,9 +607,6 @@ def test_astraea_on_i2v_a14b(i2v):
   assert np.abs(np.asarray(kept) - np.asarray(half)).max() > 1e-4
   with pytest.raises(ValueError, match="is image-to-video: give an image"):
     pipe.denoise(noise, context, negative, num_inference_steps=STEPS)
-  with pytest.raises(ValueError, match=r"--devices: .* \(two experts\) runs "
-                     "on one device"):
-    run(devices=2)
 
 
 def test_generate_i2v_a14b(i2v, tmp_path, capsys):

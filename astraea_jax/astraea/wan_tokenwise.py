@@ -124,6 +124,19 @@ def refresh_at_switch(ks, experts, num_tokens: int):
           for i, (k, e) in enumerate(zip(ks, experts))]
 
 
+def expert_steps(scheduler, budgets, ks, num_tokens: int,
+                 boundary_ratio: float | None, refresh_experts: bool):
+  """(expert, budget, K) per step of an Astraea run: `expert_plan`, and
+  with refresh_experts every switch a full step (`refresh_at_switch`;
+  its budget then reads 1.0)."""
+  experts = dense_sampler.expert_plan(scheduler.timesteps, boundary_ratio)
+  if refresh_experts:
+    ks = refresh_at_switch(ks, experts, num_tokens)
+    budgets = np.asarray([k / num_tokens if k == num_tokens else b
+                          for k, b in zip(ks, budgets)])
+  return experts, budgets, ks
+
+
 def resolve_steps(graphdef, params, noise, *, budget, schedule, scheduler,
                   steps, shift):
   """(scheduler, budgets, model config, N, K per step) of a Wan Astraea run;
@@ -163,17 +176,12 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
 
   Returns latents, plus the trajectory and/or SampleStats when asked.
   """
-  if (boundary_ratio is None) == isinstance(params, (tuple, list)):
-    raise ValueError("two experts' params go with a boundary_ratio, one "
-                     f"model's without ({boundary_ratio=})")
+  dense_sampler.check_experts(params, boundary_ratio)
   scheduler, budgets, config, n, ks = resolve_steps(
       model, params, noise, budget=budget, schedule=schedule,
       scheduler=scheduler, steps=steps, shift=shift)
-  experts = dense_sampler.expert_plan(scheduler.timesteps, boundary_ratio)
-  if refresh_experts:
-    ks = refresh_at_switch(ks, experts, n)
-    budgets = np.asarray([k / n if k == n else b
-                          for k, b in zip(ks, budgets)])
+  experts, budgets, ks = expert_steps(scheduler, budgets, ks, n,
+                                      boundary_ratio, refresh_experts)
   cache_args = (config.num_layers, 2 * noise.shape[0], n, config.dim)
   latents, _, trajectory, stats = dense_sampler.run(
       model_fn(model, params,

@@ -241,14 +241,9 @@ def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
   [-1, 1] at the video's size (TI2V-5B, I2V-A14B)."""
   del out, allow_pth, fps
   pipeline_class = pipelines.pipeline_class(model_path)
-  unsupported = {
-      "--vae (the folder has its VAE)": vae_path is not None,
-      "--devices (the two-expert A14B models run on one device for now)":
-          config.devices is not None and pipeline_class.MODEL != TI2V}
-  refused = [k for k, v in unsupported.items() if v]
-  if refused:
+  if vae_path is not None:
     raise ValueError(f"{model_path} is a Wan2.2 folder; not supported for "
-                     f"it: {', '.join(refused)}")
+                     "it: --vae (the folder has its VAE)")
   transformer_config, vae_config = pipeline_class.read_configs(model_path)
   wan_pipeline.latent_shape(                     # fail before loading weights
       config.height, config.width, config.frames,

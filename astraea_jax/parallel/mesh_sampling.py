@@ -12,7 +12,12 @@ with the step's results pinned to the mesh.
 Wan2.2's inputs pass as in the one-device samplers: `token_mask` (TI2V
 image-to-video: the image's tokens at timestep 0; the per-token timesteps
 are sharded with the tokens), `post_step` (its image frame put back after
-every step) and `condition` (I2V-A14B's extra input channels).
+every step), `condition` (I2V-A14B's extra input channels), and the A14B
+experts' params pair with `boundary_ratio`: each step's plan names its
+expert (`sampling.sampler.expert_plan`, one compile per expert and plan;
+both experts' params are placed on the mesh as one model's are) and its
+guidance scale (`expert_guidance`); Astraea's first step of the next
+expert computes every token (`wan_tokenwise.refresh_at_switch`).
 
 Inputs may be host or device arrays and are placed on the mesh
 (replicated); results come back replicated, readable on every process of
@@ -27,7 +32,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -43,8 +47,8 @@ F32 = jnp.float32
 
 
 def _dense_velocity(graphdef, params, inputs, sp, carry, latents_2b,
-                    timesteps_2b):
-  model = nnx.merge(graphdef, params)
+                    timesteps_2b, *, plan=None):
+  model = nnx.merge(graphdef, dense_sampler.pick_expert(params, plan))
   return sp_wan.forward(model, latents_2b, inputs.timesteps(timesteps_2b),
                         inputs.context, sp=sp,
                         condition=inputs.condition), carry
@@ -53,7 +57,8 @@ def _dense_velocity(graphdef, params, inputs, sp, carry, latents_2b,
 def wan_model_fn(graphdef, params, context_2b, sp: sp_wan.SequenceParallel,
                  token_mask=None, condition_2b=None):
   """`sampling.wan_model_fn` with the model sequence-parallel over sp.mesh
-  (token_mask, condition_2b: as `sampling.sampler.WanInputs`)."""
+  (params: one model's or the experts' pair, the plan its expert;
+  token_mask, condition_2b: as `sampling.sampler.WanInputs`)."""
   return jax.tree_util.Partial(
       _dense_velocity, graphdef, params,
       dense_sampler.WanInputs(context_2b, token_mask, condition_2b), sp)
@@ -97,23 +102,28 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
            guidance_scale: float = 5.0, shift: float | None = None,
            return_trajectory: bool = False, loop: str = "python",
            progress: bool = True, step_seconds: list | None = None,
-           token_mask=None, post_step=None, condition=None):
+           boundary_ratio: float | None = None, token_mask=None,
+           post_step=None, condition=None):
   """Dense CFG sampling over a mesh; `sampling.sample` plus mesh/strategy.
 
   strategy: "auto" | "ulysses" | "ring" | "hybrid" (parallel.attention);
   ulysses: the hybrid's Ulysses group size. loop "scan" runs
-  `sampling.denoise`'s scanned loop; "python" a jitted step per step.
-  token_mask, post_step, condition: as `sampling.sample` (Wan2.2).
+  `sampling.denoise`'s scanned loop (one model only); "python" a jitted
+  step per step. params, guidance_scale, boundary_ratio, token_mask,
+  post_step, condition: as `sampling.sample` (Wan2.2).
   """
+  dense_sampler.check_experts(params, boundary_ratio)
   sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
   _check_data_axis(sp, noise)
   # Fails before compiling; every input goes on the program's one mesh.
-  mesh = sp.program_mesh(nnx.merge(model, params).config.num_heads)
+  mesh = sp.program_mesh(nnx.merge(
+      model, dense_sampler.pick_expert(params, 0)).config.num_heads)
   scheduler = dense_sampler.resolve_scheduler(scheduler, steps, shift,
                                                noise.shape)
   params, latents, inputs, scheduler, post_step = _placed_inputs(
       params, noise, context, negative_context, scheduler, mesh,
       token_mask, condition, post_step)
+  experts = dense_sampler.expert_plan(scheduler.timesteps, boundary_ratio)
   model_fn = jax.tree_util.Partial(_dense_velocity, model, params, inputs,
                                    sp)
   rep = NamedSharding(mesh, P())
@@ -121,7 +131,9 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
   # every step's inputs placed alike, so the step compiles once.
   latents, _, trajectory, stats = dense_sampler.run(
       model_fn, latents, scheduler=scheduler,
-      guidance_scale=mesh_lib.put(np.float32(guidance_scale), mesh),
+      guidance_scale=mesh_lib.put(
+          dense_sampler.expert_guidance(experts, guidance_scale), mesh),
+      plans=None if boundary_ratio is None else experts,
       sched_state=mesh_lib.replicate(scheduler.init(latents), mesh),
       out_shardings=(rep, rep, rep), loop=loop,
       return_trajectory=return_trajectory, progress=progress,
@@ -135,15 +147,17 @@ def sample(model, params, noise, context, negative_context, *, mesh: Mesh,
 
 
 class Plan(NamedTuple):
-  """The static plan of one Astraea step over the mesh."""
+  """The static plan of one Astraea step over the mesh (expert: as
+  `wan_tokenwise.Plan`)."""
   num_selected: int
   config: selection.SelectionConfig
   sp: sp_wan.SequenceParallel
+  expert: int = 0
 
 
 def _astraea_velocity(graphdef, params, inputs, cache, latents_2b,
                       timesteps_2b, *, plan: Plan):
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, dense_sampler.pick_expert(params, plan.expert))
   return sp_wan.astraea_forward(model, latents_2b,
                                 inputs.timesteps(timesteps_2b),
                                 inputs.context, cache, sp=plan.sp,
@@ -168,19 +182,25 @@ def astraea_sample(model, params, noise, context, negative_context, *,
                    selection_config: selection.SelectionConfig = selection
                    .SelectionConfig(), return_trajectory: bool = False,
                    progress: bool = True, return_stats: bool = False,
-                   token_mask=None, post_step=None, condition=None):
+                   boundary_ratio: float | None = None,
+                   refresh_experts: bool = True, token_mask=None,
+                   post_step=None, condition=None):
   """Astraea CFG sampling over a mesh; `astraea.wan_tokenwise.sample` plus mesh.
 
   Each of the P sequence shards computes round(K_t / P) of its own tokens
   at step t (K_t = round(theta_t N)); budget 1.0 steps run the dense
   blocks. Stats (return_stats) count the tokens computed over all shards.
-  token_mask, post_step, condition: as `sampling.sample` (Wan2.2).
+  params, guidance_scale, boundary_ratio, refresh_experts, token_mask,
+  post_step, condition: as `wan_tokenwise.sample` (Wan2.2).
   """
+  dense_sampler.check_experts(params, boundary_ratio)
   sp = sp_wan.SequenceParallel(mesh, strategy, ulysses)
   _check_data_axis(sp, noise)
   scheduler, budgets, config, n, ks = wan_tokenwise.resolve_steps(
       model, params, noise, budget=budget, schedule=schedule,
       scheduler=scheduler, steps=steps, shift=shift)
+  experts, budgets, ks = wan_tokenwise.expert_steps(
+      scheduler, budgets, ks, n, boundary_ratio, refresh_experts)
   plan = sp.plan(config.num_heads)
   layout = TokenLayout(n, plan.num_shards)
   mesh = sp.inner_mesh(plan)  # the program's one mesh (program_mesh)
@@ -197,10 +217,12 @@ def astraea_sample(model, params, noise, context, negative_context, *,
       jax.tree_util.Partial(_astraea_velocity, model, params, inputs),
       latents,
       scheduler=scheduler,
-      guidance_scale=mesh_lib.put(np.float32(guidance_scale), mesh),
+      guidance_scale=mesh_lib.put(
+          dense_sampler.expert_guidance(experts, guidance_scale), mesh),
       sched_state=mesh_lib.replicate(scheduler.init(latents), mesh),
       out_shardings=(rep, rep, cache["update"].sharding),
-      plans=[Plan(k, selection_config, sp) for k in ks], carry=cache,
+      plans=[Plan(k, selection_config, sp, e) for k, e in zip(ks, experts)],
+      carry=cache,
       return_trajectory=return_trajectory, progress=progress,
       wait=return_stats, desc="astraea", post_step=post_step,
       postfix=[{"budget": f"{t:.2f}", "tokens": f"{c}/{n}"}

@@ -250,11 +250,8 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     applied by `image_hooks`.
     refresh_experts (two experts, Astraea): the first low-noise step
     computes every token (see `wan_tokenwise.sample`). devices: sample on
-    N devices (`parallel.samplers`; one expert only: TI2V-5B).
+    N devices (`parallel.samplers`, one expert or two).
     """
-    if devices is not None and self.transformer_2 is not None:
-      raise ValueError(f"--devices: {self.MODEL} (two experts) runs on one "
-                       "device for now; TI2V-5B takes --devices")
     d = self.DEFAULTS
     steps = num_inference_steps or d["steps"]
     guidance_scale = d["guidance"] if guidance_scale is None else \
@@ -269,7 +266,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
               "guidance_scale": guidance_scale, "progress": progress,
               **hooks}
     dense_sample, astraea_sample = dense_sampler.sample, astraea_sampler.sample
-    if devices is not None:  # one expert (refused above otherwise)
+    if devices is not None:
       dense_sample, astraea_sample = parallel.samplers(
           devices, batch=2 * noise.shape[0])
     # Both experts are on the accelerator for the whole run.

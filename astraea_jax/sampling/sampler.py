@@ -498,6 +498,14 @@ def expert_plan(timesteps, boundary_ratio: float | None,
   return [0 if float(t) >= boundary else 1 for t in np.asarray(timesteps)]
 
 
+def check_experts(params, boundary_ratio: float | None):
+  """Two experts' params go with a boundary_ratio, one model's without
+  (every sampler that takes `expert_plan`'s plans checks this first)."""
+  if (boundary_ratio is None) == isinstance(params, (tuple, list)):
+    raise ValueError("two experts' params go with a boundary_ratio, one "
+                     f"model's without ({boundary_ratio=})")
+
+
 def expert_guidance(experts, guidance_scale):
   """Per-step CFG scales: `guidance_scale` is one scale or, as Wan2.2's
   configs give it, a pair (low-noise expert's, high-noise expert's)."""
@@ -624,9 +632,7 @@ def sample(model, params, noise, context, negative_context, *,
   if context.shape[0] != noise.shape[0]:
     raise ValueError(f"context batch {context.shape[0]} != noise batch "
                      f"{noise.shape[0]}")
-  if (boundary_ratio is None) == isinstance(params, (tuple, list)):
-    raise ValueError("two experts' params go with a boundary_ratio, one "
-                     f"model's without ({boundary_ratio=})")
+  check_experts(params, boundary_ratio)
   experts = expert_plan(scheduler.timesteps, boundary_ratio)
   model_fn = wan_model_fn(model, params,
                           cfg_context(context, negative_context), token_mask,
