@@ -248,17 +248,23 @@ def test_first_frame_mask_and_output_size_follow_wan22():
 A14B_SHIFT, A14B_GUIDANCE = 12.0, (3.0, 4.0)  # wan22 configs/wan_t2v_A14B.py
 
 
+def two_experts(tmp_path_factory, name, config, kind, seeds, pipeline):
+  """Random high- and low-noise reference experts written as a published
+  A14B folder (Wan2.1 VAE), converted, loaded as `pipeline`:
+  (high, low, pipe, folder)."""
+  high, low = (reference_dit(config, kind, seed=s) for s in seeds)
+  folder = converted(
+      tmp_path_factory, name,
+      {"high_noise_model": (high, config, kind),
+       "low_noise_model": (low, config, kind)}, VAE21, "Wan2.1_VAE")
+  return high, low, pipeline.from_pretrained(
+      folder, load_text_encoder=False), folder
+
+
 @pytest.fixture(scope="module")
 def a14b(tmp_path_factory):
-  high = reference_dit(T2V, "t2v", seed=6)
-  low = reference_dit(T2V, "t2v", seed=7)
-  folder = converted(
-      tmp_path_factory, "a14b",
-      {"high_noise_model": (high, T2V, "t2v"),
-       "low_noise_model": (low, T2V, "t2v")}, VAE21, "Wan2.1_VAE")
-  pipe = wan22_pipeline.Wan22T2VA14BPipeline.from_pretrained(
-      folder, load_text_encoder=False)
-  return high, low, pipe, folder
+  return two_experts(tmp_path_factory, "a14b", T2V, "t2v", (6, 7),
+                     wan22_pipeline.Wan22T2VA14BPipeline)
 
 
 def a14b_noise(pipe):
@@ -438,15 +444,8 @@ I2V_IMAGE, I2V_AREA, I2V_FRAMES = (60, 40), 48 * 32, 5
 
 @pytest.fixture(scope="module")
 def i2v(tmp_path_factory):
-  high = reference_dit(I2V_CONFIG, "i2v", seed=11)
-  low = reference_dit(I2V_CONFIG, "i2v", seed=12)
-  folder = converted(
-      tmp_path_factory, "i2v",
-      {"high_noise_model": (high, I2V_CONFIG, "i2v"),
-       "low_noise_model": (low, I2V_CONFIG, "i2v")}, VAE21, "Wan2.1_VAE")
-  pipe = wan22_pipeline.Wan22I2VA14BPipeline.from_pretrained(
-      folder, load_text_encoder=False)
-  return high, low, pipe, folder
+  return two_experts(tmp_path_factory, "i2v", I2V_CONFIG, "i2v", (11, 12),
+                     wan22_pipeline.Wan22I2VA14BPipeline)
 
 
 def reference_wan21_vae():
