@@ -15,6 +15,10 @@ runs and the sum restarts. |a| = mean absolute value of a (the authors'
 code), taken on the conditional half of the CFG batch; warm-up steps and
 the last step always run; a step runs while no rate exists.
 
+Astraea + EasyCache's rule (the library's composition, ours; see
+docs/baselines.md): the same estimate and sum decide at Astraea's sparse
+steps whether they run with their K tokens or reuse every token (K = 0).
+
 MagCache (Ma et al., "MagCache: Fast Video Generation with Magnitude-Aware
 Cache", arXiv 2506.09045, method section): residual r_t = block-stack
 output - input; magnitude ratio gamma_t = mean_tokens ||r_t|| / ||r_{t-1}||
@@ -98,6 +102,51 @@ def easycache_sample(model, noise, ctx2b, *, steps, shift, guidance, tau,
 
   out = rw.cfg_sample(velocity, noise, ts, dt, guidance)
   return out, computed, estimates
+
+
+# Astraea + EasyCache's rule ---------------------------------------------------
+
+
+class AstraeaAdaptiveRule:
+  """EasyCache's decision (the rule above) on Astraea's steps, as
+  docs/baselines.md states the composition: a step whose budget is 1 and
+  the last step run, a budget-0 step never runs; at any other step the
+  estimates eps summed since the last step that ran (this one's included)
+  decide: run when the sum reaches tau or no rate exists, else reuse. eps
+  and the rate are EasyCache's, measured on the steps that ran.
+
+  step(i, x_2b, run_model) -> (ran, eps); run_model() returns the step's
+  output (2B, ...) when it runs.
+  """
+
+  def __init__(self, *, budgets, tau):
+    self.budgets, self.tau = list(budgets), tau
+    self.ran = []                  # (x_cond, v_cond) of each step that ran
+    self.x_before = None
+    self.total = 0.0
+
+  def step(self, i, x_2b, run_model):
+    b = x_2b.shape[0] // 2
+    x = np.asarray(x_2b[:b], np.float64)
+    eps = 0.0
+    if len(self.ran) >= 2:
+      (x0, v0), (x1, v1) = self.ran[-2:]
+      k = mabs(v1 - v0) / mabs(x1 - x0)
+      eps = k * mabs(x - self.x_before) / mabs(v1)
+    self.x_before = x
+    self.total += eps
+    budget = self.budgets[i]
+    if budget == 0:
+      run = False
+    elif budget == 1 or i == len(self.budgets) - 1:
+      run = True
+    else:
+      run = self.total >= self.tau or len(self.ran) < 2
+    if run:
+      self.total = 0.0
+      v = np.asarray(run_model(), np.float64)
+      self.ran.append((x, v[:b]))
+    return run, eps
 
 
 # MagCache ---------------------------------------------------------------------

@@ -21,6 +21,8 @@ a plan says what each block computes at that step:
              small (Zhou et al. 2025);
   MagCache   the whole step skipped while a calibrated magnitude-ratio
              curve says the residual has changed little (Ma et al. 2025).
+  AstraeaAdaptive  Astraea's schedule, with EasyCache's rule reusing a
+             whole sparse step (K = 0) at run time (ours).
 
 A plan (`step_plans`) is what one step computes, a static argument of the
 one jitted step (`sampling.run`): one compile per distinct plan. A run's
@@ -236,6 +238,71 @@ class Astraea(_Base):
       carry["order"] = jnp.zeros((config.num_layers, batch, num_tokens),
                                  jnp.int32)
     return carry
+
+
+@dataclasses.dataclass(frozen=True)
+class AstraeaAdaptive(Astraea):
+  """Astraea's budget schedule with EasyCache's run-time rule deciding
+  which of its sparse steps are reused whole (ours; docs/baselines.md).
+
+  Every setting of `Astraea` (budget or searched schedule, ablations)
+  gives K_t per step. The schedule's full steps (K_t = N), its K_t = 0
+  steps, the last step (as EasyCache's) and the "fixed" ablation's ranking
+  step are kept as they are; at every other step,
+  EasyCache's estimate of the relative output change (`step_reuse`:
+  transformation rate k_i, measured on the steps that ran) is summed since
+  the last step that ran, and while the sum stays under `tau` the step
+  runs no block: every token adds its cached update (Astraea's K = 0 step).
+  Else it runs with its K_t tokens and the sum restarts. A step runs while
+  no rate exists (two steps that ran). tau 0 is Astraea itself.
+  """
+  tau: float = 0.05
+  family: ClassVar[str] = "astraea_adaptive"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float))
+        or not 0.0 <= self.tau < math.inf):
+      raise ValueError(f"{self.tau=} must be a finite number >= 0")
+
+  @property
+  def method(self) -> str:
+    return "astraea+easycache" + (f" ({self.ablation})" if self.ablation
+                                  else "")
+
+  def label(self) -> str:
+    return f"{super().label()} tau={_fmt(float(self.tau))}"
+
+  def plans(self, timesteps, num_tokens):
+    steps = len(timesteps)
+    out = []
+    for i, plan in enumerate(super().plans(timesteps, num_tokens)):
+      if plan.num_selected == 0:
+        mode = "reuse"
+      elif plan.num_selected == num_tokens or plan.freeze or (
+          i == steps - 1):   # freeze: the "fixed" ablation ranks here
+        mode = "full"
+      else:
+        mode = "adaptive"
+      out.append(step_reuse.AdaptiveTokenPlan(plan, mode))
+    return out
+
+  def init_carry(self, config, batch, num_tokens, latent_shape, steps):
+    half = (batch // 2,) + tuple(latent_shape[1:])
+    return {**super().init_carry(config, batch, num_tokens, latent_shape,
+                                 steps),
+            "v_last": jnp.zeros(half, F32), "x_last": jnp.zeros(half, F32),
+            "x_prev": jnp.zeros(half, F32), "rate": jnp.zeros((), F32),
+            "computed_count": jnp.zeros((), jnp.int32),
+            "accumulated": jnp.zeros((), F32),
+            "threshold": jnp.asarray(self.tau, F32),
+            "computed": jnp.zeros((steps,), bool),
+            "estimates": jnp.zeros((steps,), F32)}
+
+  def step_costs(self, plans, carry):
+    computed = np.asarray(carry["computed"])
+    return [p.cost_key() if computed[i] else p.reuse_plan.cost_key()
+            for i, p in enumerate(plans)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from astraea_jax.astraea import selection
 from astraea_jax.astraea.policies import (
     PAB,
     Astraea,
+    AstraeaAdaptive,
     Dense,
     EasyCache,
     MagCache,
@@ -23,7 +24,7 @@ from astraea_jax.astraea.policies import (
 
 FAMILIES = {"dense": Dense, "astraea": Astraea, "toca": ToCa, "pab": PAB,
             "step_cache": StepCache, "easycache": EasyCache,
-            "magcache": MagCache}
+            "magcache": MagCache, "astraea_adaptive": AstraeaAdaptive}
 # Settings by their papers' names.
 ALIASES = {"self": "self_range", "cross": "cross_range", "K": "max_skip",
            "k": "max_skip"}
@@ -71,6 +72,7 @@ def parse_policy(spec: str):
     pab:self=2,cross=4[,window=100/800]
     step_cache:threshold=0.1[,indicator=timestep_embedding,reuse=velocity]
     easycache:tau=0.05[,warmup=0.1]
+    astraea_adaptive:budget=0.4,tau=0.05  (any astraea setting, + tau)
     magcache:thresh=0.06,K=2[,retention=0.2,ratios=g0/g1/...]
       (without ratios, `astraea eval` calibrates the curve on its first
       sample: MagCache.calibrate)
@@ -82,6 +84,7 @@ def parse_policy(spec: str):
     raise ValueError(f"unknown policy {family!r} in {spec!r}; choose from "
                      f"{sorted(FAMILIES)}")
   cls = FAMILIES[family]
+  astraea = issubclass(cls, Astraea)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   aliases = ALIASES
   kwargs, selection_kw = {}, {}
@@ -90,7 +93,7 @@ def parse_policy(spec: str):
     key = aliases.get(key.strip(), key.strip())
     if not eq:
       raise ValueError(f"{spec!r}: {item!r} is not key=value")
-    if family == "astraea" and key == "ablation":
+    if astraea and key == "ablation":
       if value not in ABLATIONS:
         raise ValueError(f"{spec!r}: unknown ablation {value!r}; choose "
                          f"from {sorted(ABLATIONS)}")
@@ -99,7 +102,7 @@ def parse_policy(spec: str):
           selection_kw.update(v)
         else:
           kwargs[k] = v
-    elif family == "astraea" and key == "schedule":
+    elif astraea and key == "schedule":
       kwargs["schedule"] = tuple(schedule_lib.load(value))
       kwargs.setdefault("schedule_name", _schedule_name(value))
       kwargs["budget"] = None

@@ -32,6 +32,11 @@ The curve is known before sampling, so MagCache's decisions are too:
 Ours: one curve (mean over the CFG batch and tokens) and one decision for
 both CFG halves (the authors keep one per half).
 
+Astraea composed with EasyCache's rule (`AdaptiveTokenPlan`, ours): the
+token budget schedule decides K_t, and at a step with 0 < K_t < N the rule
+above, measured on the steps that ran, decides at run time whether it runs
+with K_t tokens or reuses every token's cached update (K = 0).
+
 Equation numbers are not quoted: the papers' text was not at hand, only
 their method descriptions and the authors' code (docs/baselines.md).
 """
@@ -66,8 +71,7 @@ class EasyCachePlan:
   def forward(self, model, latents, timestep, context, carry):
     half = latents.shape[0] // 2            # rows [:half]: conditional
     count = carry["computed_count"]         # computed steps so far
-    estimate = carry["rate"] * mean_abs(latents[:half] - carry["x_prev"]) / (
-        mean_abs(carry["v_last"]) + 1e-12)
+    estimate = step_estimate(carry, latents[:half])
     if self.mode == "full":
       compute, accumulated = jnp.bool_(True), jnp.zeros((), F32)
     else:
@@ -78,10 +82,7 @@ class EasyCachePlan:
 
     def computed(_):
       v = model(latents, timestep, context).astype(F32)
-      # k between this computed step and the previous one (cond half).
-      rate = mean_abs(v[:half] - carry["v_last"]) / (
-          mean_abs(latents[:half] - carry["x_last"]) + 1e-12)
-      rate = jnp.where(count >= 1, rate, carry["rate"])
+      rate = transformation_rate(carry, v[:half], latents[:half], count)
       return v, (v - latents, v[:half], latents[:half], rate, count + 1)
 
     def reused(_):
@@ -106,6 +107,21 @@ class EasyCachePlan:
     return "dense" if self.mode == "full" else "easycache:adaptive"
 
 
+def step_estimate(carry, x_half):
+  """eps_t = k_i |x_t - x_{t-1}| / |v_i| (cond half; k_i = 0 until a rate
+  exists)."""
+  return carry["rate"] * mean_abs(x_half - carry["x_prev"]) / (
+      mean_abs(carry["v_last"]) + 1e-12)
+
+
+def transformation_rate(carry, v_half, x_half, count):
+  """k_i = |v_i - v_i'| / |x_i - x_i'| between this computed step and the
+  computed step before it (the carry's rate while there is none)."""
+  rate = mean_abs(v_half - carry["v_last"]) / (
+      mean_abs(x_half - carry["x_last"]) + 1e-12)
+  return jnp.where(count >= 1, rate, carry["rate"])
+
+
 def easycache_decisions(estimates, threshold: float, warmup: int,
                         ) -> list[bool]:
   """Which steps EasyCache computes, given each step's estimate eps_t:
@@ -115,6 +131,97 @@ def easycache_decisions(estimates, threshold: float, warmup: int,
   step (which also computes while it has no rate yet), written out: step
   caching's accumulate-and-reset rule with EasyCache's warm-up."""
   return step_plans.step_cache_decisions(estimates, threshold, warmup)
+
+
+# Astraea + EasyCache's rule -------------------------------------------------
+
+
+ADAPTIVE_MODES = ("full", "adaptive", "reuse")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveTokenPlan:
+  """Astraea's step `token` (a `TokenPlan`, K_t tokens per block) under
+  EasyCache's rule (`AstraeaAdaptive`). mode "full": always run it (the
+  schedule's full steps and the last step); "adaptive": run it unless the
+  accumulated estimate E_t is under the carry's threshold, else reuse
+  every token's cached block update (K = 0, Astraea's own reuse);
+  "reuse": the schedule's K = 0 (no decision, its estimate accumulates).
+  The rule's measurements are EasyCache's on the step's input and output
+  (`step_estimate`, `transformation_rate`), taken at the steps that ran
+  with K_t > 0 tokens."""
+  token: step_plans.TokenPlan
+  mode: str = "adaptive"
+
+  def __post_init__(self):
+    if self.mode not in ADAPTIVE_MODES:
+      raise ValueError(f"{self.mode=} must be one of {ADAPTIVE_MODES}")
+
+  @property
+  def reuse_plan(self) -> step_plans.TokenPlan:
+    """Astraea's K = 0 step (what its schedule's zeros run)."""
+    return dataclasses.replace(self.token, budget=0.0, num_selected=0,
+                               selector="score", freeze=False)
+
+  def forward(self, model, latents, timestep, context, carry):
+    half = latents.shape[0] // 2            # rows [:half]: conditional
+    count = carry["computed_count"]
+    estimate = step_estimate(carry, latents[:half])
+    accumulated = carry["accumulated"] + estimate
+    if self.mode == "full":
+      compute = jnp.bool_(True)
+    elif self.mode == "reuse":
+      compute = jnp.bool_(False)
+    else:
+      compute = jnp.logical_or(accumulated >= carry["threshold"], count < 2)
+    accumulated = jnp.where(compute, 0.0, accumulated)
+
+    def run(plan, carry):
+      v, carry = plan.forward(model, latents, timestep, context, carry)
+      return v.astype(F32), carry
+
+    def computed(carry):
+      v, carry = run(self.token, carry)
+      rate = transformation_rate(carry, v[:half], latents[:half], count)
+      return v, {**carry, "v_last": v[:half], "x_last": latents[:half],
+                 "rate": rate, "computed_count": count + 1}
+
+    def reused(carry):
+      return run(self.reuse_plan, carry)
+
+    if self.mode == "full":
+      velocity, carry = computed(carry)
+    elif self.mode == "reuse":
+      velocity, carry = reused(carry)
+    else:
+      velocity, carry = jax.lax.cond(compute, computed, reused, carry)
+    step = carry["step"]
+    return velocity, {
+        **carry, "x_prev": latents[:half], "accumulated": accumulated,
+        "computed": carry["computed"].at[step].set(compute),
+        "estimates": carry["estimates"].at[step].set(estimate)}
+
+  def cost_key(self) -> str:
+    return (self.reuse_plan if self.mode == "reuse" else self.token
+            ).cost_key()
+
+
+def adaptive_decisions(estimates, threshold: float, modes) -> list[bool]:
+  """Which steps `AdaptiveTokenPlan`s run with their K_t, given each
+  step's estimate eps_t and plan mode, written out for checking: "full"
+  runs, "reuse" does not, "adaptive" runs when the estimates summed since
+  the last step that ran (its own included) reach the threshold or fewer
+  than two steps have run (no rate yet). A step that runs restarts the
+  sum."""
+  out, accumulated, count = [], 0.0, 0
+  for eps, mode in zip(estimates, modes, strict=True):
+    accumulated += float(eps)
+    run = (mode == "full" or mode == "adaptive" and (
+        accumulated >= threshold or count < 2))
+    out.append(run)
+    if run:
+      accumulated, count = 0.0, count + 1
+  return out
 
 
 # MagCache --------------------------------------------------------------------

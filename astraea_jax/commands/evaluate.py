@@ -55,7 +55,9 @@ def add_parser(sub, parents):
                       "astraea:budget=0.5,ablation=random "
                       "toca:interval=3,ratio=0.3 pab:self=2,cross=4 "
                       "step_cache:threshold=0.1 easycache:tau=0.05 "
-                      "magcache:thresh=0.06,K=2 (see astraea_jax/astraea/"
+                      "magcache:thresh=0.06,K=2 "
+                      "astraea_adaptive:budget=0.4,tau=0.05 (Astraea + "
+                      "EasyCache's rule; see astraea_jax/astraea/"
                       "policy_specs.py parse_policy)")
   p.add_argument("--schedule", nargs="+", default=None, metavar="FILE",
                  help="searched schedule.json files to add (astraea search)")
