@@ -239,12 +239,19 @@ def mark_folder(folder, *, command: str | None = None):
     write_bytes(folder / MARKER, _marker(command).encode())
 
 
-def write_bytes(path, blob: bytes) -> pathlib.Path:
-  """Atomic write (temporary name, then rename); permissions per umask."""
+def write_bytes(path, blob: bytes, *, durable: bool = False) -> pathlib.Path:
+  """Atomic write (temporary name, then rename); permissions per umask.
+
+  durable: fsync the data before the rename (checkpoints that a kill or a
+  power cut must leave either old or new, never empty)."""
   path = pathlib.Path(path)
   tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
   try:
-    tmp.write_bytes(blob)
+    with open(tmp, "wb") as f:
+      f.write(blob)
+      if durable:
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
   finally:
     if tmp.exists():
@@ -252,12 +259,14 @@ def write_bytes(path, blob: bytes) -> pathlib.Path:
   return path
 
 
-def write_text(path, text: str) -> pathlib.Path:
-  return write_bytes(path, text.encode())
+def write_text(path, text: str, *, durable: bool = False) -> pathlib.Path:
+  return write_bytes(path, text.encode(), durable=durable)
 
 
-def write_json(path, doc, *, indent: int = 2) -> pathlib.Path:
-  return write_text(path, json.dumps(doc, indent=indent) + "\n")
+def write_json(path, doc, *, indent: int | None = 2,
+               durable: bool = False) -> pathlib.Path:
+  return write_text(path, json.dumps(doc, indent=indent) + "\n",
+                    durable=durable)
 
 
 def write_figure(path, fig, **savefig) -> pathlib.Path:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 
 import jax
 import numpy as np
 import tqdm
 
+from astraea_jax import outputs
 from astraea_jax.astraea.search.genetic import (
     SearchConfig,
     initial_population,
@@ -67,18 +66,8 @@ def save_state(path, state: SearchState, config: SearchConfig, fingerprint):
   for bit the uninterrupted one), and the file is readable by eye. A kill at
   any moment leaves either the previous or the new file, never a mix.
   """
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(state.to_json(config, fingerprint), f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  outputs.write_json(path, state.to_json(config, fingerprint), indent=None,
+                     durable=True)
 
 
 def load_state(path, config: SearchConfig, fingerprint) -> SearchState:

@@ -33,13 +33,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 import tqdm
 
+from astraea_jax import outputs
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea.search.genetic import (
     FULL,
@@ -273,19 +272,9 @@ def _state_doc(measured, base_fitness, search_config, dp_config,
 def save_state(path, measured, base_fitness, search_config, dp_config,
                fingerprint):
   """Atomic JSON checkpoint of the measured costs (temp file + rename)."""
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(_state_doc(measured, base_fitness, search_config, dp_config,
-                           fingerprint), f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  outputs.write_json(path, _state_doc(measured, base_fitness, search_config,
+                                      dp_config, fingerprint),
+                     indent=None, durable=True)
 
 
 def load_state(path, search_config, dp_config, fingerprint):
