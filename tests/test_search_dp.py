@@ -11,19 +11,16 @@ import json
 import numpy as np
 import pytest
 
-from astraea_jax import cli, testing
+from astraea_jax import cli
 from astraea_jax import demo as demo_lib
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import search
 from astraea_jax.astraea.search import separable
 from astraea_jax.commands import common
-from astraea_jax.configs import WanConfig
-from converters.safetensors_io import save_file
 
-MODEL = WanConfig.tiny(num_layers=2, dim=64, ffn_dim=96, num_heads=2,
-                       text_dim=24, text_len=8, freq_dim=16)
-STEPS, SAMPLES = 4, 2
-VIDEO = ["--height", "32", "--width", "48", "--frames", "5"]
+# The tiny model's converted checkpoint and prompt files: test_search's.
+from test_search import SAMPLES, STEPS, VIDEO
+from test_search import files  # noqa: F401 (fixture)
 
 
 # The exact optimum -----------------------------------------------------------
@@ -274,19 +271,6 @@ def test_demo_uses_the_searched_schedule_of_its_budget(tmp_path, capsys):
 
 
 # The command line ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-  """A converted tiny checkpoint and two prompt embedding files."""
-  root = tmp_path_factory.mktemp("search_dp")
-  src = testing.write_wan_checkpoint(root / "src", MODEL, seed=3)
-  assert cli.main(["convert", str(src), str(root / "ckpt"), "--quiet"]) == 0
-  rng = np.random.default_rng(0)
-  for i in range(SAMPLES):
-    save_file({"context": rng.standard_normal((5, 24)).astype(np.float32)},
-              root / f"p{i}.safetensors")
-  return root
 
 
 def test_cli_dp_search_installs_a_schedule_generate_finds(files, tmp_path,
