@@ -177,3 +177,27 @@ def test_policy_labels_name_a_non_default_state():
                     "astraea (exact-state) budget=0.5",
                     "astraea (float8-state) budget=0.5",
                     "astraea (bfloat16-sketch32) budget=0.5"]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_sketch_projection_per_block(split_model, inputs, monkeypatch,
+                                         masked):
+  """With a sketch, each block projects its input once: the score's
+  projection of all N tokens also gives the cache's "input" rows of the
+  computed tokens (selection.LayerView); no projection of K rows."""
+  shapes = []
+  real = selection.encode_input
+
+  def counting(x, config):
+    shapes.append(x.shape)
+    return real(x, config)
+
+  monkeypatch.setattr(selection, "encode_input", counting)
+  cfg = selection.SelectionConfig()
+  # budgets 1.0 (every token written) then 0.5 (K = 16 of 32): traced once
+  # each, the blocks under one lax.scan body.
+  jax.eval_shape(lambda: tiny.run_forward(split_model, inputs, [1.0, 0.5],
+                                          masked, cfg))
+  assert shapes and all(s[1] == tiny.TOKENS for s in shapes), shapes
+  # the full step: one projection; the selecting step: one (not two)
+  assert len(shapes) == 2, shapes

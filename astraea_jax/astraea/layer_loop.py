@@ -76,12 +76,12 @@ def run(stacks, x, caches, *, apply, mode: str, config, select=None,
       x_out, aux = apply(kind, block, x, None)
       x, cache = selection.write_masked(cache, i, x, x_out, aux[statistic],
                                         chosen, config,
-                                        view.made_input(config))
+                                        view.made_input(x, config))
       return x, cache, state
     x_sel, aux = apply(kind, block, x, chosen)
     x, cache = selection.write_selected(cache, i, x, chosen, x_sel,
                                         aux[statistic], config,
-                                        view.made_input(config))
+                                        view.made_input(x, config))
     return x, cache, state
 
   def body(carry, layer_params):
