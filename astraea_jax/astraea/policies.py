@@ -291,13 +291,7 @@ class AstraeaAdaptive(Astraea):
     half = (batch // 2,) + tuple(latent_shape[1:])
     return {**super().init_carry(config, batch, num_tokens, latent_shape,
                                  steps),
-            "v_last": jnp.zeros(half, F32), "x_last": jnp.zeros(half, F32),
-            "x_prev": jnp.zeros(half, F32), "rate": jnp.zeros((), F32),
-            "computed_count": jnp.zeros((), jnp.int32),
-            "accumulated": jnp.zeros((), F32),
-            "threshold": jnp.asarray(self.tau, F32),
-            "computed": jnp.zeros((steps,), bool),
-            "estimates": jnp.zeros((steps,), F32)}
+            **step_reuse.rule_state(half, self.tau, steps)}
 
   def step_costs(self, plans, carry):
     computed = np.asarray(carry["computed"])
@@ -549,13 +543,7 @@ class EasyCache(_Base):
     half = (batch // 2,) + tuple(latent_shape[1:])
     return {"step": jnp.zeros((), jnp.int32),
             "delta": jnp.zeros((batch,) + tuple(latent_shape[1:]), F32),
-            "v_last": jnp.zeros(half, F32), "x_last": jnp.zeros(half, F32),
-            "x_prev": jnp.zeros(half, F32), "rate": jnp.zeros((), F32),
-            "computed_count": jnp.zeros((), jnp.int32),
-            "accumulated": jnp.zeros((), F32),
-            "threshold": jnp.asarray(self.tau, F32),
-            "computed": jnp.zeros((steps,), bool),
-            "estimates": jnp.zeros((steps,), F32),
+            **step_reuse.rule_state(half, self.tau, steps),
             "rates": jnp.zeros((steps,), F32)}
 
   def step_costs(self, plans, carry):

@@ -107,6 +107,22 @@ class EasyCachePlan:
     return "dense" if self.mode == "full" else "easycache:adaptive"
 
 
+def rule_state(half_shape, threshold: float, steps: int) -> dict:
+  """The carry entries EasyCache's rule reads and writes (`step_estimate`,
+  `transformation_rate`): the conditional half's last computed output and
+  input, the previous step's input, the rate, the computed-step count, the
+  accumulated estimate and its threshold, and per step whether it ran and
+  its estimate. EasyCache and the Astraea composition both keep them."""
+  return {"v_last": jnp.zeros(half_shape, F32),
+          "x_last": jnp.zeros(half_shape, F32),
+          "x_prev": jnp.zeros(half_shape, F32), "rate": jnp.zeros((), F32),
+          "computed_count": jnp.zeros((), jnp.int32),
+          "accumulated": jnp.zeros((), F32),
+          "threshold": jnp.asarray(threshold, F32),
+          "computed": jnp.zeros((steps,), bool),
+          "estimates": jnp.zeros((steps,), F32)}
+
+
 def step_estimate(carry, x_half):
   """eps_t = k_i |x_t - x_{t-1}| / |v_i| (cond half; k_i = 0 until a rate
   exists)."""
