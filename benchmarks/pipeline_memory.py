@@ -155,6 +155,15 @@ ROWS = [
     ("decode_new_autotune0", [str(HERE / "vae_memory.py"), "--one",
                               "chunked"], ".",
      {"XLA_FLAGS": "--xla_gpu_autotune_level=0"}),
+    # Levels 1-3 autotune without (1) or with fewer (2-3) of level 4's
+    # correctness checks (reference outputs and redzones, allocated beside
+    # each candidate): is the compile-time peak theirs?
+    ("decode_new_autotune1", [str(HERE / "vae_memory.py"), "--one",
+                              "chunked"], ".",
+     {"XLA_FLAGS": "--xla_gpu_autotune_level=1"}),
+    ("decode_new_autotune3", [str(HERE / "vae_memory.py"), "--one",
+                              "chunked"], ".",
+     {"XLA_FLAGS": "--xla_gpu_autotune_level=3"}),
     ("whole_dense_cap12", ["--whole", "--steps", "10"], ".",
      {"XLA_PYTHON_CLIENT_MEM_FRACTION": "CAP12"}),
     ("whole_astraea04_cap16", ["--whole", "--budget", "0.4"], ".",

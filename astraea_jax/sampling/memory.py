@@ -1,7 +1,8 @@
 """Know before you run out: a sampling run's device peak, before it runs.
 
-The host loop compiles its first step ahead of time (`sampler.run`) and,
-before it allocates the carry (Astraea's token caches), asks `check_fits`:
+The host loop compiles its step programs ahead of time (`sampler.run`)
+and, before it allocates the carry (Astraea's token caches), asks
+`check_fits` of the largest:
 
     peak = the step program's bytes (XLA's memory analysis: arguments +
            outputs - donated aliases + temporaries)

@@ -193,13 +193,13 @@ def compiled_count() -> int | None:
 
 # Ahead-of-time step programs: (plan, argument signature) -> Future of the
 # compiled executable, kept for the process like jax's jit cache. Steps on
-# one device run through these, so that (1) every distinct plan compiles
-# in a background thread while the first plan's compile and steps run
-# (on one H100 a cold Wan2.1-1.3B Astraea 0.4 run still took 17 s more
-# than a warm one, against 5 s for the dense run: the overlap is partial;
-# benchmarks/results/astraea_end_to_end_h100.json), and (2) the first
-# plan's compiled memory analysis says whether the run fits before its
-# carry (the token caches) is allocated (`memory.check_fits`).
+# one device run through these, so that (1) the distinct plans compile
+# side by side in threads (a cold Wan2.1-1.3B Astraea 0.4 run on one H100
+# took 17 s more than a warm one when they compiled one after the other,
+# against 5 s for the dense run; benchmarks/results/
+# astraea_end_to_end_h100.json), and (2) their compiled memory analyses
+# say whether the run fits before its carry (the token caches) is
+# allocated (`memory.check_fits`).
 _EXECUTABLES: dict = {}
 _POOL: list = []
 
@@ -226,9 +226,7 @@ def compile_plans(step, plans, args):
   out, started = {}, set()
   signature = _signature(args)
   # Every plan is submitted at once, in plan order (the pool runs up to
-  # four compiles side by side): the later plans' compiles overlap the
-  # first plan's as well as its steps (the warm-up steps at budget 1.0 of
-  # a default schedule take ~5 s of Wan2.1-1.3B 480p on one H100).
+  # four compiles side by side).
   for plan in dict.fromkeys(plans):
     key = (plan, signature)
     cached = _EXECUTABLES.get(key)
@@ -261,9 +259,9 @@ class SampleStats:
     jax hides it); plans: the static plan each step ran.
   Token-wise samplers: num_tokens N, budgets (one per step), num_selected
   (tokens computed per block, per step), compiled_k (distinct token counts,
-  each a compile). estimated_peak_bytes: the device peak the compiled
-  first step predicts (`memory.check_fits`; None on meshes). Sequence
-  parallel: num_shards, plan (the attention plan),
+  each a compile). estimated_peak_bytes: the device peak the largest
+  compiled step program predicts (`memory.check_fits`; None on meshes).
+  Sequence parallel: num_shards, plan (the attention plan),
   selected_per_shard. Policies: label, method, cost_keys.
   """
   step_seconds: list[float] = dataclasses.field(default_factory=list)
@@ -341,7 +339,7 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
       for all `scheduler.num_steps` steps. One compile per distinct plan.
     carry: pytree threaded through model_fn (caches); consumed (donated).
     make_carry: or a function that makes it, called only after the
-      compiled first step said the run fits the device (`memory`).
+      compiled step programs said the run fits the device (`memory`).
     sched_state: the scheduler's state (default `scheduler.init(latents)`).
     out_shardings: the jitted step's result placement (mesh samplers).
     loop: "python" (a jitted step per step, progress bar) or "scan" (the
@@ -386,8 +384,13 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
   futures, started = {}, set()
   if out_shardings is None:  # mesh programs keep their jitted placement
     futures, started = compile_plans(step, plans, args)
-    stats.estimated_peak_bytes = memory.check_fits(
-        futures[plans[0]].result(), args, hint=memory_hint)
+    # Every plan compiled before the carry is allocated: the largest
+    # program says whether the run fits, and no compile's autotuning
+    # scratch lands on top of the token caches.
+    largest = max((futures[p].result() for p in futures),
+                  key=memory.program_bytes)
+    stats.estimated_peak_bytes = memory.check_fits(largest, args,
+                                                   hint=memory_hint)
   if make_carry is not None:
     carry = make_carry()
   trajectory, used = [], set()
