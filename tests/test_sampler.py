@@ -24,6 +24,7 @@ from flax import nnx
 
 from astraea_jax import testing
 from astraea_jax.configs import WanConfig
+from astraea_jax.sampling import memory
 from astraea_jax.sampling import sampler
 from astraea_jax.sampling.schedulers import FlowEuler, FlowUniPC
 from converters import wan as wan_converter
@@ -185,3 +186,44 @@ def test_wan_latent_shape():
       2, 16, 21, 90, 160)
   with pytest.raises(ValueError, match="num_frames=80"):
     sampler.wan_latent_shape(480, 832, 80)
+
+
+def _plan_model(carry, latents, timesteps, *, plan):
+  """A model whose plan "big" makes 32 MiB of temporaries, "small" none."""
+  del timesteps
+  if plan == "big":  # a matmul's operand and result: 2 x 16 MiB buffers
+    t = jax.random.normal(jax.random.key(0), (2048, 2048)) * latents.mean()
+    latents = latents + (t @ t).mean() * 1e-12
+  return latents * 0.5, carry
+
+
+def _plan_run(plans, made):
+  def make_carry():
+    made.append(True)
+    return jnp.zeros((8,), jnp.float32)
+
+  return sampler.run(jax.tree_util.Partial(_plan_model),
+                     jnp.ones((1, 4, 2, 2, 2), jnp.float32),
+                     scheduler=FlowEuler.set_timesteps(len(plans)),
+                     guidance_scale=1.0, plans=plans, make_carry=make_carry,
+                     progress=False)
+
+
+def test_memory_check_takes_the_largest_step_program(monkeypatch):
+  """Every plan is compiled before the carry is made, and the run is
+  refused when ANY plan's program would not fit, here the second one (a
+  check of the first plan alone, as before, lets it run)."""
+  made = []
+  small = _plan_run(["small", "small"], made)[3].estimated_peak_bytes
+  big = _plan_run(["big", "big"], made)[3].estimated_peak_bytes
+  assert big > small + 30 * 2**20, (small, big)  # the 32 MiB temporaries
+  made.clear()
+  monkeypatch.setenv(memory.ENV_LIMIT, str((small + big) // 2))
+  with pytest.raises(memory.DoesNotFitError, match="nothing was sampled"):
+    _plan_run(["small", "big"], made)
+  # make_carry ran once, abstractly (jax.eval_shape: the carry's shapes for
+  # the compiles); the refusal came before the real call that allocates it.
+  assert len(made) == 1
+  made.clear()
+  stats = _plan_run(["small", "small"], made)[3]
+  assert len(made) == 2 and stats.estimated_peak_bytes == small
