@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import _tiny_wan as tiny
 from _tiny_wan import inputs, split_model  # noqa: F401 (fixtures)
@@ -201,3 +202,29 @@ def test_one_sketch_projection_per_block(split_model, inputs, monkeypatch,
   assert shapes and all(s[1] == tiny.TOKENS for s in shapes), shapes
   # the full step: one projection; the selecting step: one (not two)
   assert len(shapes) == 2, shapes
+
+
+def test_the_residual_stream_is_updated_in_place(split_model, inputs):
+  """The sparse step's layer loop writes x_next into x's own buffer (the
+  loop's carry): its compiled program copies no (B, N, dim) float32 array.
+  Written as x + update with the computed rows scattered in, x_next took a
+  new buffer that XLA copied back into the carry at every block (the
+  copy this test finds on that form)."""
+  graphdef, params = split_model
+  noise, ctx, neg = inputs
+  x = jnp.concatenate([noise, noise])
+  cfg = selection.SelectionConfig()
+  cache = selection.init_cache(CONFIG.num_layers, 2, tiny.TOKENS, CONFIG.dim,
+                               cfg)
+
+  def step(params, x, ctx, cache):
+    model = nnx.merge(graphdef, params)
+    return astraea.forward(model, x, jnp.full((2,), 500.0), ctx, cache,
+                           num_selected=tiny.TOKENS // 2, config=cfg)
+
+  hlo = jax.jit(step).lower(params, x, dense.cfg_context(ctx, neg),
+                            cache).compile().as_text()
+  stream = f"f32[2,{tiny.TOKENS},{CONFIG.dim}]"
+  copies = [line for line in hlo.splitlines()
+            if " copy(" in line and f"= {stream}" in line]
+  assert not copies, copies

@@ -336,6 +336,12 @@ def select_tokens(scores, k: int):
 _SORTED_UNIQUE = {"indices_are_sorted": True, "unique_indices": True}
 
 
+def take_tokens(x, token_index):
+  """Rows token_index (B, K) of x (B, N, ...) -> (B, K, ...)."""
+  index = token_index.reshape(token_index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
 def scatter_tokens(x, token_index, values):
   """x (B, N, ...) with rows token_index (B, K) (sorted, unique) replaced
   by values."""
@@ -387,15 +393,24 @@ def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
   input_code: encode_input(x) of every token (B, N, r) where the score
   made it (`LayerView`); its rows are the cache's new "input" entries.
   Returns (x_next (B, N, dim), cache): computed tokens take their new
-  output, the others x + their cached update.
+  output (to float32 rounding), the others x + their cached update.
   """
   b = jnp.arange(x.shape[0])[:, None]
-  x_sel = jnp.take_along_axis(x, token_index[..., None], axis=1)
-  x_next = scatter_tokens(x + _layer_update(cache, layer), token_index,
-                          x_out_sel)
+  x_sel = take_tokens(x, token_index)
+  # x_next = x + update, the computed rows x_out: written as
+  # scatter(x, rows, x_out - update) + update, so that the scatter (after
+  # every reader of x: it needs the block's output) updates x's own buffer,
+  # the layer loop's carry, and the add runs in place on it; x + update
+  # first took a new buffer that XLA then copied back into the carry at
+  # every block (the computed rows differ from x_out by float32 rounding;
+  # on the CPU the copy is gone: test_lean_state; not yet timed on a GPU).
+  entries = {k: cache[k][layer] for k in _UPDATE_KEYS if k in cache}
+  update_sel = decode_update(
+      {k: take_tokens(v, token_index) for k, v in entries.items()})
+  x_next = scatter_tokens(x, token_index,
+                          x_out_sel - update_sel) + decode_update(entries)
   if input_code is not None:
-    input_code = jnp.take_along_axis(input_code, token_index[..., None],
-                                     axis=1)
+    input_code = take_tokens(input_code, token_index)
   rows = _rows(x_sel, x_out_sel, lse_sel, config, input_code)
   new = {k: cache[k].at[layer, b, token_index].set(v, **_SORTED_UNIQUE)
          for k, v in rows.items()}
