@@ -318,26 +318,33 @@ def test_expert_switch_refreshes_astraea_caches():
       [12, 4, 4]
 
 
-def test_astraea_two_experts_at_full_budget_equal_dense(a14b):
-  """Budget 1 through the token-wise engine = the dense two-expert run;
-  at budget 0.5 the switch step runs all tokens."""
+def test_expert_switch_refresh_and_keep_part_at_the_switch_step(a14b):
+  """Budget 1 through the token-wise engine = the dense two-expert run,
+  with either switch setting. At [1, 0.5, 0.5] refresh and keep run the
+  same two high-noise steps (bit for bit) and part at step 2, the first
+  low-noise one, which refresh computes in full."""
   _, _, pipe, _ = a14b
+  graphdef, params, boundary = pipe.split_experts()
   noise = jnp.asarray(a14b_noise(pipe))
   context, negative = (jnp.asarray(x) for x in embeddings(9))
   dense = pipe.denoise(noise, context, negative, num_inference_steps=STEPS)
-  full = pipe.denoise(noise, context, negative, num_inference_steps=STEPS,
-                      schedule=[1.0] * STEPS)
-  testing.assert_close(full, dense)
-  half, stats = pipe.denoise(noise, context, negative,
-                             num_inference_steps=STEPS,
-                             schedule=[1.0, 0.5, 0.5], return_stats=True)
+  run = functools.partial(
+      wan_tokenwise.sample, graphdef, params, noise, context, negative,
+      scheduler=sampler.make_scheduler("unipc", STEPS, shift=A14B_SHIFT,
+                                       schedule="wan"),
+      steps=None, guidance_scale=A14B_GUIDANCE, boundary_ratio=boundary,
+      progress=False, return_trajectory=True, return_stats=True)
+  for refresh in (True, False):
+    testing.assert_close(run(schedule=[1.0] * STEPS,
+                             refresh_experts=refresh)[0], dense)
+  _, refreshed, stats = run(schedule=[1.0, 0.5, 0.5], refresh_experts=True)
   assert stats.num_selected == [12, 6, 12]  # 2 x 2 x 3 = 12 tokens
-  kept, stats = pipe.denoise(noise, context, negative,
-                             num_inference_steps=STEPS,
-                             schedule=[1.0, 0.5, 0.5], return_stats=True,
-                             refresh_experts=False)
+  assert list(stats.budgets) == [1.0, 0.5, 1.0]
+  _, kept, stats = run(schedule=[1.0, 0.5, 0.5], refresh_experts=False)
   assert stats.num_selected == [12, 6, 6]
-  assert np.abs(np.asarray(kept) - np.asarray(half)).max() > 1e-4
+  np.testing.assert_array_equal(np.asarray(refreshed[:2]),
+                                np.asarray(kept[:2]))
+  assert np.abs(np.asarray(refreshed[2] - kept[2])).max() > 1e-4
 
 
 # `astraea generate` -----------------------------------------------------------
@@ -418,16 +425,46 @@ def test_image_is_refused_for_text_to_video_models(a14b, tmp_path, capsys):
 
 def test_generate_runs_the_two_experts(a14b, tmp_path, capsys):
   """`astraea generate` on the converted A14B folder: both experts load,
-  the pair of guidance scales is the default and is reported."""
+  the pair of guidance scales is the default and is reported;
+  --expert-switch keep runs the schedule's budget at the switch step (the
+  default schedule of 0.5 over 3 steps: 1.0, 0.3, 0.2)."""
   out = tmp_path / "out"
   assert cli.main(["generate", str(a14b[3]), "--prompt", "a cat",
                    "--size", "48x32", "--frames", "5", "--steps", "3",
-                   "--out", str(out)]) == 0, capsys.readouterr().err
+                   "--budget", "0.5", "--compare", "--expert-switch",
+                   "keep", "--out", str(out)]) == 0, capsys.readouterr().err
   report = json.loads((out / "report.json").read_text())
   assert report["model"] == "wan2.2-t2v-a14b"
   assert report["guidance_scale"] == [3.0, 4.0]
+  assert report["expert_switch"] == "keep"
+  assert report["astraea"]["schedule"] == [1.0, 0.3, 0.2]
   assert load_file(out / "outputs.safetensors")["video_full"].shape == (
       1, 3, 5, 32, 48)
+
+
+@pytest.mark.parametrize("model,args,message,code", [
+    ("a14b", ["--budget", "0.5", "--expert-switch", "off"],
+     "argument --expert-switch: invalid choice: 'off'", 2),
+    ("a14b", ["--expert-switch", "keep"], "--expert-switch keep sets what "
+     "Astraea's token caches do at the expert switch: give --budget", 1),
+    ("ti2v", ["--budget", "0.5", "--expert-switch", "keep"],
+     "holds wan2.2-ti2v-5b, one model with no expert switch", 1),
+])
+def test_bad_expert_switch_is_refused_before_anything_loads(
+    request, tmp_path, capsys, monkeypatch, model, args, message, code):
+  folder = request.getfixturevalue(model)[-1]
+
+  def no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(checkpoint, "load_model", no_loading)
+  try:
+    status = cli.main(["generate", str(folder), "--prompt", "a cat",
+                       "--out", str(tmp_path / "v.mp4"), *args])
+  except SystemExit as e:  # argparse's own refusals
+    status = e.code
+  assert status == code
+  assert message in capsys.readouterr().err
 
 
 # I2V-A14B ---------------------------------------------------------------------

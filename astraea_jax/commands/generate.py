@@ -42,6 +42,7 @@ import numpy as np
 from astraea_jax import checkpoint, outputs, pipelines
 from astraea_jax import video as video_lib
 from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.commands import common
 from astraea_jax.pipelines import (
     opensora_pipeline,
@@ -58,9 +59,10 @@ OPENSORA = opensora_pipeline.OpenSoraPipeline.MODEL
 TI2V = wan22_pipeline.Wan22TI2VPipeline.MODEL
 T2V_A14B = wan22_pipeline.Wan22T2VA14BPipeline.MODEL
 I2V_A14B = wan22_pipeline.Wan22I2VA14BPipeline.MODEL
-# The models that take --image, and those that need it.
+# The models that take --image, those that need it, those of two experts.
 IMAGE_MODELS = (TI2V, I2V_A14B)
 IMAGE_REQUIRED = (I2V_A14B,)
+TWO_EXPERTS = (T2V_A14B, I2V_A14B)
 
 
 def model_family(model_path) -> str:
@@ -69,6 +71,37 @@ def model_family(model_path) -> str:
   if checkpoint.is_model_folder(model_path):
     return pipelines.pipeline_class(model_path).MODEL
   return WAN
+
+
+def expert_switch(value: str | None, family: str, model_path, *,
+                  accelerated: bool = True) -> str | None:
+  """The --expert-switch of a run (`wan_tokenwise.EXPERT_SWITCHES`): the
+  given one or the default for an Astraea run of two experts, None where
+  there is no switch; a UsageError for a model of one expert or a dense
+  run."""
+  if value is not None and family not in TWO_EXPERTS:
+    raise common.UsageError(
+        f"--expert-switch {value}: {model_path} holds {family}, one model "
+        f"with no expert switch (only {' and '.join(TWO_EXPERTS)} have two "
+        "experts)")
+  if value is not None and not accelerated:
+    raise common.UsageError(
+        f"--expert-switch {value} sets what Astraea's token caches do at "
+        "the expert switch: give --budget or --schedule too")
+  if family not in TWO_EXPERTS or not accelerated:
+    return None
+  return value or wan_tokenwise.EXPERT_SWITCH
+
+
+def add_expert_switch_option(p):
+  p.add_argument(
+      "--expert-switch", choices=list(wan_tokenwise.EXPERT_SWITCHES),
+      default=None,
+      help="Wan2.2 A14B with Astraea: at the switch to the low-noise expert "
+           "the token caches hold the other expert's updates; refresh "
+           "computes every token at that step, keep runs the schedule's "
+           f"budget there (default {wan_tokenwise.EXPERT_SWITCH}: measured "
+           "better, benchmarks/results/expert_switch_cpu.json)")
 
 
 def defaults_for(model_path) -> dict:
@@ -422,6 +455,8 @@ def run(args) -> int:
   if args.compare and not accelerated:
     raise common.UsageError("--compare compares Astraea with the full "
                             "model: give --budget or --schedule too")
+  switch = expert_switch(args.expert_switch, model_family(model), model,
+                         accelerated=accelerated)
   # Unset options take the model's defaults (Wan2.1 or OpenSora v1.2).
   defaults = defaults_for(model)
   pick = lambda name: (getattr(args, name) if getattr(args, name) is not None
@@ -441,7 +476,7 @@ def run(args) -> int:
       steps=steps, guidance_scale=pick("guidance"), shift=args.shift,
       scheduler=pick("scheduler"), seed=args.seed, budget=None,
       schedule=schedule, compare=args.compare, devices=args.devices,
-      selection=state, vae_tile=args.vae_tile)
+      selection=state, vae_tile=args.vae_tile, expert_switch=switch)
   report = generate(model, args.text_embeddings, args.out, config=config,
                     vae_path=args.vae, allow_pth=args.allow_pth,
                     dtype=args.dtype, overwrite=args.overwrite,
@@ -513,6 +548,7 @@ def add_parser(sub, parents):
   p.add_argument("--seed", type=common.SEED, default=0)
   common.add_budget_options(p, "Astraea mean token budget in (0, 1]")
   common.add_token_state_options(p)
+  add_expert_switch_option(p)
   p.add_argument("--compare", action="store_true",
                  help="also run the full model; print speedup and PSNR/SSIM")
   p.add_argument("--vae", default=None,

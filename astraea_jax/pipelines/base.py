@@ -57,6 +57,10 @@ class GenerateConfig:
   selection: selection_lib.SelectionConfig | None = None
   # Decode in spatial tiles of this many pixels (None: whole frames).
   vae_tile: int | None = None
+  # Two experts (Wan2.2 A14B) with Astraea: what the token caches do at
+  # the switch, a key of `wan_tokenwise.EXPERT_SWITCHES` (None: the
+  # sampler's default; models of one expert have no switch).
+  expert_switch: str | None = None
 
   @property
   def accelerated(self) -> bool:

@@ -206,7 +206,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
         .patch_size, batch=batch, channels=self.transformer.config.out_dim,
         temporal_factor=t, spatial_factor=s)
 
-  def _experts(self):
+  def split_experts(self):
     """(graphdef, params or the experts' pair, boundary_ratio)."""
     graphdef, params = nnx.split(self.transformer)
     if self.transformer_2 is None:
@@ -240,7 +240,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
               schedule=None, selection_config=None, loop: str = "python",
               progress: bool = False, return_stats: bool = False,
               step_seconds: list | None = None, devices: int | None = None,
-              refresh_experts: bool = True):
+              refresh_experts: bool = astraea_sampler.REFRESH_EXPERTS):
     """CFG sampling from `noise` (B, C, F, h, w) -> latents, dense or
     Astraea (`budget` / `schedule`) as `WanPipeline.denoise`.
 
@@ -249,7 +249,8 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     of the first frame; I2V-A14B: (B, 20, F, h, w) mask and latents),
     applied by `image_hooks`.
     refresh_experts (two experts, Astraea): the first low-noise step
-    computes every token (see `wan_tokenwise.sample`). devices: sample on
+    computes every token, or (False) keeps the schedule's K there (see
+    `wan_tokenwise.sample`; default `wan_tokenwise.EXPERT_SWITCH`). devices: sample on
     N devices (`parallel.samplers`, one expert or two).
     """
     d = self.DEFAULTS
@@ -271,7 +272,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
           devices, batch=2 * noise.shape[0])
     # Both experts are on the accelerator for the whole run.
     with placement_lib.placed(self.transformer_2):
-      graphdef, params, boundary = self._experts()
+      graphdef, params, boundary = self.split_experts()
       experts = {} if boundary is None else {
           "boundary_ratio": boundary, "refresh_experts": refresh_experts}
       if budget is None and schedule is None:
@@ -321,8 +322,12 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   def _generate_options(self, config: base.GenerateConfig, fps: float):
     del fps  # no frame-rate condition
+    switch = {} if config.expert_switch is None else {
+        "refresh_experts": astraea_sampler.EXPERT_SWITCHES[
+            config.expert_switch]}
     return {"shift": config.shift, "devices": config.devices,
-            "scheduler": config.scheduler or self.DEFAULTS["scheduler"]}
+            "scheduler": config.scheduler or self.DEFAULTS["scheduler"],
+            **switch}
 
 
 class Wan22TI2VPipeline(Wan22Pipeline):
@@ -374,11 +379,11 @@ class Wan22A14BPipeline(Wan22Pipeline):
     pipe.boundary_ratio = float(manifest["boundary_ratio"])
     return pipe
 
-  def _experts(self):
+  def split_experts(self):
     if self.transformer_2 is None or self.boundary_ratio is None:
       raise ValueError(f"{self.MODEL} needs both experts and boundary_ratio "
                        "(load the folder with from_pretrained)")
-    return super()._experts()
+    return super().split_experts()
 
 
 class Wan22T2VA14BPipeline(Wan22A14BPipeline):
