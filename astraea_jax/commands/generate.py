@@ -63,6 +63,7 @@ I2V_A14B = wan22_pipeline.Wan22I2VA14BPipeline.MODEL
 IMAGE_MODELS = (TI2V, I2V_A14B)
 IMAGE_REQUIRED = (I2V_A14B,)
 TWO_EXPERTS = (T2V_A14B, I2V_A14B)
+WAN22 = (TI2V, T2V_A14B, I2V_A14B)
 
 
 def model_family(model_path) -> str:
@@ -266,6 +267,17 @@ def prepare_opensora(model_path, out, *, config, prompt, negative_prompt,
   return pipe, conditioning, report
 
 
+def check_wan22_size(model_path, height: int, width: int, frames: int):
+  """A ValueError unless a Wan2.2 folder's model samples that video size
+  (read from its configs, before any weights load)."""
+  transformer_config, vae_config = pipelines.pipeline_class(
+      model_path).read_configs(model_path)
+  wan_pipeline.latent_shape(height, width, frames,
+                            patch_size=transformer_config.patch_size,
+                            temporal_factor=vae_config.temporal_factor,
+                            spatial_factor=vae_config.spatial_factor)
+
+
 def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
                   embeddings_path, vae_path, allow_pth, dtype, fps,
                   text_encoder_device, image=None):
@@ -277,12 +289,7 @@ def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
   if vae_path is not None:
     raise ValueError(f"{model_path} is a Wan2.2 folder; not supported for "
                      "it: --vae (the folder has its VAE)")
-  transformer_config, vae_config = pipeline_class.read_configs(model_path)
-  wan_pipeline.latent_shape(                     # fail before loading weights
-      config.height, config.width, config.frames,
-      patch_size=transformer_config.patch_size,
-      temporal_factor=vae_config.temporal_factor,
-      spatial_factor=vae_config.spatial_factor)
+  check_wan22_size(model_path, config.height, config.width, config.frames)
   pipe = pipeline_class.from_pretrained(                             # 1.
       model_path, dtype=dtype, load_text_encoder=prompt is not None,
       text_encoder_device=text_encoder_device)
@@ -297,11 +304,22 @@ def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
 
 
 PREPARE = {WAN: prepare_wan, OPENSORA: prepare_opensora,
-           TI2V: prepare_wan22, T2V_A14B: prepare_wan22,
-           I2V_A14B: prepare_wan22}
+           **{model: prepare_wan22 for model in WAN22}}
 # The area TI2V's image-to-video fits the image's aspect ratio into, and
 # the multiple of its sides (VAE 16x times the 2x2 patch).
 TI2V_IMAGE_MULTIPLE = 32
+
+
+def check_image(image_path, family: str, model_path):
+  """A UsageError where --image is missing (I2V-A14B) or given to a model
+  that takes no image."""
+  if family in IMAGE_REQUIRED and image_path is None:
+    raise common.UsageError(
+        f"the following arguments are required for {family} (image to "
+        f"video, {model_path}): --image PATH (an RGB image, the first frame)")
+  if image_path is not None and family not in IMAGE_MODELS:
+    raise common.UsageError(f"--image: {model_path} holds {family}; only "
+                            f"{' and '.join(IMAGE_MODELS)} take an image")
 
 
 def read_image(path, *, area: int, model: str = TI2V):
@@ -364,15 +382,9 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
       ("--model", model_path), ("--vae", vae_path),
       ("--text-embeddings", embeddings_path), *sources])
   family = model_family(model_path)
-  if family in IMAGE_REQUIRED and image_path is None:
-    raise common.UsageError(
-        f"the following arguments are required for {family} (image to "
-        f"video, {model_path}): --image PATH (an RGB image, the first frame)")
+  check_image(image_path, family, model_path)
   image = None
   if image_path is not None:
-    if family not in IMAGE_MODELS:
-      raise ValueError(f"--image: {model_path} holds {family}; only "
-                       f"{' and '.join(IMAGE_MODELS)} take an image")
     image, (height, width) = read_image(
         image_path, area=config.height * config.width, model=family)
     config = dataclasses.replace(config, height=height, width=width)

@@ -25,6 +25,8 @@ text2video.py and configs/):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,7 @@ from flax import nnx
 
 from astraea_jax import checkpoint, parallel
 from astraea_jax import placement as placement_lib
+from astraea_jax.astraea import search
 from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.pipelines import base, wan_pipeline
 from astraea_jax.sampling import sampler as dense_sampler
@@ -188,6 +191,8 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   # Video -> latent factors when no VAE is loaded.
   FACTORS = (4, 8)
+  # UniPC's timesteps: wan22's own schedule (`FlowUniPC` schedule="wan").
+  TIMESTEPS = "wan"
 
   def __init__(self, transformer, vae=None, text_encoder=None,
                tokenizer=None, *, text_len: int | None = None,
@@ -213,6 +218,19 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
       return graphdef, params, None
     return graphdef, (params, nnx.state(self.transformer_2)), \
         self.boundary_ratio
+
+  def search_model(self, image=None) -> search.SearchModel:
+    """What `astraea search` samples: the DiT (or both experts and the
+    boundary), this model's latents and, with `image` (3, H, W) in [-1, 1]
+    at the video's size, the image-to-video problem
+    (`image_conditioning`, `image_hooks`)."""
+    graphdef, params, boundary = self.split_experts()
+    image_input = None if image is None else functools.partial(
+        self.image_conditioning, jnp.asarray(image)[None])
+    return search.SearchModel(graphdef, params,
+                              self.transformer.config.text_dim, boundary,
+                              self.latent_shape, image_input,
+                              self.image_hooks)
 
   def image_conditioning(self, image, num_frames: int):
     """image (B, 3, H, W) in [-1, 1] at the video's size -> the denoiser's
@@ -259,9 +277,8 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
         guidance_scale
     shift = d["shift"] if shift is None else shift
     if isinstance(scheduler, str):
-      scheduler = dense_sampler.make_scheduler(
-          scheduler, steps, shift=shift,
-          **({"schedule": "wan"} if scheduler == "unipc" else {}))
+      scheduler = dense_sampler.make_scheduler(scheduler, steps, shift=shift,
+                                               schedule=self.TIMESTEPS)
     noise, hooks = self.image_hooks(noise, image_latent)
     common = {"scheduler": scheduler, "steps": None,
               "guidance_scale": guidance_scale, "progress": progress,
