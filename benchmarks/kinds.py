@@ -265,6 +265,17 @@ def _step_profile(row=None, target=None):
   return MEASURED, "ratio of two programs' figures in the same process"
 
 
+def _expert_switch(row=None, target=None):
+  """benchmarks/expert_switch.py: tiny random experts on CPU."""
+  if row is not None:
+    return MEASURED, ("final latents of tiny random two-expert models "
+                      "sampled in this run (CPU, float32) against the dense "
+                      "two-expert sample from the same noise; cost = tokens "
+                      "computed, counted by the sampler")
+  return MEASURED, ("difference of two mean PSNRs measured in this run "
+                    "on the same samples")
+
+
 RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
          "astraea_opensora": _astraea, "astraea_end_to_end": _end_to_end,
          "attention": _attention, "demo_agreement": _demo,
@@ -275,7 +286,8 @@ RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
          "pipeline_memory": _pipeline_memory,
          "sampling_loop": _sampling_loop, "search_cost": _search_cost,
          "astraea_step_profile": _step_profile,
-         "search_generalisation": _search_generalisation}
+         "search_generalisation": _search_generalisation,
+         "expert_switch": _expert_switch}
 
 
 def label(doc: dict) -> dict:

@@ -161,7 +161,7 @@ def time_steps(model_config, shape, text_len, steps, repeats):
     root = f.root_state(0)
     for gene in (TIMED_GENES if evaluator == "sparse" else (4,)):
       def call(f=f, root=root, gene=gene):
-        return f.step_nodes(0, [root], [gene])
+        return f.step_nodes(0, [root], [gene], 0)
       t0 = time.perf_counter()
       jax.block_until_ready(call())
       compile_s = time.perf_counter() - t0

@@ -34,11 +34,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from _wan22_reference import load_wan22_module, random_reference_dit
 from astraea_jax import checkpoint, cli, testing
-from astraea_jax.astraea import wan_tokenwise
+from astraea_jax.astraea import search, selection, wan_tokenwise
 from astraea_jax.commands import generate
 from astraea_jax.configs import WanConfig
 from astraea_jax.pipelines import wan22_pipeline
@@ -318,26 +318,33 @@ def test_expert_switch_refreshes_astraea_caches():
       [12, 4, 4]
 
 
-def test_astraea_two_experts_at_full_budget_equal_dense(a14b):
-  """Budget 1 through the token-wise engine = the dense two-expert run;
-  at budget 0.5 the switch step runs all tokens."""
+def test_expert_switch_refresh_and_keep_part_at_the_switch_step(a14b):
+  """Budget 1 through the token-wise engine = the dense two-expert run,
+  with either switch setting. At [1, 0.5, 0.5] refresh and keep run the
+  same two high-noise steps (bit for bit) and part at step 2, the first
+  low-noise one, which refresh computes in full."""
   _, _, pipe, _ = a14b
+  graphdef, params, boundary = pipe.split_experts()
   noise = jnp.asarray(a14b_noise(pipe))
   context, negative = (jnp.asarray(x) for x in embeddings(9))
   dense = pipe.denoise(noise, context, negative, num_inference_steps=STEPS)
-  full = pipe.denoise(noise, context, negative, num_inference_steps=STEPS,
-                      schedule=[1.0] * STEPS)
-  testing.assert_close(full, dense)
-  half, stats = pipe.denoise(noise, context, negative,
-                             num_inference_steps=STEPS,
-                             schedule=[1.0, 0.5, 0.5], return_stats=True)
+  run = functools.partial(
+      wan_tokenwise.sample, graphdef, params, noise, context, negative,
+      scheduler=sampler.make_scheduler("unipc", STEPS, shift=A14B_SHIFT,
+                                       schedule="wan"),
+      steps=None, guidance_scale=A14B_GUIDANCE, boundary_ratio=boundary,
+      progress=False, return_trajectory=True, return_stats=True)
+  for refresh in (True, False):
+    testing.assert_close(run(schedule=[1.0] * STEPS,
+                             refresh_experts=refresh)[0], dense)
+  _, refreshed, stats = run(schedule=[1.0, 0.5, 0.5], refresh_experts=True)
   assert stats.num_selected == [12, 6, 12]  # 2 x 2 x 3 = 12 tokens
-  kept, stats = pipe.denoise(noise, context, negative,
-                             num_inference_steps=STEPS,
-                             schedule=[1.0, 0.5, 0.5], return_stats=True,
-                             refresh_experts=False)
+  assert list(stats.budgets) == [1.0, 0.5, 1.0]
+  _, kept, stats = run(schedule=[1.0, 0.5, 0.5], refresh_experts=False)
   assert stats.num_selected == [12, 6, 6]
-  assert np.abs(np.asarray(kept) - np.asarray(half)).max() > 1e-4
+  np.testing.assert_array_equal(np.asarray(refreshed[:2]),
+                                np.asarray(kept[:2]))
+  assert np.abs(np.asarray(refreshed[2] - kept[2])).max() > 1e-4
 
 
 # `astraea generate` -----------------------------------------------------------
@@ -418,16 +425,46 @@ def test_image_is_refused_for_text_to_video_models(a14b, tmp_path, capsys):
 
 def test_generate_runs_the_two_experts(a14b, tmp_path, capsys):
   """`astraea generate` on the converted A14B folder: both experts load,
-  the pair of guidance scales is the default and is reported."""
+  the pair of guidance scales is the default and is reported;
+  --expert-switch keep runs the schedule's budget at the switch step (the
+  default schedule of 0.5 over 3 steps: 1.0, 0.3, 0.2)."""
   out = tmp_path / "out"
   assert cli.main(["generate", str(a14b[3]), "--prompt", "a cat",
                    "--size", "48x32", "--frames", "5", "--steps", "3",
-                   "--out", str(out)]) == 0, capsys.readouterr().err
+                   "--budget", "0.5", "--compare", "--expert-switch",
+                   "keep", "--out", str(out)]) == 0, capsys.readouterr().err
   report = json.loads((out / "report.json").read_text())
   assert report["model"] == "wan2.2-t2v-a14b"
   assert report["guidance_scale"] == [3.0, 4.0]
+  assert report["expert_switch"] == "keep"
+  assert report["astraea"]["schedule"] == [1.0, 0.3, 0.2]
   assert load_file(out / "outputs.safetensors")["video_full"].shape == (
       1, 3, 5, 32, 48)
+
+
+@pytest.mark.parametrize("model,args,message,code", [
+    ("a14b", ["--budget", "0.5", "--expert-switch", "off"],
+     "argument --expert-switch: invalid choice: 'off'", 2),
+    ("a14b", ["--expert-switch", "keep"], "--expert-switch keep sets what "
+     "Astraea's token caches do at the expert switch: give --budget", 1),
+    ("ti2v", ["--budget", "0.5", "--expert-switch", "keep"],
+     "holds wan2.2-ti2v-5b, one model with no expert switch", 1),
+])
+def test_bad_expert_switch_is_refused_before_anything_loads(
+    request, tmp_path, capsys, monkeypatch, model, args, message, code):
+  folder = request.getfixturevalue(model)[-1]
+
+  def no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(checkpoint, "load_model", no_loading)
+  try:
+    status = cli.main(["generate", str(folder), "--prompt", "a cat",
+                       "--out", str(tmp_path / "v.mp4"), *args])
+  except SystemExit as e:  # argparse's own refusals
+    status = e.code
+  assert status == code
+  assert message in capsys.readouterr().err
 
 
 # I2V-A14B ---------------------------------------------------------------------
@@ -639,3 +676,123 @@ def test_i2v_a14b_needs_an_image_before_anything_loads(i2v, tmp_path,
   assert ("error: the following arguments are required for "
           "wan2.2-i2v-a14b") in err and "--image PATH" in err
   assert not out.exists()
+
+
+# `astraea search` on the Wan2.2 folders ---------------------------------------
+
+SEARCH_STEPS, SEARCH_SAMPLES = 4, 2
+# At 4 steps the switch is step 3 (T2V-A14B) / step 2 (I2V-A14B); gene 2 there.
+SEARCH_GENOME = [10, 5, 2, 2]
+
+
+def write_embeddings(folder, count):
+  paths = []
+  for i in range(count):
+    context, negative = embeddings(20 + i)
+    paths.append(folder / f"p{i}.safetensors")
+    save_file({"context": context[0], "negative_context": negative[0]},
+              paths[-1])
+  return paths
+
+
+@pytest.mark.parametrize("model,size,switch", [
+    ("a14b", (32, 48, 5), "keep"),
+    ("i2v", (32, 48, 5), "refresh"),
+    ("ti2v", (HEIGHT, WIDTH, FRAMES), None),
+])
+def test_search_fitness_is_the_samplers_mse(request, tmp_path, model, size,
+                                            switch):
+  """The search's fitness of a genome (`problem_fitness` of the pipeline's
+  `search_model`: the experts switched at the boundary with their guidance,
+  I2V's image channels, TI2V's image frame) = the MSE of the library's own
+  Astraea sampler against the dense one, both with the pipeline's image
+  hooks (rel 1e-5, float32). With refresh the switch step's gene does not
+  count; with keep it does."""
+  pipe = request.getfixturevalue(model)[-2]
+  height, width, frames = size
+  image = None if model == "a14b" else np.random.default_rng(21).uniform(
+      -1, 1, (3, height, width)).astype(np.float32)
+  problem = search.Problem(height=height, width=width, frames=frames,
+                           samples=SEARCH_SAMPLES)
+  files = write_embeddings(tmp_path, SEARCH_SAMPLES)
+  d = pipe.DEFAULTS
+  eval_config = search.EvalConfig(
+      timesteps="wan", guidance_scale=d["guidance"], shift=d["shift"],
+      selection=selection.EXACT, batch_nodes=2,
+      refresh_experts=switch != "keep")
+  fitness = search.problem_fitness(pipe.search_model(image), files, problem,
+                                   steps=SEARCH_STEPS,
+                                   eval_config=eval_config)
+  noise, context, negative = search.load_samples(
+      files, SMALL["text_dim"], problem, pipe.latent_shape)
+  noise, hooks = pipe.image_hooks(noise, None if image is None else
+                                  pipe.image_conditioning(np.stack(
+                                      [image] * SEARCH_SAMPLES), frames))
+  graphdef, params, boundary = pipe.split_experts()
+  args = (graphdef, params, noise, context, negative)
+  options = dict(scheduler=sampler.make_scheduler(
+      "unipc", SEARCH_STEPS, shift=d["shift"], schedule="wan"), steps=None,
+                 guidance_scale=d["guidance"], boundary_ratio=boundary,
+                 progress=False, **hooks)
+  full = sampler.sample(*args, **options)
+  testing.assert_close(fitness.reference[:, 0], full)
+  fast = wan_tokenwise.sample(*args, schedule=np.asarray(SEARCH_GENOME) / 10,
+                              selection_config=selection.EXACT,
+                              refresh_experts=switch != "keep", **options)
+  mse = float(np.mean(np.square(np.asarray(fast, np.float64) - full)))
+  got = fitness(np.asarray([SEARCH_GENOME]))[0]
+  assert mse > 0 and abs(got - mse) <= 1e-5 * mse
+  if switch is not None:
+    experts = sampler.expert_plan(fitness.scheduler.timesteps, boundary)
+    at_switch = list(SEARCH_GENOME)
+    at_switch[experts.index(1)] = 10
+    other = fitness(np.asarray([at_switch]))[0]
+    assert (other == got) == (switch == "refresh")
+
+
+def search_command(folder, out, files, *extra):
+  return ["search", "--model", str(folder), "--target-budget", "0.5",
+          "--text-embeddings", *map(str, files), "--out", str(out),
+          "--steps", str(SEARCH_STEPS), "--samples", str(SEARCH_SAMPLES),
+          "--population", "4", "--children", "2", "--generations", "1",
+          "--quiet", *extra]
+
+
+def test_search_command_on_the_a14b_folder(a14b, tmp_path, capsys):
+  """`astraea search --model <A14B folder>`: the model's guidance pair,
+  shift and timesteps, both experts at the boundary, the default switch
+  (refresh)."""
+  out = tmp_path / "out"
+  files = write_embeddings(tmp_path, SEARCH_SAMPLES)
+  assert cli.main(search_command(a14b[3], out, files, "--height", "32",
+                                 "--width", "48", "--frames", "5")) == 0, \
+      capsys.readouterr().err
+  report = json.loads((out / "report.json").read_text())
+  assert report["boundary_ratio"] == 0.875 and not report["image_to_video"]
+  assert report["eval_config"]["guidance_scale"] == [3.0, 4.0]
+  assert (report["eval_config"]["shift"], report["eval_config"]["timesteps"],
+          report["eval_config"]["refresh_experts"]) == (12.0, "wan", True)
+  assert report["fitness"] > 0
+
+
+@pytest.mark.parametrize("model,image,message", [
+    ("a14b", True, "holds wan2.2-t2v-a14b; only wan2.2-ti2v-5b and "
+     "wan2.2-i2v-a14b take an image"),
+    ("i2v", False, "the following arguments are required for "
+     "wan2.2-i2v-a14b"),
+])
+def test_search_refuses_a_bad_image_before_anything_loads(
+    request, tmp_path, capsys, monkeypatch, model, image, message):
+  folder = request.getfixturevalue(model)[-1]
+
+  def no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(checkpoint, "load_model", no_loading)
+  extra = ["--image", str(write_image(tmp_path / "cat.png", (40, 40)))
+           ] if image else []
+  assert cli.main(search_command(folder, tmp_path / "out",
+                                 [tmp_path / "p.safetensors"], *extra)) == 1
+  err = capsys.readouterr().err
+  assert message in err and "--image" in err
+  assert not (tmp_path / "out").exists()

@@ -115,6 +115,23 @@ def model_fn(graphdef, params, context_2b, token_mask=None,
                                    context_2b, token_mask, condition_2b))
 
 
+# What Astraea's token caches do at a Wan2.2 A14B expert switch (**ours**;
+# the paper has one model): "refresh" computes every token at the first
+# step of the next expert (`refresh_at_switch`), "keep" runs the
+# schedule's K there, the unselected tokens adding the other expert's
+# cached updates. Measured on CPU (benchmarks/expert_switch.py -> results/
+# expert_switch_cpu.json: TINY RANDOM experts, not trained models; T2V and
+# I2V configs, 20 steps, 8 samples, PSNR of the final latents against the
+# dense two-expert sample): refresh is 1.4-2.2 dB better than keep at mean
+# budget 0.3 and 0.4-1.7 dB at 0.5 (one tie: I2V, related experts, 0.5),
+# for 0.04 (0.3) / 0.03 (0.5) more of the tokens; given those extra tokens
+# elsewhere, keep is still 0.3-2.5 dB worse (0.03-0.13 dB at 0.5 with
+# related experts). So refresh is the default.
+EXPERT_SWITCHES = {"refresh": True, "keep": False}  # -> refresh_experts
+EXPERT_SWITCH = "refresh"
+REFRESH_EXPERTS = EXPERT_SWITCHES[EXPERT_SWITCH]
+
+
 def refresh_at_switch(ks, experts, num_tokens: int):
   """K per step with every expert switch a full step (K = N): the token
   caches hold one expert's block updates, so the first step of the next
@@ -159,7 +176,8 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
            .SelectionConfig(), return_trajectory: bool = False,
            progress: bool = True, return_stats: bool = False,
            boundary_ratio: float | None = None, token_mask=None,
-           post_step=None, refresh_experts: bool = True, condition=None):
+           post_step=None, refresh_experts: bool = REFRESH_EXPERTS,
+           condition=None):
   """Astraea CFG sampling: like `sampling.sample`, with a token budget.
 
   Args:
@@ -169,7 +187,8 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
     schedule: one budget in [0, 1] per step (first must be 1.0).
     refresh_experts: the first step of the low-noise expert computes every
       token (`refresh_at_switch`), so no token reuses the other expert's
-      cached update; False keeps the schedule's K there.
+      cached update; False keeps the schedule's K there (default: the
+      measured `EXPERT_SWITCH`).
     token_mask, post_step, condition, guidance_scale: as in
       `sampling.sample`.
     Others as in `astraea_jax.sampling.sample`.

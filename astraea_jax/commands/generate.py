@@ -42,6 +42,7 @@ import numpy as np
 from astraea_jax import checkpoint, outputs, pipelines
 from astraea_jax import video as video_lib
 from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.commands import common
 from astraea_jax.pipelines import (
     opensora_pipeline,
@@ -58,9 +59,11 @@ OPENSORA = opensora_pipeline.OpenSoraPipeline.MODEL
 TI2V = wan22_pipeline.Wan22TI2VPipeline.MODEL
 T2V_A14B = wan22_pipeline.Wan22T2VA14BPipeline.MODEL
 I2V_A14B = wan22_pipeline.Wan22I2VA14BPipeline.MODEL
-# The models that take --image, and those that need it.
+# The models that take --image, those that need it, those of two experts.
 IMAGE_MODELS = (TI2V, I2V_A14B)
 IMAGE_REQUIRED = (I2V_A14B,)
+TWO_EXPERTS = (T2V_A14B, I2V_A14B)
+WAN22 = (TI2V, T2V_A14B, I2V_A14B)
 
 
 def model_family(model_path) -> str:
@@ -69,6 +72,37 @@ def model_family(model_path) -> str:
   if checkpoint.is_model_folder(model_path):
     return pipelines.pipeline_class(model_path).MODEL
   return WAN
+
+
+def expert_switch(value: str | None, family: str, model_path, *,
+                  accelerated: bool = True) -> str | None:
+  """The --expert-switch of a run (`wan_tokenwise.EXPERT_SWITCHES`): the
+  given one or the default for an Astraea run of two experts, None where
+  there is no switch; a UsageError for a model of one expert or a dense
+  run."""
+  if value is not None and family not in TWO_EXPERTS:
+    raise common.UsageError(
+        f"--expert-switch {value}: {model_path} holds {family}, one model "
+        f"with no expert switch (only {' and '.join(TWO_EXPERTS)} have two "
+        "experts)")
+  if value is not None and not accelerated:
+    raise common.UsageError(
+        f"--expert-switch {value} sets what Astraea's token caches do at "
+        "the expert switch: give --budget or --schedule too")
+  if family not in TWO_EXPERTS or not accelerated:
+    return None
+  return value or wan_tokenwise.EXPERT_SWITCH
+
+
+def add_expert_switch_option(p):
+  p.add_argument(
+      "--expert-switch", choices=list(wan_tokenwise.EXPERT_SWITCHES),
+      default=None,
+      help="Wan2.2 A14B with Astraea: at the switch to the low-noise expert "
+           "the token caches hold the other expert's updates; refresh "
+           "computes every token at that step, keep runs the schedule's "
+           f"budget there (default {wan_tokenwise.EXPERT_SWITCH}: measured "
+           "better, benchmarks/results/expert_switch_cpu.json)")
 
 
 def defaults_for(model_path) -> dict:
@@ -233,6 +267,17 @@ def prepare_opensora(model_path, out, *, config, prompt, negative_prompt,
   return pipe, conditioning, report
 
 
+def check_wan22_size(model_path, height: int, width: int, frames: int):
+  """A ValueError unless a Wan2.2 folder's model samples that video size
+  (read from its configs, before any weights load)."""
+  transformer_config, vae_config = pipelines.pipeline_class(
+      model_path).read_configs(model_path)
+  wan_pipeline.latent_shape(height, width, frames,
+                            patch_size=transformer_config.patch_size,
+                            temporal_factor=vae_config.temporal_factor,
+                            spatial_factor=vae_config.spatial_factor)
+
+
 def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
                   embeddings_path, vae_path, allow_pth, dtype, fps,
                   text_encoder_device, image=None):
@@ -244,12 +289,7 @@ def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
   if vae_path is not None:
     raise ValueError(f"{model_path} is a Wan2.2 folder; not supported for "
                      "it: --vae (the folder has its VAE)")
-  transformer_config, vae_config = pipeline_class.read_configs(model_path)
-  wan_pipeline.latent_shape(                     # fail before loading weights
-      config.height, config.width, config.frames,
-      patch_size=transformer_config.patch_size,
-      temporal_factor=vae_config.temporal_factor,
-      spatial_factor=vae_config.spatial_factor)
+  check_wan22_size(model_path, config.height, config.width, config.frames)
   pipe = pipeline_class.from_pretrained(                             # 1.
       model_path, dtype=dtype, load_text_encoder=prompt is not None,
       text_encoder_device=text_encoder_device)
@@ -264,11 +304,22 @@ def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
 
 
 PREPARE = {WAN: prepare_wan, OPENSORA: prepare_opensora,
-           TI2V: prepare_wan22, T2V_A14B: prepare_wan22,
-           I2V_A14B: prepare_wan22}
+           **{model: prepare_wan22 for model in WAN22}}
 # The area TI2V's image-to-video fits the image's aspect ratio into, and
 # the multiple of its sides (VAE 16x times the 2x2 patch).
 TI2V_IMAGE_MULTIPLE = 32
+
+
+def check_image(image_path, family: str, model_path):
+  """A UsageError where --image is missing (I2V-A14B) or given to a model
+  that takes no image."""
+  if family in IMAGE_REQUIRED and image_path is None:
+    raise common.UsageError(
+        f"the following arguments are required for {family} (image to "
+        f"video, {model_path}): --image PATH (an RGB image, the first frame)")
+  if image_path is not None and family not in IMAGE_MODELS:
+    raise common.UsageError(f"--image: {model_path} holds {family}; only "
+                            f"{' and '.join(IMAGE_MODELS)} take an image")
 
 
 def read_image(path, *, area: int, model: str = TI2V):
@@ -331,15 +382,9 @@ def generate(model_path, embeddings_path, out, *, config: GenerateConfig,
       ("--model", model_path), ("--vae", vae_path),
       ("--text-embeddings", embeddings_path), *sources])
   family = model_family(model_path)
-  if family in IMAGE_REQUIRED and image_path is None:
-    raise common.UsageError(
-        f"the following arguments are required for {family} (image to "
-        f"video, {model_path}): --image PATH (an RGB image, the first frame)")
+  check_image(image_path, family, model_path)
   image = None
   if image_path is not None:
-    if family not in IMAGE_MODELS:
-      raise ValueError(f"--image: {model_path} holds {family}; only "
-                       f"{' and '.join(IMAGE_MODELS)} take an image")
     image, (height, width) = read_image(
         image_path, area=config.height * config.width, model=family)
     config = dataclasses.replace(config, height=height, width=width)
@@ -422,6 +467,8 @@ def run(args) -> int:
   if args.compare and not accelerated:
     raise common.UsageError("--compare compares Astraea with the full "
                             "model: give --budget or --schedule too")
+  switch = expert_switch(args.expert_switch, model_family(model), model,
+                         accelerated=accelerated)
   # Unset options take the model's defaults (Wan2.1 or OpenSora v1.2).
   defaults = defaults_for(model)
   pick = lambda name: (getattr(args, name) if getattr(args, name) is not None
@@ -441,7 +488,7 @@ def run(args) -> int:
       steps=steps, guidance_scale=pick("guidance"), shift=args.shift,
       scheduler=pick("scheduler"), seed=args.seed, budget=None,
       schedule=schedule, compare=args.compare, devices=args.devices,
-      selection=state, vae_tile=args.vae_tile)
+      selection=state, vae_tile=args.vae_tile, expert_switch=switch)
   report = generate(model, args.text_embeddings, args.out, config=config,
                     vae_path=args.vae, allow_pth=args.allow_pth,
                     dtype=args.dtype, overwrite=args.overwrite,
@@ -513,6 +560,7 @@ def add_parser(sub, parents):
   p.add_argument("--seed", type=common.SEED, default=0)
   common.add_budget_options(p, "Astraea mean token budget in (0, 1]")
   common.add_token_state_options(p)
+  add_expert_switch_option(p)
   p.add_argument("--compare", action="store_true",
                  help="also run the full model; print speedup and PSNR/SSIM")
   p.add_argument("--vae", default=None,

@@ -1,5 +1,20 @@
 """`astraea search`: the per-step token budget schedule of a converted
-Wan2.1 checkpoint (`astraea.search`); prompts are encoded to files here."""
+Wan2.1 checkpoint or Wan2.2 folder (`astraea.search`); prompts are encoded
+to files here.
+
+  astraea search --model t2v-a14b/ --target-budget 0.5 --prompts p.txt \
+      --size 832x480 --out search/
+  astraea search --model i2v-a14b/ --image cat.png --target-budget 0.5 \
+      --prompts p.txt --out search/
+
+A Wan2.2 folder searches with its pipeline (`Wan22Pipeline.search_model`):
+its latents, its timesteps, shift, steps and guidance as defaults, the
+A14B experts switched at the boundary with their guidance scales (the
+switch step as `--expert-switch` says, as `astraea generate`), and with
+`--image` (TI2V-5B; required for I2V-A14B) the image-to-video problem:
+every sample starts from the image, sized as `astraea generate --image`
+sizes it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +26,9 @@ import numpy as np
 from astraea_jax import checkpoint, outputs, pipelines
 from astraea_jax.astraea import schedule as schedule_lib
 from astraea_jax.astraea import search
+from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.commands import common
+from astraea_jax.commands import generate
 from converters.safetensors_io import save_file
 
 
@@ -42,6 +59,27 @@ def encode_prompt_files(model, prompts, folder) -> list[str]:
   return paths
 
 
+def video_problem(args, family):
+  """(height, width, frames, steps, guidance, shift, image pixels or None):
+  the options given, else the model's defaults (`generate.defaults_for`);
+  with --image the video takes the image's size (`generate.read_image`)."""
+  defaults = generate.defaults_for(args.model)
+  pick = lambda name, key: (getattr(args, name) if getattr(args, name)
+                            is not None else defaults.get(key))
+  height, width = pick("height", "height"), pick("width", "width")
+  pixels = None
+  if args.image is not None:
+    if args.proxy_height is not None or args.proxy_width is not None:
+      raise common.UsageError(
+          "--proxy-height/--proxy-width: with --image the video takes the "
+          "image's size; a proxy may change --proxy-frames and "
+          "--proxy-samples only")
+    pixels, (height, width) = generate.read_image(
+        args.image, area=height * width, model=family)
+  return (height, width, pick("frames", "frames"), pick("steps", "steps"),
+          pick("guidance", "guidance"), pick("shift", "shift"), pixels)
+
+
 def run(args) -> int:
   common.check_model(args.model)
   outputs.check_destination(
@@ -50,8 +88,13 @@ def run(args) -> int:
       "another --out",
       sources=common.sources(("--model", args.model),
                              ("--prompts", args.prompts),
+                             ("--image", args.image),
                              *(("--text-embeddings", p)
                                for p in args.text_embeddings or ())))
+  family = generate.model_family(args.model)
+  wan22 = family in generate.WAN22
+  generate.check_image(args.image, family, args.model)
+  switch = generate.expert_switch(args.expert_switch, family, args.model)
   whole = checkpoint.is_model_folder(args.model)
   prompts = read_prompts(args.prompts) if args.prompts else None
   if prompts and not whole:
@@ -75,9 +118,11 @@ def run(args) -> int:
         f"--install stores the schedule as the one of mean budget "
         f"{args.target_budget:g}, so it needs that exact mean: --band 1 1 "
         f"(got --band {band[0]:g} {band[1]:g})")
+  height, width, frames, steps, guidance, shift, pixels = video_problem(
+      args, family)
   try:
     config = search.SearchConfig(
-        target_budget=args.target_budget, steps=args.steps,
+        target_budget=args.target_budget, steps=steps,
         population=args.population, children=args.children,
         generations=args.generations, seed=args.seed, band=band)
   except ValueError as e:
@@ -93,29 +138,39 @@ def run(args) -> int:
   if args.install:
     install = (pathlib.Path(args.model) / schedule_lib.SCHEDULES_DIR,
                common.model_schedule_id(args.model))
-  problem = search.Problem(height=args.height, width=args.width,
-                           frames=args.frames, samples=args.samples,
-                           seed=args.seed)
+  problem = search.Problem(height=height, width=width, frames=frames,
+                           samples=args.samples, seed=args.seed)
   proxy = None
   if any(v is not None for v in (args.proxy_height, args.proxy_width,
                                  args.proxy_frames, args.proxy_samples)):
     proxy = search.Problem(
-        height=args.proxy_height or args.height,
-        width=args.proxy_width or args.width,
-        frames=args.proxy_frames or args.frames,
+        height=args.proxy_height or height, width=args.proxy_width or width,
+        frames=args.proxy_frames or frames,
         samples=args.proxy_samples or args.samples, seed=args.seed)
+  if wan22:  # fail before loading weights
+    for p in (problem,) + ((proxy,) if proxy else ()):
+      generate.check_wan22_size(args.model, p.height, p.width, p.frames)
   eval_config = search.EvalConfig(
-      scheduler=args.scheduler, guidance_scale=args.guidance,
-      shift=args.shift, evaluator=args.evaluator,
+      scheduler=args.scheduler, guidance_scale=guidance, shift=shift,
+      timesteps=(pipelines.pipeline_class(args.model).TIMESTEPS if wan22
+                 else "diffusers"),
+      refresh_experts=wan_tokenwise.EXPERT_SWITCHES[
+          switch or wan_tokenwise.EXPERT_SWITCH],
+      evaluator=args.evaluator,
       batch_nodes=args.batch_nodes, lanes=args.lanes,
       memo_nodes=args.memo_nodes, samples_per_pass=args.samples_per_pass)
-  model = (pathlib.Path(args.model) / "transformer" if whole
+  model = (pathlib.Path(args.model) / "transformer" if whole and not wan22
            else args.model)
   with tempfile.TemporaryDirectory(prefix="astraea-prompts-") as tmp:
     embeddings = (encode_prompt_files(args.model, prompts, tmp) if prompts
                   else args.text_embeddings)
+    search_model = None
+    if wan22:
+      search_model = pipelines.pipeline_class(args.model).from_pretrained(
+          args.model, dtype=args.dtype, load_text_encoder=False
+      ).search_model(pixels)
     report = search.run_files(
-        model, embeddings, args.out, config=config,
+        model, embeddings, args.out, config=config, model=search_model,
         problem=problem, eval_config=eval_config, proxy=proxy,
         proxy_check=args.proxy_check,
         min_rank_correlation=args.min_rank_correlation, dtype=args.dtype,
@@ -131,7 +186,7 @@ def run(args) -> int:
   if install is not None:
     print(f"installed {report['installed']}: `astraea generate --model "
           f"{args.model} --budget {args.target_budget:g} --steps "
-          f"{args.steps}` uses it from now on")
+          f"{steps}` uses it from now on")
   return 0
 
 
@@ -147,7 +202,8 @@ def add_parser(sub, parents):
       "`astraea generate --budget` finds it).")
   p.add_argument("--model", required=True,
                  help="converted checkpoint folder (astraea convert): a "
-                      "whole-model folder, or a transformer alone")
+                      "whole-model folder (Wan2.1 or Wan2.2), or a "
+                      "transformer alone")
   p.add_argument("--target-budget", type=common.BUDGET, required=True,
                  help="target mean token budget in (0, 1]")
   prompts = p.add_mutually_exclusive_group()
@@ -161,8 +217,17 @@ def add_parser(sub, parents):
   p.add_argument("--out", required=True,
                  help="output folder (new, or an earlier search with "
                       "--resume)")
-  p.add_argument("--steps", type=common.POSITIVE_INT, default=50)
-  common.add_video_size_options(p)
+  p.add_argument("--image", default=None, metavar="PATH",
+                 help="image-to-video search (Wan2.2 TI2V-5B; required for "
+                      "I2V-A14B): every sample starts from this RGB image; "
+                      "the video takes a size of area <= WIDTHxHEIGHT near "
+                      "its aspect ratio, as `astraea generate --image`")
+  p.add_argument("--steps", type=common.POSITIVE_INT, default=None,
+                 help="denoising steps (default: the model's; Wan2.1 50)")
+  common.add_video_size_options(p, height=None, width=None, frames=None,
+                                help_frames="video size and frames "
+                                "(default: the model's; Wan2.1 480 x 832 x "
+                                "81)")
   p.add_argument("--samples", type=common.POSITIVE_INT, default=4,
                  help="(prompt, noise) pairs the fitness averages over; "
                       "sample j: prompt j mod #prompts, noise seed + j")
@@ -197,9 +262,13 @@ def add_parser(sub, parents):
   p.add_argument("--population", type=common.number(int, 2), default=50)
   p.add_argument("--children", type=common.POSITIVE_INT, default=30)
   p.add_argument("--generations", type=common.NONNEGATIVE_INT, default=30)
-  p.add_argument("--guidance", type=common.NONNEGATIVE, default=5.0)
+  p.add_argument("--guidance", type=common.NONNEGATIVE, default=None,
+                 help="CFG scale (default: the model's; Wan2.1 5.0, Wan2.2 "
+                      "A14B one scale per expert; this flag sets both)")
   p.add_argument("--shift", type=common.POSITIVE, default=None,
-                 help="flow shift (default: 3.0 up to 480p, else 5.0)")
+                 help="flow shift (default: the model's; Wan2.1: 3.0 up to "
+                      "480p, else 5.0)")
+  generate.add_expert_switch_option(p)
   p.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
   common.add_dtype_option(p)
   p.add_argument("--evaluator", choices=["masked", "sparse"],

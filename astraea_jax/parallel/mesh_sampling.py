@@ -183,7 +183,8 @@ def astraea_sample(model, params, noise, context, negative_context, *,
                    .SelectionConfig(), return_trajectory: bool = False,
                    progress: bool = True, return_stats: bool = False,
                    boundary_ratio: float | None = None,
-                   refresh_experts: bool = True, token_mask=None,
+                   refresh_experts: bool = wan_tokenwise.REFRESH_EXPERTS,
+                   token_mask=None,
                    post_step=None, condition=None):
   """Astraea CFG sampling over a mesh; `astraea.wan_tokenwise.sample` plus mesh.
 

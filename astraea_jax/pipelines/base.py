@@ -26,6 +26,7 @@ from flax import nnx
 from astraea_jax import checkpoint, metrics
 from astraea_jax import placement as placement_lib
 from astraea_jax.astraea import selection as selection_lib
+from astraea_jax.astraea import wan_tokenwise
 from astraea_jax.models.text import tokenizer as tokenizer_lib
 from astraea_jax.sampling import memory
 from astraea_jax.sampling import sampler as dense_sampler
@@ -57,6 +58,15 @@ class GenerateConfig:
   selection: selection_lib.SelectionConfig | None = None
   # Decode in spatial tiles of this many pixels (None: whole frames).
   vae_tile: int | None = None
+  # Two experts (Wan2.2 A14B) with Astraea: what the token caches do at
+  # the switch, a key of `wan_tokenwise.EXPERT_SWITCHES` (None: the
+  # sampler's default; models of one expert have no switch).
+  expert_switch: str | None = None
+
+  def __post_init__(self):
+    if self.expert_switch not in (None, *wan_tokenwise.EXPERT_SWITCHES):
+      raise ValueError(f"{self.expert_switch=} must be None or one of "
+                       f"{tuple(wan_tokenwise.EXPERT_SWITCHES)}")
 
   @property
   def accelerated(self) -> bool:

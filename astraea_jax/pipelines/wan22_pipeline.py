@@ -25,6 +25,8 @@ text2video.py and configs/):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,7 @@ from flax import nnx
 
 from astraea_jax import checkpoint, parallel
 from astraea_jax import placement as placement_lib
+from astraea_jax.astraea import search
 from astraea_jax.astraea import wan_tokenwise as astraea_sampler
 from astraea_jax.pipelines import base, wan_pipeline
 from astraea_jax.sampling import sampler as dense_sampler
@@ -188,6 +191,8 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   # Video -> latent factors when no VAE is loaded.
   FACTORS = (4, 8)
+  # UniPC's timesteps: wan22's own schedule (`FlowUniPC` schedule="wan").
+  TIMESTEPS = "wan"
 
   def __init__(self, transformer, vae=None, text_encoder=None,
                tokenizer=None, *, text_len: int | None = None,
@@ -206,13 +211,26 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
         .patch_size, batch=batch, channels=self.transformer.config.out_dim,
         temporal_factor=t, spatial_factor=s)
 
-  def _experts(self):
+  def split_experts(self):
     """(graphdef, params or the experts' pair, boundary_ratio)."""
     graphdef, params = nnx.split(self.transformer)
     if self.transformer_2 is None:
       return graphdef, params, None
     return graphdef, (params, nnx.state(self.transformer_2)), \
         self.boundary_ratio
+
+  def search_model(self, image=None) -> search.SearchModel:
+    """What `astraea search` samples: the DiT (or both experts and the
+    boundary), this model's latents and, with `image` (3, H, W) in [-1, 1]
+    at the video's size, the image-to-video problem
+    (`image_conditioning`, `image_hooks`)."""
+    graphdef, params, boundary = self.split_experts()
+    image_input = None if image is None else functools.partial(
+        self.image_conditioning, jnp.asarray(image)[None])
+    return search.SearchModel(graphdef, params,
+                              self.transformer.config.text_dim, boundary,
+                              self.latent_shape, image_input,
+                              self.image_hooks)
 
   def image_conditioning(self, image, num_frames: int):
     """image (B, 3, H, W) in [-1, 1] at the video's size -> the denoiser's
@@ -240,7 +258,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
               schedule=None, selection_config=None, loop: str = "python",
               progress: bool = False, return_stats: bool = False,
               step_seconds: list | None = None, devices: int | None = None,
-              refresh_experts: bool = True):
+              refresh_experts: bool = astraea_sampler.REFRESH_EXPERTS):
     """CFG sampling from `noise` (B, C, F, h, w) -> latents, dense or
     Astraea (`budget` / `schedule`) as `WanPipeline.denoise`.
 
@@ -249,7 +267,8 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     of the first frame; I2V-A14B: (B, 20, F, h, w) mask and latents),
     applied by `image_hooks`.
     refresh_experts (two experts, Astraea): the first low-noise step
-    computes every token (see `wan_tokenwise.sample`). devices: sample on
+    computes every token, or (False) keeps the schedule's K there (see
+    `wan_tokenwise.sample`; default `wan_tokenwise.EXPERT_SWITCH`). devices: sample on
     N devices (`parallel.samplers`, one expert or two).
     """
     d = self.DEFAULTS
@@ -258,9 +277,8 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
         guidance_scale
     shift = d["shift"] if shift is None else shift
     if isinstance(scheduler, str):
-      scheduler = dense_sampler.make_scheduler(
-          scheduler, steps, shift=shift,
-          **({"schedule": "wan"} if scheduler == "unipc" else {}))
+      scheduler = dense_sampler.make_scheduler(scheduler, steps, shift=shift,
+                                               schedule=self.TIMESTEPS)
     noise, hooks = self.image_hooks(noise, image_latent)
     common = {"scheduler": scheduler, "steps": None,
               "guidance_scale": guidance_scale, "progress": progress,
@@ -271,7 +289,7 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
           devices, batch=2 * noise.shape[0])
     # Both experts are on the accelerator for the whole run.
     with placement_lib.placed(self.transformer_2):
-      graphdef, params, boundary = self._experts()
+      graphdef, params, boundary = self.split_experts()
       experts = {} if boundary is None else {
           "boundary_ratio": boundary, "refresh_experts": refresh_experts}
       if budget is None and schedule is None:
@@ -321,8 +339,12 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   def _generate_options(self, config: base.GenerateConfig, fps: float):
     del fps  # no frame-rate condition
+    switch = {} if config.expert_switch is None else {
+        "refresh_experts": astraea_sampler.EXPERT_SWITCHES[
+            config.expert_switch]}
     return {"shift": config.shift, "devices": config.devices,
-            "scheduler": config.scheduler or self.DEFAULTS["scheduler"]}
+            "scheduler": config.scheduler or self.DEFAULTS["scheduler"],
+            **switch}
 
 
 class Wan22TI2VPipeline(Wan22Pipeline):
@@ -374,11 +396,11 @@ class Wan22A14BPipeline(Wan22Pipeline):
     pipe.boundary_ratio = float(manifest["boundary_ratio"])
     return pipe
 
-  def _experts(self):
+  def split_experts(self):
     if self.transformer_2 is None or self.boundary_ratio is None:
       raise ValueError(f"{self.MODEL} needs both experts and boundary_ratio "
                        "(load the folder with from_pretrained)")
-    return super()._experts()
+    return super().split_experts()
 
 
 class Wan22T2VA14BPipeline(Wan22A14BPipeline):

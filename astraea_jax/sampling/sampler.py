@@ -461,18 +461,19 @@ def pack(latents, *optional):
   return out[0] if len(out) == 1 else out
 
 
-def resolve_scheduler(scheduler, steps, shift, noise_shape):
+def resolve_scheduler(scheduler, steps, shift, noise_shape, *,
+                      schedule: str = "diffusers"):
   """The one scheduler factory of the Wan samplers: a name ("unipc" |
-  "euler") with `steps` and `shift` -> a scheduler; shift None = the flow
-  shift of the video size implied by the latents (`wan_flow_shift`: 3.0 up
-  to 480p, 5.0 above). A scheduler pytree passes through (then `steps`
-  must be None or its step count)."""
+  "euler") with `steps`, `shift` and UniPC's `schedule` (`make_scheduler`)
+  -> a scheduler; shift None = the flow shift of the video size implied by
+  the latents (`wan_flow_shift`: 3.0 up to 480p, 5.0 above). A scheduler
+  pytree passes through (then `steps` must be None or its step count)."""
   if isinstance(scheduler, str):
     if steps is None:
       raise ValueError(f"{scheduler=} needs `steps`")
     if shift is None:
       shift = sched_lib.wan_flow_shift(8 * noise_shape[3], 8 * noise_shape[4])
-    return make_scheduler(scheduler, steps, shift=shift)
+    return make_scheduler(scheduler, steps, shift=shift, schedule=schedule)
   if steps is not None and steps != scheduler.num_steps:
     raise ValueError(
         f"{steps=} disagrees with the scheduler's {scheduler.num_steps} steps")

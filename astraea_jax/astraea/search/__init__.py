@@ -32,7 +32,12 @@ sampler's own sparse path instead (a step costs ~ its budget, not a full
 step; one compile per budget; equal to the masked numbers up to float
 rounding). Wan2.2 TI2V image-to-video problems pass the sampler's hooks:
 `TreeFitness(token_mask=, post_steps=)` (per-token timesteps, the image
-frame of each sample put back after every step).
+frame of each sample put back after every step); I2V-A14B its image
+channels (`conditions=`); the A14B models both experts' params with
+`boundary_ratio` (each step on its expert with its guidance scale, the
+switch step computed in full with `EvalConfig.refresh_experts`, as the
+sampler). `SearchModel` says which (the Wan2.2 pipelines make theirs,
+`Wan22Pipeline.search_model`); `problem_fitness` builds the fitness.
 
 Cheaper than evaluating every candidate from scratch, without changing any
 number (each row's result depends only on its own inputs: the batch shape
@@ -107,8 +112,10 @@ from astraea_jax.astraea.search import separable
 from astraea_jax.astraea.search.separable import DPConfig
 from astraea_jax.astraea.search.runner import (
     Problem,
+    SearchModel,
     load_samples,
     plot,
+    problem_fitness,
     rank_correlation,
     run_files,
     spearman,
@@ -122,6 +129,7 @@ __all__ = [
     "MAX_ROWS_PER_CALL",
     "PrefixTree",
     "Problem",
+    "SearchModel",
     "RecordingFitness",
     "STATE_FILE",
     "STATE_MEMORY_SHARE",
@@ -140,6 +148,7 @@ __all__ = [
     "make_children",
     "mutate",
     "plot",
+    "problem_fitness",
     "random_genome",
     "rank_correlation",
     "repair",

@@ -31,18 +31,24 @@ F32 = jnp.float32
 # Fitness: masked simulation over a prefix tree -------------------------------
 
 EVALUATORS = ("masked", "sparse")
+TIMESTEPS = ("diffusers", "wan")  # `sampler.make_scheduler`'s schedules
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """How `TreeFitness` runs the candidates.
 
-  Only `scheduler`, `guidance_scale`, `shift` and `selection` change the
-  numbers; the rest trades memory for time.
+  Only `scheduler`, `timesteps`, `guidance_scale`, `shift`, `selection`
+  and `refresh_experts` change the numbers; the rest trades memory for
+  time.
   """
 
   scheduler: str = "unipc"
-  guidance_scale: float = 5.0
+  # UniPC's timesteps: "diffusers" (Wan2.1's sampler) or "wan" (wan22's
+  # original schedule, as the Wan2.2 pipelines sample).
+  timesteps: str = "diffusers"
+  # One CFG scale, or (low-noise, high-noise) experts' (Wan2.2 A14B).
+  guidance_scale: float | tuple[float, float] = 5.0
   shift: float | None = None        # None: by video size, as `sample`
   selection: selection.SelectionConfig = dataclasses.field(
       default_factory=selection.SelectionConfig)
@@ -72,10 +78,15 @@ class EvalConfig:
   # Share the trajectories of common prefixes (False: every genome from
   # scratch, the naive evaluation; for tests and counts).
   share_prefixes: bool = True
+  # Two experts: the first step of the low-noise expert computes every
+  # token, whatever its gene (`wan_tokenwise.sample`'s refresh_experts).
+  refresh_experts: bool = astraea_sampler.REFRESH_EXPERTS
 
   def __post_init__(self):
     if self.evaluator not in EVALUATORS:
       raise ValueError(f"{self.evaluator=} must be one of {EVALUATORS}")
+    if self.timesteps not in TIMESTEPS:
+      raise ValueError(f"{self.timesteps=} must be one of {TIMESTEPS}")
     for name in ("samples_per_pass", "batch_nodes", "lanes"):
       value = getattr(self, name)
       if value is not None and value < 1:
@@ -124,26 +135,29 @@ def _velocity(graphdef, params, inputs, num_selected, config, masked,
   model = nnx.merge(graphdef, params)
   timesteps_2 = inputs.timesteps(timesteps_2)
   if masked:
-    return astraea_sampler.forward_masked(model, latents_2, timesteps_2,
-                                          inputs.context, cache,
-                                          num_selected, config=config)
+    return astraea_sampler.forward_masked(
+        model, latents_2, timesteps_2, inputs.context, cache, num_selected,
+        config=config, condition=inputs.condition)
   return astraea_sampler.forward(model, latents_2, timesteps_2,
                                  inputs.context, cache,
-                                 num_selected=num_selected, config=config)
+                                 num_selected=num_selected, config=config,
+                                 condition=inputs.condition)
 
 
 def _row_step(graphdef, params, scheduler, guidance_scale, contexts, hooks,
-              num_selected, selection_config, masked, sample, state):
-  """One CFG step of one row (candidate prefix, sample). hooks: (token
-  mask or None, post-step with per-sample leaves or None)."""
+              num_selected, selection_config, masked, expert, sample, state):
+  """One CFG step of one row (candidate prefix, sample) on `expert`'s
+  params. hooks: (token mask or None, post-step with per-sample leaves or
+  None, per-sample CFG conditions (S, 2, C', F, H, W) or None)."""
   latents, sched_state, cache = state
-  token_mask, post_steps = hooks
+  token_mask, post_steps, conditions = hooks
   post_step = (None if post_steps is None
                else jax.tree.map(lambda x: x[sample], post_steps))
+  condition = None if conditions is None else conditions[sample]
   model_fn = functools.partial(
-      _velocity, graphdef, params,
-      dense_sampler.WanInputs(contexts[sample], token_mask), num_selected,
-      selection_config, masked)
+      _velocity, graphdef, dense_sampler.pick_expert(params, expert),
+      dense_sampler.WanInputs(contexts[sample], token_mask, condition),
+      num_selected, selection_config, masked)
   return dense_sampler.guided_step(model_fn, scheduler, guidance_scale,
                                    latents, sched_state, cache, post_step)
 
@@ -157,29 +171,29 @@ def _map_rows(step, *rows):
   return jax.vmap(step)(*rows)
 
 
-@functools.partial(jax.jit, static_argnames=("selection_config",))
+@functools.partial(jax.jit, static_argnames=("selection_config", "expert"))
 def _masked_rows_step(graphdef, params, scheduler, guidance_scale, contexts,
                       hooks, k_table, samples, genes, states, *,
-                      selection_config):
+                      selection_config, expert):
   """`_row_step` vmapped over rows, each with its own (traced) budget."""
 
   def step(sample, gene, state):
     return _row_step(graphdef, params, scheduler, guidance_scale, contexts,
-                     hooks, k_table[gene], selection_config, True, sample,
-                     state)
+                     hooks, k_table[gene], selection_config, True, expert,
+                     sample, state)
 
   return _map_rows(step, samples, genes, states)
 
 
 @functools.partial(jax.jit, static_argnames=("num_selected",
-                                             "selection_config"))
+                                             "selection_config", "expert"))
 def _sparse_rows_step(graphdef, params, scheduler, guidance_scale, contexts,
                       hooks, samples, states, *, num_selected,
-                      selection_config):
+                      selection_config, expert):
   """`_row_step` vmapped over rows that share one static K."""
   step = functools.partial(_row_step, graphdef, params, scheduler,
                            guidance_scale, contexts, hooks, num_selected,
-                           selection_config, False)
+                           selection_config, False, expert)
   return _map_rows(step, samples, states)
 
 
@@ -319,7 +333,7 @@ class PrefixTree:
       items = sorted(level.items())
       for batch in self._batches(items):
         outs = self.step_nodes(p, [live[parent] for _, (parent, _) in batch],
-                                [gene for _, (_, gene) in batch])
+                                [gene for _, (_, gene) in batch], depth - 1)
         for (node, _), state in zip(batch, outs):
           live[node] = state
           if share and depth < steps:
@@ -350,7 +364,9 @@ class PrefixTree:
   def _root(self, p):
     raise NotImplementedError
 
-  def step_nodes(self, p, states, genes):
+  def step_nodes(self, p, states, genes, step):
+    """The children of `states` (pass p) after denoising step `step` with
+    `genes` (one a node)."""
     raise NotImplementedError
 
 
@@ -377,7 +393,8 @@ class TreeCounter(PrefixTree):
   def _root(self, p):
     return None
 
-  def step_nodes(self, p, states, genes):
+  def step_nodes(self, p, states, genes, step):
+    del step
     self._count(p, genes)
     return [None] * len(states)
 
@@ -410,7 +427,12 @@ class TreeFitness(PrefixTree):
   all-10 genome of the same tree.
 
   Args:
-    graphdef, params: `nnx.split(wan_dit)`.
+    graphdef, params: `nnx.split(wan_dit)`; or params the experts' pair
+      (high noise, low noise) with `boundary_ratio` (Wan2.2 A14B): each
+      step runs its expert with its guidance scale (`sampler.expert_plan`,
+      `expert_guidance`) and, with `config.refresh_experts`, the first
+      low-noise step computes every token whatever its gene
+      (`wan_tokenwise.refresh_at_switch`), as `wan_tokenwise.sample`.
     noise: (S, C, F, H, W) initial latents, one per sample.
     contexts: (S, L, text_dim) text embeddings; negative_contexts (S or 1,
       L', text_dim).
@@ -426,6 +448,9 @@ class TreeFitness(PrefixTree):
       entry per sample on a leading axis (TI2V: `wan22_pipeline.
       first_frame_post_step` of the (S, 1, C, 1, h, w) image latents, with
       `noise` starting from them as the pipeline's does).
+    conditions: None or (S, C', F, H, W) extra input channels of each
+      sample (I2V-A14B: mask and image latents; `sampling.sample`'s
+      condition), the same for both CFG branches.
 
   Attributes: `counts` and `row_steps_by_gene` (what was computed),
   `reference` (the full model's final latents), `fingerprint`,
@@ -434,7 +459,8 @@ class TreeFitness(PrefixTree):
 
   def __init__(self, graphdef, params, noise, contexts, negative_contexts, *,
                steps: int, config: EvalConfig = EvalConfig(), devices=None,
-               token_mask=None, post_steps=None):
+               token_mask=None, post_steps=None, boundary_ratio=None,
+               conditions=None):
     noise = jnp.asarray(noise, F32)
     if noise.ndim != 5 or noise.shape[0] < 1:
       raise ValueError(f"noise must be (S >= 1, C, F, H, W); got "
@@ -445,10 +471,19 @@ class TreeFitness(PrefixTree):
                        "noise samples")
     if steps < 1:
       raise ValueError(f"{steps=} must be >= 1")
+    dense_sampler.check_experts(params, boundary_ratio)
+    if conditions is not None and np.shape(conditions)[0] != num_samples:
+      raise ValueError(f"conditions {np.shape(conditions)} must have one "
+                       f"entry per sample ({num_samples}) first")
     devices = list(devices if devices is not None else jax.devices())
     self.scheduler = dense_sampler.resolve_scheduler(
-        config.scheduler, steps, config.shift, noise.shape)
-    model_config = nnx.merge(graphdef, params).config
+        config.scheduler, steps, config.shift, noise.shape,
+        schedule=config.timesteps)
+    self.boundary_ratio = boundary_ratio
+    self.experts = dense_sampler.expert_plan(self.scheduler.timesteps,
+                                             boundary_ratio)
+    model_config = nnx.merge(graphdef,
+                             dense_sampler.pick_expert(params, 0)).config
     grid = [s // p for s, p in zip(noise.shape[2:], model_config.patch_size)]
     self.num_tokens = int(np.prod(grid))
     self.k_of_gene = [schedule_lib.num_selected(g / FULL, self.num_tokens)
@@ -474,8 +509,11 @@ class TreeFitness(PrefixTree):
                          f"entry per sample ({num_samples}) first")
     self.hooks = jax.device_put(
         (None if token_mask is None else jnp.asarray(token_mask, F32),
-         post_steps), replicated)
-    self.guidance_scale = jnp.asarray(config.guidance_scale, F32)
+         post_steps, None if conditions is None else jax.vmap(
+             lambda c: dense_sampler.cfg_condition(c[None]))(
+                 jnp.asarray(conditions, F32))), replicated)
+    self.guidance_scale = jnp.asarray(dense_sampler.expert_guidance(
+        self.experts, config.guidance_scale), F32)
     self._cache_shape = (model_config.num_layers, 2, self.num_tokens,
                          model_config.dim)
     self._selection = config.selection
@@ -525,12 +563,24 @@ class TreeFitness(PrefixTree):
         genomes[:, 0] != FULL).any():
       raise ValueError("genes must be tenths in [0, 10], the first 10")
     reference = self.reference      # the full model's trajectory first
-    keys = [tuple(g) for g in genomes.tolist()]
+    keys = self._run_genomes(genomes)
     finals = self._finals(keys)
     # Per-sample MSE in float32 on device, mean over samples in float64.
     return np.asarray([
         np.mean(np.asarray(_sample_mse(finals[k], reference), np.float64))
         for k in keys], np.float64)
+
+  def _run_genomes(self, genomes):
+    """The genomes as they run: with two experts and
+    `config.refresh_experts`, the switch step's gene is 10."""
+    genomes = [list(g) for g in np.asarray(genomes).tolist()]
+    if self.boundary_ratio is not None and self.config.refresh_experts:
+      genomes = [astraea_sampler.refresh_at_switch(g, self.experts, FULL)
+                 for g in genomes]
+    return [tuple(g) for g in genomes]
+
+  def retain(self, population):
+    super().retain(self._run_genomes(population))
 
   def _finals(self, genomes):
     """{genome: final latents (S, 1, C, F, H, W)}."""
@@ -548,15 +598,18 @@ class TreeFitness(PrefixTree):
                    self.config.evaluator, self.config.selection,
                    self.batch_nodes, [len(p) for p in self.passes],
                    self.num_devices)).encode())
+    if self.boundary_ratio is not None:  # (one model: as before)
+      h.update(repr((self.boundary_ratio, self.experts,
+                     self.config.refresh_experts)).encode())
     return h.hexdigest()[:16]
 
   def _root(self, p):
     return self.root_state(p)
 
-  def step_nodes(self, p, states, genes):
-    """One denoising step of up to batch_nodes nodes of pass p (padded to
-    batch_nodes): states of the parents, genes of the step; returns the
-    children's states."""
+  def step_nodes(self, p, states, genes, step):
+    """Denoising step `step` of up to batch_nodes nodes of pass p (padded
+    to batch_nodes) on its expert: states of the parents, genes of the
+    step; returns the children's states."""
     sample_ids = self.passes[p]
     s, n = len(sample_ids), len(states)
     pad = self.batch_nodes - n
@@ -570,11 +623,13 @@ class TreeFitness(PrefixTree):
               self.contexts, self.hooks)
     if self.config.evaluator == "masked":
       out = _masked_rows_step(*common, self.k_table, samples, row_genes, batch,
-                              selection_config=self.config.selection)
+                              selection_config=self.config.selection,
+                              expert=self.experts[step])
     else:
       out = _sparse_rows_step(*common, samples, batch,
                               num_selected=self.k_of_gene[genes[0]],
-                              selection_config=self.config.selection)
+                              selection_config=self.config.selection,
+                              expert=self.experts[step])
     self._count(p, genes)
     if self.batch_nodes == 1:
       return [out]

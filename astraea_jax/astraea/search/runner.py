@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -119,11 +120,65 @@ class Problem:
   seed: int = 0
 
 
-def load_samples(embedding_paths, text_dim: int, problem: Problem):
-  """(noise (S, 16, F, H, W), contexts (S, L, D), negatives (S, L', D)).
+@dataclasses.dataclass(frozen=True)
+class SearchModel:
+  """The model a search samples: `run_files` loads a converted transformer
+  alone (`load`); the Wan2.2 pipelines make theirs (`Wan22Pipeline.
+  search_model`).
+
+    graphdef, params: `nnx.split` of the DiT; or params the experts' pair
+      with `boundary_ratio` (Wan2.2 A14B; `TreeFitness`);
+    text_dim: the width of its text embeddings;
+    latent_shape: (height, width, frames) -> (1, C, F, H, W) of a video;
+    image_input: None (text to video) or frames -> the image's input of
+      that many frames (the pipeline's `image_conditioning`);
+    image_hooks: (noise (1, C, F, H, W), image input) -> (noise, sampler
+      hooks: token_mask, post_step, condition), the pipeline's.
+  """
+  graphdef: Any
+  params: Any
+  text_dim: int
+  boundary_ratio: float | None = None
+  latent_shape: Callable = dense_sampler.wan_latent_shape
+  image_input: Callable | None = None
+  image_hooks: Callable | None = None
+
+  @classmethod
+  def load(cls, path, *, dtype: str | None = None) -> SearchModel:
+    """A converted Wan DiT (`checkpoint.load_model`) on Wan2.1's latents."""
+    model = checkpoint.load_model(path, dtype=dtype)
+    return cls(*nnx.split(model), model.config.text_dim)
+
+  def problem_inputs(self, noise, frames: int):
+    """(noise, `TreeFitness` hook arguments) of samples `noise` (S, ...):
+    text to video as they are; image to video each sample (batch 1)
+    through `image_hooks` with the image input of `frames` frames, the
+    hooks stacked per sample (token_mask is one for all)."""
+    if self.image_input is None:
+      return noise, {}
+    image = self.image_input(frames)
+    pairs = [self.image_hooks(noise[j:j + 1], image)
+             for j in range(noise.shape[0])]
+    hooks = [h for _, h in pairs]
+    kwargs = {}
+    if "token_mask" in hooks[0]:  # (L,): the same for every sample
+      kwargs["token_mask"] = hooks[0]["token_mask"]
+    if "post_step" in hooks[0]:   # leaves (S, 1, ...)
+      kwargs["post_steps"] = jax.tree.map(
+          lambda *xs: jnp.stack(xs), *(h["post_step"] for h in hooks))
+    if "condition" in hooks[0]:   # (S, C', F, H, W)
+      kwargs["conditions"] = jnp.concatenate([h["condition"]
+                                              for h in hooks])
+    return jnp.concatenate([n for n, _ in pairs]), kwargs
+
+
+def load_samples(embedding_paths, text_dim: int, problem: Problem,
+                 latent_shape=dense_sampler.wan_latent_shape):
+  """(noise (S, C, F, H, W), contexts (S, L, D), negatives (S, L', D)).
 
   Sample j uses prompt j mod len(paths) and noise from seed + j (sample 0
-  is the noise `astraea generate --seed SEED` draws).
+  is the noise `astraea generate --seed SEED` draws). latent_shape:
+  (height, width, frames) -> (1, C, F, H, W) (default Wan2.1's).
   """
   if not embedding_paths:
     raise ValueError("no prompts: pass --text-embeddings with one "
@@ -133,8 +188,8 @@ def load_samples(embedding_paths, text_dim: int, problem: Problem):
                      f"{len(embedding_paths)} prompts given")
   pairs = [read_text_embeddings(p, text_dim)
            for p in embedding_paths]
-  shape = dense_sampler.wan_latent_shape(problem.height, problem.width,
-                                         problem.frames)[1:]
+  shape = tuple(latent_shape(problem.height, problem.width,
+                             problem.frames))[1:]
 
   def stack(arrays):
     length = max(a.shape[1] for a in arrays)
@@ -149,6 +204,18 @@ def load_samples(embedding_paths, text_dim: int, problem: Problem):
           stack([pairs[i][1] for i in idx]))
 
 
+def problem_fitness(model: SearchModel, embedding_paths, problem: Problem, *,
+                    steps: int, eval_config: EvalConfig) -> TreeFitness:
+  """The `TreeFitness` of `model` on `problem`'s samples (`load_samples`,
+  `SearchModel.problem_inputs`): what `run_files` searches with."""
+  noise, contexts, negatives = load_samples(
+      embedding_paths, model.text_dim, problem, model.latent_shape)
+  noise, hooks = model.problem_inputs(noise, problem.frames)
+  return TreeFitness(model.graphdef, model.params, noise, contexts,
+                     negatives, steps=steps, config=eval_config,
+                     boundary_ratio=model.boundary_ratio, **hooks)
+
+
 def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
               problem: Problem = Problem(), eval_config: EvalConfig =
               EvalConfig(), proxy: Problem | None = None,
@@ -156,7 +223,8 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
               dtype: str | None = None, resume: bool = False,
               progress: bool = True, method: str = "ga",
               dp_config: separable.DPConfig = separable.DPConfig(),
-              install: tuple[pathlib.Path, str] | None = None) -> dict:
+              install: tuple[pathlib.Path, str] | None = None,
+              model: SearchModel | None = None) -> dict:
   """`astraea search`: the budget schedule of one converted checkpoint.
 
   Writes into `out`: search_state.json (after every generation),
@@ -170,6 +238,9 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
   step costs measured one step at a time, optimised exactly).
   install: (folder, model id): also write the schedule there as the
   searched schedule of its target budget (`schedule.save_searched`).
+  model: the model to search with (default: `SearchModel.load` of
+  `model_path`, a converted transformer; the Wan2.2 pipelines' for their
+  folders: two experts, image to video).
   """
   if method not in METHODS:
     raise ValueError(f"{method=} must be one of {METHODS}")
@@ -184,17 +255,15 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
     raise ValueError("no prompts: pass --text-embeddings with one "
                      "safetensors file (`context`) per prompt")
   for p in (problem,) + ((proxy,) if proxy else ()):
-    dense_sampler.wan_latent_shape(p.height, p.width, p.frames)
+    (dense_sampler.wan_latent_shape if model is None
+     else model.latent_shape)(p.height, p.width, p.frames)
   # Not a checkpoint, or a damaged one: checkpoint.CheckpointReadError.
-  model = checkpoint.load_model(model_path, dtype=dtype)
-  graphdef, params = nnx.split(model)
+  model = model or SearchModel.load(model_path, dtype=dtype)
   outputs.mark_folder(out, command="search")
 
   def fitness_of(p):
-    return TreeFitness(graphdef, params,
-                       *load_samples(embedding_paths, model.config.text_dim,
-                                     p),
-                       steps=config.steps, config=eval_config)
+    return problem_fitness(model, embedding_paths, p, steps=config.steps,
+                           eval_config=eval_config)
 
   full = fitness_of(problem)
   report = {"config": config.to_dict(),
@@ -202,6 +271,8 @@ def run_files(model_path, embedding_paths, out, *, config: SearchConfig,
             "eval_config": {k: v for k, v in dataclasses.asdict(
                 eval_config).items() if k != "selection"},
             "model": str(model_path),
+            "boundary_ratio": model.boundary_ratio,
+            "image_to_video": model.image_input is not None,
             "prompts": [str(p) for p in embedding_paths],
             "fingerprint": full.fingerprint}
   fitness_fn = full
