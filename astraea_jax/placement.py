@@ -74,12 +74,28 @@ def placed(module):
   # A copy of the containers: nnx.state's Variables are the module's own,
   # which `update` overwrites.
   host = jax.tree.map(lambda x: x, nnx.state(module))
-  device = jax.device_put(host, accelerator())
-  nnx.update(module, device)
+  with state_placed(host) as device:
+    nnx.update(module, device)
+    try:
+      yield module
+    finally:
+      nnx.update(module, host)
+
+
+@contextlib.contextmanager
+def state_placed(state):
+  """`placed` for a state pytree (one Wan2.2 expert's params, not a
+  module): NumPy leaves are copied to the accelerator for the block and
+  that copy is freed at its end; a state with any device array is yielded
+  as it is (it is not ours to free)."""
+  leaves = jax.tree.leaves(state)
+  if not leaves or not all(isinstance(x, np.ndarray) for x in leaves):
+    yield state
+    return
+  device = jax.device_put(state, accelerator())
   try:
-    yield module
+    yield device
   finally:
-    nnx.update(module, host)
     for x in jax.tree.leaves(device):
       x.delete()  # JAX frees it once running programs no longer read it
 

@@ -26,18 +26,21 @@ against torch (atol 2e-6 on values ~1), is stated where it is used.
 
 import ast
 import functools
+import gc
 import importlib.util
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from _wan22_reference import load_wan22_module, random_reference_dit
-from astraea_jax import checkpoint, cli, testing
+from astraea_jax import checkpoint, cli, placement, testing
 from astraea_jax.astraea import search, selection, wan_tokenwise
 from astraea_jax.commands import generate
 from astraea_jax.configs import WanConfig
@@ -347,6 +350,55 @@ def test_expert_switch_refresh_and_keep_part_at_the_switch_step(a14b):
   assert np.abs(np.asarray(refreshed[2] - kept[2])).max() > 1e-4
 
 
+def test_one_expert_at_a_time_samples_as_both_resident(a14b, monkeypatch):
+  """expert_placement "one" (from_pretrained's default with offload): the
+  run in two parts, and while the low-noise steps run the high-noise
+  expert's parameters are not on the accelerator (the modules stay NumPy,
+  the step gets the running expert's params alone, and the live device
+  bytes hold one expert, where "both" holds two); the latents equal those
+  of both experts resident bit for bit, dense and Astraea across the
+  switch (the token caches carried from one part to the next)."""
+  _, _, pipe, _ = a14b
+  assert pipe.expert_placement == "one"
+  noise = jnp.asarray(a14b_noise(pipe))
+  context, negative = (jnp.asarray(x) for x in embeddings(9))
+  expert = sum(x.nbytes for x in jax.tree.leaves(nnx.state(pipe.transformer)))
+  live = lambda: sum(x.nbytes for x in jax.live_arrays())
+  call_step, seen = sampler._call_step, []
+
+  def watched(step, executable, args, plan):
+    params = args[0].args[1]  # model_fn = Partial(velocity, graphdef, params)
+    seen.append((getattr(plan, "expert", plan), [p is None for p in params],
+                 placement.is_on_host(pipe.transformer)
+                 and placement.is_on_host(pipe.transformer_2),
+                 live() - baseline))
+    return call_step(step, executable, args, plan)
+
+  monkeypatch.setattr(sampler, "_call_step", watched)
+  runs = {}
+  for where in ("both", "one"):
+    monkeypatch.setattr(pipe, "expert_placement", where)
+    seen.clear()
+    gc.collect()
+    baseline = live()
+    dense = pipe.denoise(noise, context, negative, num_inference_steps=STEPS)
+    astraea = pipe.denoise(noise, context, negative,
+                           num_inference_steps=STEPS,
+                           schedule=[1.0, 0.5, 0.5], return_stats=True)
+    runs[where] = (dense, *astraea, list(seen))
+  dense, astraea, stats, seen = runs["one"]
+  assert [s[:3] for s in seen] == 2 * [(0, [False, True], True),
+                                       (0, [False, True], True),
+                                       (1, [True, False], True)]
+  assert max(s[3] for s in seen) < 1.5 * expert
+  # the control: both experts resident for every step
+  assert min(s[3] for s in runs["both"][3]) >= 2 * expert
+  assert stats.num_selected == runs["both"][2].num_selected == [12, 6, 12]
+  np.testing.assert_array_equal(np.asarray(dense), np.asarray(runs["both"][0]))
+  np.testing.assert_array_equal(np.asarray(astraea),
+                                np.asarray(runs["both"][1]))
+
+
 # `astraea generate` -----------------------------------------------------------
 
 
@@ -437,6 +489,7 @@ def test_generate_runs_the_two_experts(a14b, tmp_path, capsys):
   assert report["model"] == "wan2.2-t2v-a14b"
   assert report["guidance_scale"] == [3.0, 4.0]
   assert report["expert_switch"] == "keep"
+  assert report["expert_placement"] == "one"  # the CLI offloads
   assert report["astraea"]["schedule"] == [1.0, 0.3, 0.2]
   assert load_file(out / "outputs.safetensors")["video_full"].shape == (
       1, 3, 5, 32, 48)
@@ -449,6 +502,12 @@ def test_generate_runs_the_two_experts(a14b, tmp_path, capsys):
      "Astraea's token caches do at the expert switch: give --budget", 1),
     ("ti2v", ["--budget", "0.5", "--expert-switch", "keep"],
      "holds wan2.2-ti2v-5b, one model with no expert switch", 1),
+    ("a14b", ["--expert-placement", "all"],
+     "argument --expert-placement: invalid choice: 'all'", 2),
+    ("ti2v", ["--expert-placement", "one"],
+     "--expert-placement one: ", 1),
+    ("a14b", ["--expert-placement", "one", "--devices", "2"],
+     "with --devices 2 both experts are sharded", 1),
 ])
 def test_bad_expert_switch_is_refused_before_anything_loads(
     request, tmp_path, capsys, monkeypatch, model, args, message, code):

@@ -177,7 +177,7 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
            progress: bool = True, return_stats: bool = False,
            boundary_ratio: float | None = None, token_mask=None,
            post_step=None, refresh_experts: bool = REFRESH_EXPERTS,
-           condition=None):
+           condition=None, expert_placement: str = "both"):
   """Astraea CFG sampling: like `sampling.sample`, with a token budget.
 
   Args:
@@ -189,8 +189,9 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
       token (`refresh_at_switch`), so no token reuses the other expert's
       cached update; False keeps the schedule's K there (default: the
       measured `EXPERT_SWITCH`).
-    token_mask, post_step, condition, guidance_scale: as in
-      `sampling.sample`.
+    token_mask, post_step, condition, guidance_scale, expert_placement:
+      as in `sampling.sample` ("one": the token caches go from the
+      high-noise expert's steps to the low-noise expert's unchanged).
     Others as in `astraea_jax.sampling.sample`.
 
   Returns latents, plus the trajectory and/or SampleStats when asked.
@@ -202,11 +203,12 @@ def sample(model, params, noise, context, negative_context, *, budget=None,
   experts, budgets, ks = expert_steps(scheduler, budgets, ks, n,
                                       boundary_ratio, refresh_experts)
   cache_args = (config.num_layers, 2 * noise.shape[0], n, config.dim)
-  latents, _, trajectory, stats = dense_sampler.run(
-      model_fn(model, params,
-               dense_sampler.cfg_context(context, negative_context),
-               token_mask, dense_sampler.cfg_condition(condition)),
-      jnp.asarray(noise, F32), scheduler=scheduler,
+  inputs = (dense_sampler.cfg_context(context, negative_context),
+            token_mask, dense_sampler.cfg_condition(condition))
+  latents, _, trajectory, stats = dense_sampler.run_by_expert(
+      lambda p: model_fn(model, p, *inputs), params,
+      jnp.asarray(noise, F32), scheduler=scheduler, experts=experts,
+      expert_placement=expert_placement,
       guidance_scale=dense_sampler.expert_guidance(experts, guidance_scale),
       plans=[Plan(k, selection_config, e) for k, e in zip(ks, experts)],
       make_carry=lambda: selection.init_cache(*cache_args, selection_config),

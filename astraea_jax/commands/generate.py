@@ -50,6 +50,7 @@ from astraea_jax.pipelines import (
     wan_pipeline,
 )
 from astraea_jax.pipelines.base import GenerateConfig
+from astraea_jax.sampling import sampler as dense_sampler
 from astraea_jax.text_embeddings import read_text_embeddings
 from converters import safetensors_io
 from converters import wan_vae as wan_vae_converter
@@ -92,6 +93,27 @@ def expert_switch(value: str | None, family: str, model_path, *,
   if family not in TWO_EXPERTS or not accelerated:
     return None
   return value or wan_tokenwise.EXPERT_SWITCH
+
+
+def expert_placement(value: str | None, family: str, model_path, *,
+                     devices: int | None = None) -> str | None:
+  """The --expert-placement of a run (`sampler.EXPERT_PLACEMENTS`): the
+  given one, or for two experts "one" on one device (the CLI offloads
+  every model: the idle expert waits in host memory) and "both" over
+  --devices (the mesh shards both); None for a model of one expert. A
+  UsageError for a model of one expert, or "one" with --devices."""
+  if value is not None and family not in TWO_EXPERTS:
+    raise common.UsageError(
+        f"--expert-placement {value}: {model_path} holds {family}, one "
+        f"model (only {' and '.join(TWO_EXPERTS)} have two experts)")
+  if family not in TWO_EXPERTS:
+    return None
+  if value == "one" and devices is not None:
+    raise common.UsageError(
+        f"--expert-placement one places one expert on one device; with "
+        f"--devices {devices} both experts are sharded over the devices "
+        "(give --expert-placement both, or leave it out)")
+  return value or ("both" if devices is not None else "one")
 
 
 def add_expert_switch_option(p):
@@ -290,9 +312,11 @@ def prepare_wan22(model_path, out, *, config, prompt, negative_prompt,
     raise ValueError(f"{model_path} is a Wan2.2 folder; not supported for "
                      "it: --vae (the folder has its VAE)")
   check_wan22_size(model_path, config.height, config.width, config.frames)
+  experts = ({} if config.expert_placement is None
+             else {"expert_placement": config.expert_placement})
   pipe = pipeline_class.from_pretrained(                             # 1.
       model_path, dtype=dtype, load_text_encoder=prompt is not None,
-      text_encoder_device=text_encoder_device)
+      text_encoder_device=text_encoder_device, **experts)
   report = {"model": pipeline_class.MODEL, **_config_fields(config)}
   conditioning = _wan_text(pipe, report, prompt, negative_prompt,   # 2.
                            embeddings_path, text_encoder_device)
@@ -469,6 +493,8 @@ def run(args) -> int:
                             "model: give --budget or --schedule too")
   switch = expert_switch(args.expert_switch, model_family(model), model,
                          accelerated=accelerated)
+  placement = expert_placement(args.expert_placement, model_family(model),
+                               model, devices=args.devices)
   # Unset options take the model's defaults (Wan2.1 or OpenSora v1.2).
   defaults = defaults_for(model)
   pick = lambda name: (getattr(args, name) if getattr(args, name) is not None
@@ -488,7 +514,8 @@ def run(args) -> int:
       steps=steps, guidance_scale=pick("guidance"), shift=args.shift,
       scheduler=pick("scheduler"), seed=args.seed, budget=None,
       schedule=schedule, compare=args.compare, devices=args.devices,
-      selection=state, vae_tile=args.vae_tile, expert_switch=switch)
+      selection=state, vae_tile=args.vae_tile, expert_switch=switch,
+      expert_placement=placement)
   report = generate(model, args.text_embeddings, args.out, config=config,
                     vae_path=args.vae, allow_pth=args.allow_pth,
                     dtype=args.dtype, overwrite=args.overwrite,
@@ -561,6 +588,14 @@ def add_parser(sub, parents):
   common.add_budget_options(p, "Astraea mean token budget in (0, 1]")
   common.add_token_state_options(p)
   add_expert_switch_option(p)
+  p.add_argument(
+      "--expert-placement", choices=list(dense_sampler.EXPERT_PLACEMENTS),
+      default=None,
+      help="Wan2.2 A14B: keep one expert on the accelerator at a time (one: "
+           "the default on one device, the other waits in host memory; "
+           "what fits one 80 GB GPU at 720p) or both for the whole run "
+           "(both: no copy at the switch; the default with --devices); the "
+           "same video either way")
   p.add_argument("--compare", action="store_true",
                  help="also run the full model; print speedup and PSNR/SSIM")
   p.add_argument("--vae", default=None,

@@ -62,11 +62,16 @@ class GenerateConfig:
   # the switch, a key of `wan_tokenwise.EXPERT_SWITCHES` (None: the
   # sampler's default; models of one expert have no switch).
   expert_switch: str | None = None
+  # Two experts: "one" on the accelerator at a time, or "both" for the
+  # whole run (`sampler.run_by_expert`; None: the pipeline's own).
+  expert_placement: str | None = None
 
   def __post_init__(self):
     if self.expert_switch not in (None, *wan_tokenwise.EXPERT_SWITCHES):
       raise ValueError(f"{self.expert_switch=} must be None or one of "
                        f"{tuple(wan_tokenwise.EXPERT_SWITCHES)}")
+    if self.expert_placement is not None:
+      dense_sampler.check_expert_placement(self.expert_placement)
 
   @property
   def accelerated(self) -> bool:
@@ -131,7 +136,7 @@ def stage(component: str):
     @functools.wraps(method)
     def run(self, *args, **kwargs):
       with memory.stage(*self.STAGES[component]), placement_lib.placed(
-          getattr(self, component)):
+          self.stage_module(component)):
         return placement_lib.to_accelerator(method(self, *args, **kwargs))
     return run
 
@@ -206,6 +211,12 @@ class Pipeline(nnx.Module):
 
   def _check_components(self):
     """Raises ValueError where the components do not fit together."""
+
+  def stage_module(self, component: str):
+    """The module `stage(component)` places for its stage (None: the
+    stage places its parameters itself, as Wan2.2 A14B's experts one at a
+    time)."""
+    return getattr(self, component)
 
   # Loading -------------------------------------------------------------------
 
@@ -339,7 +350,7 @@ class Pipeline(nnx.Module):
     report = {"latent_shape": list(shape), "seed": config.seed}
     results = {}
     with memory.stage(*self.STAGES["transformer"]), placement_lib.placed(
-        self.transformer):  # placed once for both runs
+        self.stage_module("transformer")):  # placed once for both runs
       self._sample_runs(noise, conditioning, config, options, report,
                         results)
     videos = {}

@@ -196,11 +196,25 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
 
   def __init__(self, transformer, vae=None, text_encoder=None,
                tokenizer=None, *, text_len: int | None = None,
-               transformer_2=None, boundary_ratio: float | None = None):
+               transformer_2=None, boundary_ratio: float | None = None,
+               expert_placement: str = "both"):
     super().__init__(transformer, vae, text_encoder, tokenizer,
                      text_len=text_len)
     self.transformer_2 = nnx.data(transformer_2)  # a module, or None
     self.boundary_ratio = boundary_ratio
+    # Two experts: both on the accelerator for the whole denoising, or
+    # "one" at a time (see `denoise`).
+    self.expert_placement = dense_sampler.check_expert_placement(
+        expert_placement)
+
+  def one_expert_at_a_time(self) -> bool:
+    """Two experts, placed one at a time (`expert_placement` "one")."""
+    return self.transformer_2 is not None and self.expert_placement == "one"
+
+  def stage_module(self, component: str):
+    if component == "transformer" and self.one_expert_at_a_time():
+      return None  # `denoise` places each expert for its own steps
+    return super().stage_module(component)
 
   def latent_shape(self, height: int, width: int, num_frames: int,
                    batch: int = 1):
@@ -270,6 +284,14 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     computes every token, or (False) keeps the schedule's K there (see
     `wan_tokenwise.sample`; default `wan_tokenwise.EXPERT_SWITCH`). devices: sample on
     N devices (`parallel.samplers`, one expert or two).
+
+    Two experts with `expert_placement` "both": both on the accelerator
+    for the whole run; "one" (offloaded experts, from_pretrained's
+    default): the high-noise expert's parameters on the accelerator for
+    its steps, freed, then the low-noise expert's for the rest
+    (`sampler.run_by_expert`), the same numbers with one expert's memory
+    (a 14B expert is ~26.6 GiB in bfloat16). With `devices` both are
+    placed (the mesh samplers shard them).
     """
     d = self.DEFAULTS
     steps = num_inference_steps or d["steps"]
@@ -287,11 +309,17 @@ class Wan22Pipeline(wan_pipeline.WanPipeline):
     if devices is not None:
       dense_sample, astraea_sample = parallel.samplers(
           devices, batch=2 * noise.shape[0])
-    # Both experts are on the accelerator for the whole run.
-    with placement_lib.placed(self.transformer_2):
+    one = self.one_expert_at_a_time() and devices is None
+    # "both": both experts on the accelerator for the whole run (nested
+    # `placed` do nothing where the stage placed one already); "one": the
+    # experts stay offloaded and the sampler places each for its steps.
+    with placement_lib.placed(None if one else self.transformer), \
+        placement_lib.placed(None if one else self.transformer_2):
       graphdef, params, boundary = self.split_experts()
       experts = {} if boundary is None else {
           "boundary_ratio": boundary, "refresh_experts": refresh_experts}
+      if one:
+        experts["expert_placement"] = "one"
       if budget is None and schedule is None:
         if return_stats:
           raise ValueError("return_stats needs Astraea (budget or schedule)")
@@ -380,11 +408,21 @@ class Wan22A14BPipeline(Wan22Pipeline):
 
   @classmethod
   def from_pretrained(cls, path, *, dtype: str | None = None,
-                      offload: bool = True, **kwargs):
+                      offload: bool = True,
+                      expert_placement: str | None = None, **kwargs):
     """`Pipeline.from_pretrained` plus the low-noise expert and the
-    boundary from the manifest."""
+    boundary from the manifest. expert_placement (see `denoise`): "one"
+    expert on the accelerator at a time (the default with offload: the
+    other waits in host memory), or "both" (the default without)."""
+    if expert_placement is None:
+      expert_placement = "one" if offload else "both"
+    dense_sampler.check_expert_placement(expert_placement)
+    if expert_placement == "one" and not offload:
+      raise ValueError("expert_placement='one' keeps the idle expert in "
+                       "host memory: it needs offload=True")
     pipe = super().from_pretrained(path, dtype=dtype, offload=offload,
                                    **kwargs)
+    pipe.expert_placement = expert_placement
     manifest = cls.read_manifest(path)
     experts = manifest["experts"]
     if experts.get("high_noise") != "transformer":

@@ -44,6 +44,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from astraea_jax import placement as placement_lib
 from astraea_jax.sampling import memory
 from astraea_jax.sampling import schedulers as sched_lib
 
@@ -326,7 +327,8 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
         carry=(), make_carry=None, sched_state=None, out_shardings=None,
         loop: str = "python", return_trajectory: bool = False,
         progress: bool = True, wait: bool = False, desc: str = "sampling",
-        postfix=None, memory_hint=None, post_step=None):
+        postfix=None, memory_hint=None, post_step=None,
+        return_sched_state: bool = False):
   """THE host sampling loop: every sampler (dense, Astraea on Wan and
   STDiT3, the policies, the mesh samplers) runs its steps here.
 
@@ -352,9 +354,12 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
     guidance_scale: one CFG scale, or one per step (`step_guidance`).
     post_step: None or a pytree function latents -> latents after each
       scheduler step (`guided_step`).
+    return_sched_state: also return the scheduler's state after the last
+      step, to go on from it (`run_by_expert` runs `plans` in parts).
 
   Returns (latents, carry, trajectory or None, SampleStats with
-  step_seconds, compiled, plans and estimated_peak_bytes).
+  step_seconds, compiled, plans and estimated_peak_bytes), and the
+  scheduler's state with return_sched_state.
   """
   if loop not in LOOPS:
     raise ValueError(f"{loop=} must be one of {LOOPS}")
@@ -370,10 +375,11 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
       carry = make_carry()
     if plans is not None:
       raise ValueError("loop='scan' runs one plan; got a plan per step")
-    latents, _, carry, trajectory = _scanned_loop(
+    latents, sched_state, carry, trajectory = _scanned_loop(
         model_fn, scheduler, guidance_scale, latents, sched_state, carry,
         post_step, return_trajectory=return_trajectory)
-    return latents, carry, trajectory, stats
+    return (latents, carry, trajectory, stats) + (
+        (sched_state,) if return_sched_state else ())
   if plans is None:
     plans = [None] * scheduler.num_steps
   step = step_function(out_shardings)
@@ -418,7 +424,97 @@ def run(model_fn, latents, *, scheduler, guidance_scale, plans=None,
     if return_trajectory:
       trajectory.append(latents)
   trajectory = jnp.stack(trajectory) if return_trajectory else None
-  return latents, carry, trajectory, stats
+  return (latents, carry, trajectory, stats) + (
+      (sched_state,) if return_sched_state else ())
+
+
+EXPERT_PLACEMENTS = ("both", "one")
+
+
+def check_expert_placement(expert_placement: str) -> str:
+  """"both": every expert's parameters on the accelerator for the whole
+  run; "one": only the running expert's (`run_by_expert`)."""
+  if expert_placement not in EXPERT_PLACEMENTS:
+    raise ValueError(f"{expert_placement=} must be one of "
+                     f"{EXPERT_PLACEMENTS}")
+  return expert_placement
+
+
+def expert_segments(experts):
+  """[(start, stop, expert)]: the runs of consecutive steps of one expert
+  (Wan2.2 A14B: the high-noise steps, then the low-noise ones)."""
+  segments, start = [], 0
+  for i in range(1, len(experts) + 1):
+    if i == len(experts) or experts[i] != experts[start]:
+      segments.append((start, i, experts[start]))
+      start = i
+  return segments
+
+
+def run_by_expert(make_model_fn, params, latents, *, experts, plans,
+                  expert_placement: str = "both", scheduler, carry=(),
+                  make_carry=None, sched_state=None, postfix=None,
+                  return_trajectory: bool = False, **options):
+  """`run` of a model of one or more experts (Wan2.2 A14B).
+
+  make_model_fn(params) -> the run's model_fn; params: one model's state
+  or the experts' tuple; experts: each step's expert (`expert_plan`),
+  which its plan picks (`pick_expert`).
+
+  expert_placement "both": ONE `run` with every expert's params as its
+  model_fn's (on the accelerator, if they are there, for the whole run).
+  "one": `run` once per run of steps of one expert (`expert_segments`),
+  its model_fn holding that expert's params alone, the others None: the
+  expert's NumPy params (offloaded, `placement.state_placed`) are copied
+  to the accelerator when its steps start and that copy is freed when
+  they end, before the next expert's is made, so the accelerator never
+  holds two experts and each part's memory check (`memory.check_fits`)
+  counts one. The latents, the scheduler's state and the carry (Astraea's
+  token caches) go from part to part unchanged: the same steps, the same
+  numbers as "both". The cost: each expert's copy to the accelerator
+  (once per video), and each part's plans compile when it starts (the
+  low-noise ones while the carry is allocated).
+
+  Other keyword arguments as `run`; returns what `run` returns, the parts'
+  stats and trajectories joined.
+  """
+  check_expert_placement(expert_placement)
+  run_options = dict(scheduler=scheduler, return_trajectory=return_trajectory,
+                     **options)
+  if expert_placement == "both":
+    return run(make_model_fn(params), latents, plans=plans, carry=carry,
+               make_carry=make_carry, sched_state=sched_state,
+               postfix=postfix, **run_options)
+  if not isinstance(params, (tuple, list)):
+    raise ValueError("expert_placement='one' places one of two experts; "
+                     "this is one model's params")
+  if options.get("loop", "python") != "python":
+    raise ValueError("expert_placement='one' runs the python loop")
+  plans = list(experts if plans is None else plans)
+  if sched_state is None:
+    sched_state = scheduler.init(latents)
+  parts, trajectories = SampleStats(), []
+  for start, stop, expert in expert_segments(experts):
+    with placement_lib.state_placed(params[expert]) as active:
+      latents, carry, trajectory, stats, sched_state = run(
+          make_model_fn(tuple(active if e == expert else None
+                              for e in range(len(params)))),
+          latents, plans=plans[start:stop], carry=carry,
+          make_carry=make_carry, sched_state=sched_state,
+          postfix=None if postfix is None else postfix[start:stop],
+          return_sched_state=True, **run_options)
+      make_carry = None  # made once, by the first part
+      latents.block_until_ready()  # the expert's last step has read it
+    parts.step_seconds += stats.step_seconds
+    parts.compiled += stats.compiled
+    parts.plans += stats.plans
+    if stats.estimated_peak_bytes is not None:
+      parts.estimated_peak_bytes = max(parts.estimated_peak_bytes or 0,
+                                       stats.estimated_peak_bytes)
+    trajectories.append(trajectory)
+  trajectory = (jnp.concatenate(trajectories) if return_trajectory
+                else None)
+  return latents, carry, trajectory, parts
 
 
 def denoise(model_fn, latents, *, scheduler, guidance_scale, carry=(),
@@ -599,7 +695,8 @@ def sample(model, params, noise, context, negative_context, *,
            return_trajectory: bool = False, loop: str = "python",
            progress: bool = True, step_seconds: list | None = None,
            boundary_ratio: float | None = None, token_mask=None,
-           post_step=None, condition=None):
+           post_step=None, condition=None,
+           expert_placement: str = "both"):
   """Dense CFG sampling with a WanDiT: noise -> latents.
 
   Args:
@@ -621,6 +718,9 @@ def sample(model, params, noise, context, negative_context, *,
     condition: (B, C', F, H, W) channels the model takes after the
       latents' (I2V-A14B: mask and image latents), the same for both CFG
       branches.
+    expert_placement: two experts' params on the accelerator for the
+      whole run ("both") or one at a time ("one", from offloaded NumPy
+      params: `run_by_expert`); the same numbers.
     Others as in `denoise`.
 
   Returns:
@@ -633,12 +733,13 @@ def sample(model, params, noise, context, negative_context, *,
                      f"{noise.shape[0]}")
   check_experts(params, boundary_ratio)
   experts = expert_plan(scheduler.timesteps, boundary_ratio)
-  model_fn = wan_model_fn(model, params,
-                          cfg_context(context, negative_context), token_mask,
-                          cfg_condition(condition))
-  latents, _, trajectory, stats = run(
-      model_fn, jnp.asarray(noise, jnp.float32), scheduler=scheduler,
+  inputs = (cfg_context(context, negative_context), token_mask,
+            cfg_condition(condition))
+  latents, _, trajectory, stats = run_by_expert(
+      lambda p: wan_model_fn(model, p, *inputs),
+      params, jnp.asarray(noise, jnp.float32), scheduler=scheduler,
       guidance_scale=expert_guidance(experts, guidance_scale),
+      experts=experts, expert_placement=expert_placement,
       plans=None if boundary_ratio is None else experts, loop=loop,
       return_trajectory=return_trajectory, progress=progress,
       wait=step_seconds is not None, post_step=post_step)
