@@ -394,6 +394,9 @@ def test_one_expert_at_a_time_samples_as_both_resident(a14b, monkeypatch):
   # the control: both experts resident for every step
   assert min(s[3] for s in runs["both"][3]) >= 2 * expert
   assert stats.num_selected == runs["both"][2].num_selected == [12, 6, 12]
+  # the memory check before sampling counts one expert (both: two)
+  assert (runs["both"][2].estimated_peak_bytes
+          >= stats.estimated_peak_bytes + 0.75 * expert)
   np.testing.assert_array_equal(np.asarray(dense), np.asarray(runs["both"][0]))
   np.testing.assert_array_equal(np.asarray(astraea),
                                 np.asarray(runs["both"][1]))

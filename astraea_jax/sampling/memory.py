@@ -7,7 +7,10 @@ and, before it allocates the carry (Astraea's token caches), asks
     peak = the step program's bytes (XLA's memory analysis: arguments +
            outputs - donated aliases + temporaries)
          + every other array alive on the device (not an argument of the
-           step: e.g. a VAE waiting to decode).
+           step: e.g. a VAE waiting to decode)
+         + the arguments the program does not read (jit drops them from
+           its arguments, but they are on the device: the idle Wan2.2
+           expert of a run with both placed, `sampler.run_by_expert`).
 
 A run that would not fit stops with `DoesNotFitError` (a ValueError: the
 commands print its one line) naming what would fit, instead of a raw
@@ -20,10 +23,12 @@ simulate a small device. CPU backends report no limit: no check there.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 
 import jax
+import jax.numpy as jnp
 
 ENV_LIMIT = "ASTRAEA_DEVICE_MEMORY"
 GIB = 2**30
@@ -69,6 +74,18 @@ def other_live_bytes(args) -> int:
   return sum(x.nbytes for x in jax.live_arrays() if id(x) not in own)
 
 
+def unread_argument_bytes(compiled, args) -> int:
+  """Bytes of `args`' leaves (arrays or abstract ones) beyond what the
+  compiled program takes as arguments: those it dropped as unused."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0
+  leaves = {id(x): x for x in jax.tree.leaves(args) if hasattr(x, "shape")}
+  given = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+              for x in leaves.values())
+  return max(0, given - int(m.argument_size_in_bytes))
+
+
 def gib(n: int) -> str:
   return f"{n / GIB:.1f} GiB"
 
@@ -81,7 +98,8 @@ def check_fits(compiled, args, *, hint=None, device=None) -> int:
   options), appended to the message.
   """
   step = program_bytes(compiled)
-  need = step + other_live_bytes(args)
+  need = step + other_live_bytes(args) + unread_argument_bytes(compiled,
+                                                               args)
   limit = device_limit(device)
   if limit is not None and need > limit:
     extra = hint(need, limit) if hint is not None else ""
