@@ -592,8 +592,9 @@ def add_parser(sub, parents):
       "--expert-placement", choices=list(dense_sampler.EXPERT_PLACEMENTS),
       default=None,
       help="Wan2.2 A14B: keep one expert on the accelerator at a time (one: "
-           "the default on one device, the other waits in host memory; "
-           "what fits one 80 GB GPU at 720p) or both for the whole run "
+           "the default on one device, the other waits in host memory: at "
+           "480p one expert and Astraea's state fit 80 GB by arithmetic, "
+           "not yet measured) or both for the whole run "
            "(both: no copy at the switch; the default with --devices); the "
            "same video either way")
   p.add_argument("--compare", action="store_true",
