@@ -1,0 +1,304 @@
+"""Cheap proxies of the budget search's fitness on the demo model: how each
+ranks candidate schedules against the full fitness, and what it costs
+(issue #22: a proxy is admitted only at Spearman rho >= 0.9).
+
+  PYTHONPATH=. python benchmarks/search_proxy.py                # CPU, ~1 h
+  PYTHONPATH=. python benchmarks/search_proxy.py --small --out /tmp/p.json
+
+1. Full fitness: MSE of the final video (pixel space: the demo model has no
+   VAE, so the latent error IS the decoded-video error) against the full
+   model's, mean over 4 samples (training caption j, noise seed j), 20
+   UniPC steps, 16 x 48 x 48, CFG 3.0, shift 2.0 (`search.TreeFitness`,
+   sparse evaluator, one node per call).
+2. Candidates of the kind the search meets: random feasible genomes at mean
+   budgets 0.3/0.4/0.5 (the GA's band [0.9, 1.1] x target, the default
+   schedule of each among them) and GA mutants (per-gene rate 0.1, then
+   repaired into the band) of the shipped 0.4 schedule, where the ranking
+   near the top is decided.
+3. Proxies, each a `TreeFitness` of its own over the same candidates, on
+   all 4 samples (its 1- and 2-sample versions are its first columns of
+   `per_sample`: the same rows):
+     truncated_M   the first M of the 20 steps, the x0 estimate of step M-1
+                   against the full model's (`run_steps=M`);
+     steps_N       an N-step sampler, the genome resampled to N steps
+                   (`resample_genome`);
+     frames_F      the first F frames of each noise (F x 48 x 48);
+     size_P        the top-left P x P pixels of each noise (16 x P x P).
+4. Per proxy and sample count: Spearman rho against the full fitness over
+   all candidates, over the better half (by the full fitness) and over the
+   mutants; its cost against the full fitness's: row-steps (one row = one
+   CFG model call of one candidate prefix and one sample) computed for the
+   candidates, and wall seconds in this process after a warm-up genome
+   that compiles every budget (the s-sample versions: s/4 of the rows and
+   seconds of the 4-sample run, the same rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import common  # isort: skip  (benchmarks/common.py)
+from astraea_jax.astraea import schedule as schedule_lib
+from astraea_jax.astraea import search
+from astraea_jax.demo_model import analysis
+from astraea_jax.demo_model import model as demo
+
+BUDGETS = (0.3, 0.4, 0.5)
+TARGET = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+  """A cheaper fitness problem: None fields keep the full problem's."""
+  name: str
+  run_steps: int | None = None    # truncated trajectory
+  steps: int | None = None        # fewer sampling steps, genome resampled
+  frames: int | None = None       # noise cropped to the first frames
+  size: int | None = None         # noise cropped to the top-left pixels
+
+
+def proxies(steps: int, frames: int, size: int, patch) -> list[Proxy]:
+  """The proxies tried for a `steps`-step, frames x size x size problem
+  (sizes kept multiples of the (t, h, w) patch)."""
+  out = [Proxy("full")]
+  out += [Proxy(f"truncated_{m}", run_steps=m)
+          for m in sorted({steps // 2, (3 * steps) // 4, steps - 1})
+          if 1 <= m < steps]
+  out += [Proxy(f"steps_{steps // 2}", steps=steps // 2)]
+  half = max(patch[0], frames // 2 // patch[0] * patch[0])
+  two_thirds = max(patch[1], (2 * size) // 3 // patch[1] * patch[1])
+  out += [Proxy(f"frames_{half}", frames=half)]
+  out += [Proxy(f"size_{two_thirds}", size=two_thirds)]
+  return out
+
+
+def resample_genome(genome, steps: int) -> np.ndarray:
+  """A genome on `steps` steps: new step j gets the mean budget of the old
+  steps it covers (step index scaled, fractional overlaps weighted),
+  rounded to tenths with the rounding error carried forward (the total is
+  kept); the first gene stays 10."""
+  genome = np.asarray(genome, np.float64)
+  total = np.concatenate([[0.0], np.cumsum(genome)])
+  edges = np.linspace(0, len(genome), steps + 1)
+  area = np.interp(edges, np.arange(len(genome) + 1), total)
+  means = np.diff(area) / np.diff(edges)
+  out, carry = np.empty(steps, np.int32), 0.0
+  for j, mean in enumerate(means):
+    out[j] = int(np.clip(np.round(mean + carry), 0, search.FULL))
+    carry += mean - out[j]
+  out[0] = search.FULL
+  return out
+
+
+def candidates(steps: int, per_budget: int, mutants: int, seed: int):
+  """(genomes (n, steps), labels): random feasible genomes per budget and
+  mutants of the shipped 0.4 schedule (or of the default one where no
+  shipped schedule has `steps` steps); distinct, in a fixed order."""
+  genomes, labels = [], []
+  key = jax.random.key(seed)
+  for budget in BUDGETS:
+    key, k = jax.random.split(key)
+    config = search.SearchConfig(target_budget=budget, steps=steps,
+                                 population=per_budget)
+    genomes += np.asarray(search.initial_population(k, config=config)
+                          ).tolist()
+    labels += [f"random_{budget:g}"] * per_budget
+  config = search.SearchConfig(target_budget=0.4, steps=steps)
+  lo, hi = config.budget_band()
+  shipped, _ = schedule_lib.find_searched(
+      demo.SCHEDULES_DIR, 0.4, steps, model=demo.model_id())
+  parent = jnp.asarray(search.from_schedule(
+      shipped if shipped is not None
+      else schedule_lib.default_schedule(0.4, steps)))
+  genomes.append(np.asarray(parent).tolist())
+  labels.append("shipped_0.4")
+  keys = jax.random.split(key, 2 * mutants)
+  for k_mut, k_rep in zip(keys[::2], keys[1::2]):
+    child = search.repair(k_rep, search.mutate(k_mut, parent, 0.1),
+                          lo=lo, hi=hi)
+    genomes.append(np.asarray(child).tolist())
+    labels.append("mutant_0.4")
+  seen, keep = set(), []
+  for i, g in enumerate(map(tuple, genomes)):
+    if g not in seen:
+      seen.add(g)
+      keep.append(i)
+  return (np.asarray([genomes[i] for i in keep], np.int32),
+          [labels[i] for i in keep])
+
+
+def warmup_genomes(steps: int) -> np.ndarray:
+  """Genomes holding every budget 0..9 after their first step (the sparse
+  evaluator compiles one step per budget)."""
+  count = -(-search.FULL // max(steps - 1, 1))
+  genes = np.arange(count * (steps - 1)) % search.FULL
+  return np.concatenate([np.full((count, 1), search.FULL),
+                         genes.reshape(count, steps - 1)], 1).astype(np.int32)
+
+
+def fitness_of(model, proxy: Proxy, noise, context, steps):
+  """(TreeFitness of the proxy's problem, genome map)."""
+  if proxy.frames:
+    noise = noise[:, :, :proxy.frames]
+  if proxy.size:
+    noise = noise[:, :, :, :proxy.size, :proxy.size]
+  graphdef, params = nnx.split(model.dit)
+  fit = search.TreeFitness(
+      graphdef, params, noise, context, jnp.zeros_like(context[:1]),
+      steps=proxy.steps or steps, run_steps=proxy.run_steps,
+      config=search.EvalConfig(guidance_scale=model.config.guidance,
+                               shift=model.config.shift,
+                               evaluator="sparse", batch_nodes=1))
+  if proxy.steps:
+    return fit, lambda gs: np.stack([resample_genome(g, proxy.steps)
+                                     for g in gs])
+  return fit, lambda gs: gs
+
+
+def run_proxy(model, proxy, noise, context, steps, genomes):
+  """(per-sample fitness (n, S), row-steps, tokens, seconds) of the
+  candidates, after warm-up genomes (compiles; the reference trajectory)."""
+  fit, to_genomes = fitness_of(model, proxy, noise, context, steps)
+  fit.per_sample(warmup_genomes(fit.genome_steps))
+  before = int(fit.counts["row_steps"])
+  t0 = time.perf_counter()
+  values = fit.per_sample(to_genomes(genomes))
+  seconds = time.perf_counter() - t0
+  return (values, int(fit.counts["row_steps"]) - before, fit.num_tokens,
+          seconds)
+
+
+def spearman_rows(full, values, labels):
+  """rho over all candidates, the better half by the full fitness, and
+  the mutants (with their parent)."""
+  full, values = np.asarray(full), np.asarray(values)
+  top = full <= np.median(full)
+  near = np.asarray([not lab.startswith("random") for lab in labels])
+  return {"spearman": search.spearman(values, full),
+          "spearman_top_half": search.spearman(values[top], full[top]),
+          "spearman_mutants": search.spearman(values[near], full[near]),
+          "top_half_genomes": int(top.sum()), "mutants": int(near.sum())}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--small", action="store_true",
+                      help="smoke run: the untrained small demo config, "
+                           "few candidates")
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--samples", type=int, default=4)
+  parser.add_argument("--per-budget", type=int, default=12)
+  parser.add_argument("--mutants", type=int, default=15)
+  parser.add_argument("--proxies", default=None,
+                      help="comma-separated names (default: all)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  if args.small:
+    model = demo.init(demo.DemoConfig.small())
+    args.samples, args.per_budget, args.mutants = 2, 3, 3
+  else:
+    model = demo.load()
+  c = model.config
+  out = args.out or (None if args.small else str(
+      common.RESULTS / "search_proxy_demo.json"))
+  captions = analysis.prompt_captions(args.samples, split="train", seed=1)
+  seeds = list(range(args.samples))
+  context = demo.encode(model, captions)
+  noise = jnp.concatenate([demo.noise(c, 1, s) for s in seeds])
+  genomes, labels = candidates(c.steps, args.per_budget, args.mutants,
+                               args.seed)
+  chosen = proxies(c.steps, c.frames, c.height, c.wan.patch_size)
+  if args.proxies:
+    names = args.proxies.split(",")
+    chosen = [p for p in chosen if p.name in names or p.name == "full"]
+  print(f"{len(genomes)} candidates, {len(chosen)} fitness runs", flush=True)
+  rows = [{"row": "candidates", "genomes": genomes.tolist(),
+           "labels": labels}]
+  t_all, full = time.perf_counter(), None
+  for proxy in chosen:
+    values, row_steps, tokens, seconds = run_proxy(
+        model, proxy, noise, context, c.steps, genomes)
+    if full is None:
+      full = {"fitness": values.mean(1), "row_steps": row_steps,
+              "tokens": tokens, "seconds": seconds}
+    for s in sorted({1, 2, args.samples}):
+      if s > args.samples:
+        continue
+      fitness = values[:, :s].mean(1)
+      share = s / args.samples
+      row = {"row": "proxy", "proxy": proxy.name, **{
+          k: v for k, v in dataclasses.asdict(proxy).items()
+          if k != "name" and v is not None}, "samples": s,
+             **spearman_rows(full["fitness"], fitness, labels),
+             "row_steps": share * row_steps,
+             "row_steps_ratio": share * row_steps / full["row_steps"],
+             "tokens": tokens,
+             # Row-steps x tokens: what the frames/size proxies save.
+             "token_row_steps_ratio": share * row_steps * tokens
+             / (full["row_steps"] * full["tokens"]),
+             "seconds": share * seconds,
+             "seconds_ratio": share * seconds / full["seconds"],
+             "fitness": fitness.tolist()}
+      rows.append(row)
+      print(f"{proxy.name} x{s}: rho {row['spearman']:.3f} (top half "
+            f"{row['spearman_top_half']:.3f}, mutants "
+            f"{row['spearman_mutants']:.3f}), token-rows "
+            f"{row['token_row_steps_ratio']:.2f}, seconds "
+            f"{row['seconds_ratio']:.2f} of the full fitness", flush=True)
+    if out:
+      pathlib.Path(out + ".partial").write_text(json.dumps(rows))
+  settings = {
+      "model": "shipped demo model (astraea_jax/demo_model)"
+               if not args.small else "untrained DemoConfig.small()",
+      "steps": c.steps, "video": [c.frames, c.height, c.width],
+      "guidance": c.guidance, "shift": c.shift, "captions": captions,
+      "seeds": seeds, "budgets": list(BUDGETS),
+      "random_per_budget": args.per_budget, "mutants": args.mutants,
+      "mutant_parent": "shipped schedule of mean budget 0.4",
+      "eval_config": {"evaluator": "sparse", "batch_nodes": 1},
+      "fitness": "MSE of the final video vs the full model, mean over the "
+                 "samples (pixel space: latent = decoded video)",
+      "cost": "row-steps computed for the candidates (x tokens per row: "
+              "token_row_steps) and wall seconds after warm-up genomes, "
+              "same process; s-sample rows: s/S of the S-sample run (the "
+              "same rows)",
+      "device": jax.devices()[0].device_kind,
+      "device_note": "CPU of the development machine (2 cores, shared "
+                     "with another job: seconds are noisy, row-steps are "
+                     "exact)",
+      "seconds_total": time.perf_counter() - t_all}
+  targets = [target_of(rows)]
+  if out:
+    common.write_results(out, "search_proxy", settings, rows, targets)
+    pathlib.Path(out + ".partial").unlink(missing_ok=True)
+  print(json.dumps(targets, indent=1))
+
+
+def target_of(rows) -> dict:
+  """The cheapest proxy (by row-steps x tokens) at rho >= TARGET over all
+  candidates, else the best rho of the proxies cheaper than the full
+  fitness."""
+  cheaper = [r for r in rows if r["row"] == "proxy"
+             and r["token_row_steps_ratio"] < 1.0]
+  passing = [r for r in cheaper if r["spearman"] >= TARGET]
+  best = (min(passing, key=lambda r: r["token_row_steps_ratio"]) if passing
+          else max(cheaper, key=lambda r: r["spearman"]))
+  return {"name": "rank_correlation", "value": best["spearman"],
+          "op": ">=", "target": TARGET, "met": bool(passing),
+          "proxy": best["proxy"], "samples": best["samples"],
+          "spearman_top_half": best["spearman_top_half"],
+          "token_row_steps_ratio": best["token_row_steps_ratio"],
+          "seconds_ratio": best["seconds_ratio"]}
+
+
+if __name__ == "__main__":
+  main()
