@@ -53,6 +53,10 @@ from astraea_jax.demo_model import analysis
 from astraea_jax.demo_model import model as demo
 
 BUDGETS = (0.3, 0.4, 0.5)
+# Sparse evaluator, one node per call; lanes and memo bound the live states
+# (a demo node of 4 samples holds ~42 MB of cache; they change no number).
+EVAL = {"evaluator": "sparse", "batch_nodes": 1, "lanes": 8,
+        "memo_nodes": 32}
 TARGET = 0.9
 
 
@@ -157,7 +161,7 @@ def fitness_of(model, proxy: Proxy, noise, context, steps):
       steps=proxy.steps or steps, run_steps=proxy.run_steps,
       config=search.EvalConfig(guidance_scale=model.config.guidance,
                                shift=model.config.shift,
-                               evaluator="sparse", batch_nodes=1))
+                               **EVAL))
   if proxy.steps:
     return fit, lambda gs: np.stack([resample_genome(g, proxy.steps)
                                      for g in gs])
@@ -264,7 +268,7 @@ def main():
       "seeds": seeds, "budgets": list(BUDGETS),
       "random_per_budget": args.per_budget, "mutants": args.mutants,
       "mutant_parent": "shipped schedule of mean budget 0.4",
-      "eval_config": {"evaluator": "sparse", "batch_nodes": 1},
+      "eval_config": EVAL,
       "fitness": "MSE of the final video vs the full model, mean over the "
                  "samples (pixel space: latent = decoded video)",
       "cost": "row-steps computed for the candidates (x tokens per row: "
