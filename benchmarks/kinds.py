@@ -216,6 +216,19 @@ def _search_generalisation(row=None, target=None):
   return MEASURED, "read off the measured rows of this run"
 
 
+def _search_proxy(row=None, target=None):
+  """benchmarks/search_proxy.py: fitness runs on the demo model."""
+  if row is not None:
+    if row.get("row") == "candidates":
+      return MEASURED, "the candidate genomes drawn in this run"
+    return MEASURED, ("fitness of every candidate computed in this run by "
+                      "the full fitness and by the proxy (its s-sample "
+                      "version: the first s samples' rows of the same "
+                      "run); Spearman rho between them; row-steps counted "
+                      "as computed, wall seconds of the same process")
+  return MEASURED, "read off the measured rows of this run"
+
+
 def _kernel_check(row=None, target=None):
   return MEASURED, ("each case run once (compiled unless interpret) "
                     "against a float64 NumPy reference")
@@ -287,7 +300,7 @@ RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
          "sampling_loop": _sampling_loop, "search_cost": _search_cost,
          "astraea_step_profile": _step_profile,
          "search_generalisation": _search_generalisation,
-         "expert_switch": _expert_switch}
+         "expert_switch": _expert_switch, "search_proxy": _search_proxy}
 
 
 def label(doc: dict) -> dict:

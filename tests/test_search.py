@@ -236,6 +236,53 @@ def test_fitness_is_mse_of_the_sparse_sampler_vs_the_full_model(problem,
   assert rel_err(fitness(genome[None]), np.mean(mse)) <= 1e-5
 
 
+def test_a_truncated_fitness_is_the_samplers_x0_estimate(problem):
+  """run_steps=M: the MSE of the x0 estimate after the first M of STEPS
+  steps, equal to the samplers run on those M steps with the last one
+  landing on its x0 estimate (UniPC predictor (0, 1, 0), as at sigma = 0);
+  genes from M on do not enter."""
+  graphdef, params, (noise, ctx, neg) = problem
+  m, genome = 2, GENOMES[4]                          # [10, 5, 0, 5]
+  truncated = make_fitness(problem, run_steps=m)
+  sched = dense.resolve_scheduler("unipc", STEPS, None, noise.shape)
+  first_m = sched.replace(
+      timesteps=sched.timesteps[:m], sigmas=sched.sigmas[:m + 1],
+      corrector=sched.corrector[:m],
+      predictor=sched.predictor[:m].at[-1].set(jnp.asarray([0., 1., 0.])))
+  args = (graphdef, params, noise[1:], ctx[1:], neg[1:])   # sample 1
+  full = dense.sample(*args, scheduler=first_m, steps=m, progress=False)
+  fast = astraea.sample(*args, schedule=search.to_schedule(genome[:m]),
+                        scheduler=first_m, steps=m, progress=False,
+                        selection_config=EVAL.selection)
+  mse = float(jnp.mean(jnp.square(fast - full)))
+  assert mse > 0
+  values = truncated.per_sample(np.stack([genome, [10, 5, 10, 10]]))
+  assert rel_err(values[0, 1], mse) <= 1e-5
+  np.testing.assert_array_equal(values[1], values[0])
+  with pytest.raises(ValueError, match="keeps none"):
+    make_fitness(problem, dataclasses_replace(EVAL, scheduler="euler"),
+                 run_steps=m)
+
+
+def test_a_proxy_of_fewer_samples_than_prompts_is_the_first_samples(
+    files, tmp_path, fitness):
+  """--proxy-samples 1 with 2 prompts: the full problem's first sample
+  (prompt 0, noise seed), checked against the full fitness's own
+  per-sample values."""
+  report = search.run_files(
+      files / "ckpt", embeddings(files), tmp_path / "a",
+      config=dataclasses_replace(SMALL, population=4, generations=0),
+      problem=PROBLEM, eval_config=EVAL,
+      proxy=dataclasses_replace(PROBLEM, samples=1), proxy_check=4,
+      min_rank_correlation=-1.0, progress=False)
+  check = json.loads((tmp_path / "a" / "proxy_check.json").read_text())
+  genomes = np.asarray(check["genomes"], np.int32)
+  per_sample = fitness.per_sample(genomes)
+  assert rel_err(check["proxy_fitness"], per_sample[:, 0]) <= 1e-5
+  assert rel_err(check["full_fitness"], per_sample.mean(1)) <= 1e-5
+  assert report["proxy"]["samples"] == 1
+
+
 # Wan2.2 TI2V image-to-video: the image's tokens at t = 0 (token mask), its
 # latent put back after every step (post-step, one image per sample).
 TI2V = WanConfig.tiny(in_dim=48, out_dim=48, num_layers=2, dim=32,
@@ -571,6 +618,7 @@ def test_cli_target_budget_is_checked_with_the_command_line(files, tmp_path,
     ({"--resume": True}, "does not exist"),
     ({"--height": "36"}, "multiples of 16"),
     ({"--samples": "1"}, "must be >= the 2 prompts"),
+    ({"--proxy-samples": "3"}, "a proxy must be cheaper"),
 ])
 def test_cli_bad_input(files, tmp_path, capsys, change, message):
   (tmp_path / "prompts.txt").write_text("a cat\na dog\n")

@@ -198,6 +198,12 @@ class FlowUniPC:
     return UniPCState(step=jnp.zeros((), jnp.int32), last_sample=last_sample,
                       x0_prev=x0_prev, x0_prev2=x0_prev2)
 
+  @staticmethod
+  def data_prediction(state: UniPCState):
+    """The x0 estimate m_{i-1} = x_{i-1} - sigma_{i-1} v_{i-1} of the last
+    step taken (after the last step: the returned sample itself)."""
+    return state.x0_prev
+
   def step(self, state: UniPCState, model_output, sample):
     """One UniPC step: (velocity v_i, sample x_i) -> (x_{i+1}, state)."""
     i = state.step

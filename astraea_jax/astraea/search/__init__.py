@@ -53,9 +53,12 @@ is fixed and rows never mix):
 How much of this fits in memory is set by `EvalConfig` (sized from the
 device memory by default); `TreeCounter` replays a search's calls under
 other settings without the model, to count what they would compute.
-Proxies (fewer frames, lower resolution, fewer samples) are a separate
+Proxies (fewer frames, lower resolution, fewer samples; a truncated
+trajectory, `TreeFitness(run_steps=M)`, for measurements) are a separate
 `Problem` that `run_files` uses only after measuring its rank correlation
-with the full fitness (`rank_correlation`).
+with the full fitness (`rank_correlation`). On the demo model only fewer
+samples rank like the full fitness at rho >= 0.9, near the top too
+(benchmarks/search_proxy.py).
 
 Search state is checkpointed after every generation (`save_state`); a
 resumed search ends with exactly the uninterrupted result.

@@ -426,6 +426,11 @@ class TreeFitness(PrefixTree):
   by the sparse `forward`, `EvalConfig.evaluator`), the full model is the
   all-10 genome of the same tree.
 
+  A truncated trajectory (`run_steps` M < steps, a cheap proxy): only the
+  first M steps of the steps-step sampler run, and the final latents are
+  replaced by the x0 estimate of step M-1 (the scheduler's data
+  prediction) on both sides: genes M.. do not enter.
+
   Args:
     graphdef, params: `nnx.split(wan_dit)`; or params the experts' pair
       (high noise, low noise) with `boundary_ratio` (Wan2.2 A14B): each
@@ -437,6 +442,8 @@ class TreeFitness(PrefixTree):
     contexts: (S, L, text_dim) text embeddings; negative_contexts (S or 1,
       L', text_dim).
     steps: denoising steps (= genome length).
+    run_steps: None (= steps) or the steps run of a truncated trajectory
+      (the scheduler's `data_prediction` read after them).
     config: `EvalConfig`.
     devices: devices to shard the rows of a call over (default: all); one
       code path for 1..N devices.
@@ -458,7 +465,8 @@ class TreeFitness(PrefixTree):
   """
 
   def __init__(self, graphdef, params, noise, contexts, negative_contexts, *,
-               steps: int, config: EvalConfig = EvalConfig(), devices=None,
+               steps: int, run_steps: int | None = None,
+               config: EvalConfig = EvalConfig(), devices=None,
                token_mask=None, post_steps=None, boundary_ratio=None,
                conditions=None):
     noise = jnp.asarray(noise, F32)
@@ -471,6 +479,9 @@ class TreeFitness(PrefixTree):
                        "noise samples")
     if steps < 1:
       raise ValueError(f"{steps=} must be >= 1")
+    run_steps = steps if run_steps is None else run_steps
+    if not 1 <= run_steps <= steps:
+      raise ValueError(f"{run_steps=} must be in [1, {steps=}]")
     dense_sampler.check_experts(params, boundary_ratio)
     if conditions is not None and np.shape(conditions)[0] != num_samples:
       raise ValueError(f"conditions {np.shape(conditions)} must have one "
@@ -479,6 +490,12 @@ class TreeFitness(PrefixTree):
     self.scheduler = dense_sampler.resolve_scheduler(
         config.scheduler, steps, config.shift, noise.shape,
         schedule=config.timesteps)
+    if run_steps < steps and not hasattr(self.scheduler, "data_prediction"):
+      raise ValueError(
+          f"a truncated trajectory ({run_steps=} < {steps=}) reads the "
+          f"scheduler's x0 estimate; scheduler={config.scheduler!r} keeps "
+          "none (use unipc)")
+    self.genome_steps, self.run_steps = steps, run_steps
     self.boundary_ratio = boundary_ratio
     self.experts = dense_sampler.expert_plan(self.scheduler.timesteps,
                                              boundary_ratio)
@@ -521,7 +538,7 @@ class TreeFitness(PrefixTree):
     self._noise_and_contexts = (noise, contexts_2)
     row_bytes = _nbytes(jax.eval_shape(self._initial_state, noise[:1]))
     memory = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
-    self._init_tree(steps=steps, num_samples=num_samples, config=config,
+    self._init_tree(steps=run_steps, num_samples=num_samples, config=config,
                     num_devices=len(devices), row_bytes=row_bytes,
                     memory_bytes=None if None in memory else min(memory))
     self.node_state_bytes = row_bytes * len(self.passes[0])
@@ -529,7 +546,8 @@ class TreeFitness(PrefixTree):
 
   @property
   def reference(self):
-    """The full model's final latents (S, 1, C, F, H, W), computed once."""
+    """The full model's final latents (S, 1, C, F, H, W) (truncated: its
+    x0 estimate after run_steps), computed once."""
     if self._reference is None:
       full = (FULL,) * self.steps
       self._reference = self._finals([full])[full]
@@ -555,20 +573,32 @@ class TreeFitness(PrefixTree):
 
   def __call__(self, genomes) -> np.ndarray:
     """(n, steps) int tenths -> (n,) float64 fitness (lower is better)."""
+    return self.per_sample(genomes).mean(axis=1)
+
+  def per_sample(self, genomes) -> np.ndarray:
+    """(n, steps) int tenths -> (n, S) float64 MSE of each sample (computed
+    in float32 on device); the fitness is their mean."""
     genomes = np.asarray(genomes)
-    if genomes.ndim != 2 or genomes.shape[1] != self.steps:
-      raise ValueError(f"genomes must be (n, {self.steps}); got "
+    if genomes.ndim != 2 or genomes.shape[1] != self.genome_steps:
+      raise ValueError(f"genomes must be (n, {self.genome_steps}); got "
                        f"{genomes.shape}")
     if ((genomes < 0) | (genomes > FULL)).any() or (
         genomes[:, 0] != FULL).any():
       raise ValueError("genes must be tenths in [0, 10], the first 10")
     reference = self.reference      # the full model's trajectory first
-    keys = self._run_genomes(genomes)
+    keys = [g[:self.steps] for g in self._run_genomes(genomes)]
     finals = self._finals(keys)
-    # Per-sample MSE in float32 on device, mean over samples in float64.
-    return np.asarray([
-        np.mean(np.asarray(_sample_mse(finals[k], reference), np.float64))
-        for k in keys], np.float64)
+    out = np.empty((len(keys), self.num_samples), np.float64)
+    for i, k in enumerate(keys):
+      out[i] = np.asarray(_sample_mse(finals[k], reference))
+    return out
+
+  def _readout(self, state):
+    """A tree node's output: its latents, or when truncated the x0
+    estimate of its last step."""
+    if self.run_steps == self.genome_steps:
+      return state[0]
+    return self.scheduler.data_prediction(state[1])
 
   def _run_genomes(self, genomes):
     """The genomes as they run: with two experts and
@@ -583,8 +613,8 @@ class TreeFitness(PrefixTree):
     super().retain(self._run_genomes(population))
 
   def _finals(self, genomes):
-    """{genome: final latents (S, 1, C, F, H, W)}."""
-    return {g: jnp.concatenate([state[0] for state in states])
+    """{genome prefix of run_steps: final latents (S, 1, C, F, H, W)}."""
+    return {g: jnp.concatenate([self._readout(state) for state in states])
             for g, states in self._run(genomes).items()}
 
   def _fingerprint(self, noise, contexts_2):
@@ -601,6 +631,8 @@ class TreeFitness(PrefixTree):
     if self.boundary_ratio is not None:  # (one model: as before)
       h.update(repr((self.boundary_ratio, self.experts,
                      self.config.refresh_experts)).encode())
+    if self.run_steps < self.genome_steps:      # (old fingerprints kept)
+      h.update(f"run_steps={self.run_steps}".encode())
     return h.hexdigest()[:16]
 
   def _root(self, p):
