@@ -23,7 +23,7 @@ from flax import nnx
 from _wan22_reference import random_reference_dit
 from astraea_jax import testing
 from astraea_jax.configs import WanConfig
-from astraea_jax.models import wan
+from astraea_jax.models import layers, wan
 from converters import wan as wan_converter
 from converters.common import Source
 
@@ -143,7 +143,7 @@ def test_token_selection_takes_per_token_modulation(ti2v):
       np.stack([rng.choice(TOKENS, 17, replace=False) for _ in range(2)])),
       axis=1)
   sparse, _ = first(h, e0, c, rope, token_index=index)
-  testing.assert_close(sparse, wan.take_tokens(dense, index))
+  testing.assert_close(sparse, layers.take_tokens(dense, index))
 
 
 def test_bad_timestep_and_condition_shapes_are_refused(ti2v):

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from astraea_jax.models import layers
+
 F32 = jnp.float32
 
 
@@ -336,12 +338,6 @@ def select_tokens(scores, k: int):
 _SORTED_UNIQUE = {"indices_are_sorted": True, "unique_indices": True}
 
 
-def take_tokens(x, token_index):
-  """Rows token_index (B, K) of x (B, N, ...) -> (B, K, ...)."""
-  index = token_index.reshape(token_index.shape + (1,) * (x.ndim - 2))
-  return jnp.take_along_axis(x, index, axis=1)
-
-
 def scatter_tokens(x, token_index, values):
   """x (B, N, ...) with rows token_index (B, K) (sorted, unique) replaced
   by values."""
@@ -396,7 +392,7 @@ def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
   output (to float32 rounding), the others x + their cached update.
   """
   b = jnp.arange(x.shape[0])[:, None]
-  x_sel = take_tokens(x, token_index)
+  x_sel = layers.take_tokens(x, token_index)
   # x_next = x + update, the computed rows x_out: written as
   # scatter(x, rows, x_out - update) + update, so that the scatter (after
   # every reader of x: it needs the block's output) updates x's own buffer,
@@ -406,11 +402,11 @@ def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
   # on the CPU the copy is gone: test_lean_state; not yet timed on a GPU).
   entries = {k: cache[k][layer] for k in _UPDATE_KEYS if k in cache}
   update_sel = decode_update(
-      {k: take_tokens(v, token_index) for k, v in entries.items()})
+      {k: layers.take_tokens(v, token_index) for k, v in entries.items()})
   x_next = scatter_tokens(x, token_index,
                           x_out_sel - update_sel) + decode_update(entries)
   if input_code is not None:
-    input_code = take_tokens(input_code, token_index)
+    input_code = layers.take_tokens(input_code, token_index)
   rows = _rows(x_sel, x_out_sel, lse_sel, config, input_code)
   new = {k: cache[k].at[layer, b, token_index].set(v, **_SORTED_UNIQUE)
          for k, v in rows.items()}

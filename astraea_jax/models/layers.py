@@ -19,6 +19,12 @@ F32 = jnp.float32
 # Attention ------------------------------------------------------------------
 
 
+def take_tokens(x, token_index):
+  """x (B, N, ...) rows token_index (B, K) -> (B, K, ...)."""
+  idx = token_index.reshape(*token_index.shape, *([1] * (x.ndim - 2)))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
 def attention(q, k, v, *, q_index=None, scale=None, kv_mask=None):
   """Softmax attention, the single call site of all model attention.
 

@@ -183,7 +183,8 @@ class WanBlock(nnx.Module):
       k, v = self.self_attn.key_value(h, rope)
       rope_q = rope
       if token_index is not None:
-        x, h = take_tokens(x, token_index), take_tokens(h, token_index)
+        x, h = (layers.take_tokens(x, token_index),
+                layers.take_tokens(h, token_index))
         rope_q = tuple(jnp.take(r, token_index, axis=0) for r in rope)
         gate1, shift2, scale2, gate2 = (
             take_table(t, token_index) for t in (gate1, shift2, scale2,
@@ -219,16 +220,11 @@ def attention_entropy(q, k):
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
-def take_tokens(x, token_index):
-  """x (B, N, ...) rows token_index (B, K) -> (B, K, ...)."""
-  idx = token_index.reshape(*token_index.shape, *([1] * (x.ndim - 2)))
-  return jnp.take_along_axis(x, idx, axis=1)
-
-
 def take_table(table, token_index):
   """A modulation table (B, 1, dim) as is; per token (B, N, dim) -> the
   rows token_index (B, K) -> (B, K, dim)."""
-  return table if table.shape[1] == 1 else take_tokens(table, token_index)
+  return table if table.shape[1] == 1 else layers.take_tokens(
+      table, token_index)
 
 
 class Head(nnx.Module):
