@@ -229,6 +229,16 @@ def _search_proxy(row=None, target=None):
   return MEASURED, "read off the measured rows of this run"
 
 
+def _search_validate(row=None, target=None):
+  """benchmarks/search_validate.py: a reduced DP search run and timed."""
+  if row is not None and "timing" in row:
+    return _search_cost(row=row)
+  return MEASURED, ("a DP search run on the GPU and timed with the wall "
+                    "clock in this process, beside the projection's pricing "
+                    "of the same calls (TreeCounter replay x seconds per "
+                    "row-step timed in this process)")
+
+
 def _kernel_check(row=None, target=None):
   return MEASURED, ("each case run once (compiled unless interpret) "
                     "against a float64 NumPy reference")
@@ -300,7 +310,8 @@ RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
          "sampling_loop": _sampling_loop, "search_cost": _search_cost,
          "astraea_step_profile": _step_profile,
          "search_generalisation": _search_generalisation,
-         "expert_switch": _expert_switch, "search_proxy": _search_proxy}
+         "expert_switch": _expert_switch, "search_proxy": _search_proxy,
+         "search_validate": _search_validate}
 
 
 def label(doc: dict) -> dict:
