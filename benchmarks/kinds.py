@@ -266,9 +266,19 @@ def _pipeline_memory(row=None, target=None):
   if row is not None:
     if row.get("error"):
       return MEASURED, "the run failed; the row carries no figure"
+    if row.get("name", "").startswith("diffusers"):
+      return MEASURED, ("one process of diffusers' WanPipeline: "
+                        "torch.cuda.max_memory_allocated (cumulative) and "
+                        "wall times of whole runs")
     return MEASURED, ("one process: peak_bytes_in_use of its device "
                       "allocator (cumulative, compiles included) and wall "
                       "times of its runs")
+  if target["name"].startswith("whole_dense_") and "over_diffusers" in \
+      target["name"]:
+    return MEASURED, ("ratio of whole-run wall times (text encoding, 50 "
+                      "steps, decode) of ours and diffusers' WanPipeline, "
+                      "each in its own process on the same GPU in the same "
+                      "device call")
   if target["name"].startswith("time_ratio"):
     return MEASURED, ("ratio of the second (compiled) run's wall time of two "
                       "processes on the same GPU in the same device call")

@@ -283,6 +283,15 @@ def torch_timed(fn, repeats):
   return times[0], float(np.median(times[1:]))
 
 
+def umt5_xxl_config():
+  """transformers' config of Wan2.1's umT5-XXL text encoder."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  return transformers.UMT5Config(
+      vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+      num_heads=64, relative_attention_num_buckets=32,
+      relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
+
+
 def diffusers_stages(small, config, video, shape, args):
   """Rows timing diffusers' WanPipeline stages (module docstring)."""
   # pylint: disable=import-outside-toplevel
@@ -301,10 +310,7 @@ def diffusers_stages(small, config, video, shape, args):
         num_heads=4, feed_forward_proj="gated-gelu")
     vae_kwargs = dict(base_dim=8, z_dim=16)
   else:  # umT5-XXL and the Wan2.1 VAE (published configs)
-    text_config = transformers.UMT5Config(
-        vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-        num_heads=64, relative_attention_num_buckets=32,
-        relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
+    text_config = umt5_xxl_config()
     vae_kwargs = {}
   rows = []
   # Build on the GPU directly (random init there takes seconds).
