@@ -375,6 +375,9 @@ def main():
   parser.add_argument("--diffusers-whole", action="store_true")
   parser.add_argument("--small", action="store_true")
   parser.add_argument("--only", nargs="*", default=None)
+  parser.add_argument("--row-timeout", type=float, default=None,
+                      help="seconds a row's process may run (then it is "
+                           "killed and the row records the timeout)")
   parser.add_argument("--out", type=pathlib.Path)
   parser.add_argument("--record", nargs=2, metavar=("ROWS_JSON", "NOTE"),
                       help="write the results file --out from a device "
@@ -397,7 +400,10 @@ def main():
   for name, what, tree, env in ROWS:
     if args.only is not None and name not in args.only:
       continue
-    env = dict(os.environ, PYTHONPATH=tree, **env)
+    # The row's tree first; then what the caller's path holds (carried
+    # wheels, e.g. diffusers').
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [tree] + os.environ.get("PYTHONPATH", "").split(os.pathsep)), **env)
     for k, v in env.items():
       if v.startswith("CAP"):  # a pool of N GiB on this GPU
         if total is None:
@@ -411,7 +417,11 @@ def main():
       cmd += (["--small"] if {"--whole", "--diffusers-whole"} & set(what)
               else ["--size", "small"])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                            timeout=args.row_timeout)
+    except subprocess.TimeoutExpired as e:  # the child is killed
+      proc = subprocess.CompletedProcess(cmd, -9, "", f"timed out: {e}")
     row = {"name": name, "tree": tree,
            "mem_fraction": env.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
            "process_s": time.perf_counter() - t0}
