@@ -389,27 +389,23 @@ def write_selected(cache, layer, x, token_index, x_out_sel, lse_sel,
   input_code: encode_input(x) of every token (B, N, r) where the score
   made it (`LayerView`); its rows are the cache's new "input" entries.
   Returns (x_next (B, N, dim), cache): computed tokens take their new
-  output (to float32 rounding), the others x + their cached update.
+  output, the others x + their cached update.
   """
   b = jnp.arange(x.shape[0])[:, None]
   x_sel = layers.take_tokens(x, token_index)
-  # x_next = x + update, the computed rows x_out: written as
-  # scatter(x, rows, x_out - update) + update, so that the scatter (after
-  # every reader of x: it needs the block's output) updates x's own buffer,
-  # the layer loop's carry, and the add runs in place on it; x + update
-  # first took a new buffer that XLA then copied back into the carry at
-  # every block (the computed rows differ from x_out by float32 rounding;
-  # on the CPU the copy is gone: test_lean_state; not yet timed on a GPU).
-  entries = {k: cache[k][layer] for k in _UPDATE_KEYS if k in cache}
-  update_sel = decode_update(
-      {k: layers.take_tokens(v, token_index) for k, v in entries.items()})
-  x_next = scatter_tokens(x, token_index,
-                          x_out_sel - update_sel) + decode_update(entries)
   if input_code is not None:
     input_code = layers.take_tokens(input_code, token_index)
   rows = _rows(x_sel, x_out_sel, lse_sel, config, input_code)
   new = {k: cache[k].at[layer, b, token_index].set(v, **_SORTED_UNIQUE)
          for k, v in rows.items()}
+  # x_next = x + update, the computed rows x_out (exactly). The update is
+  # read from the cache AFTER this block's rows are written (their values
+  # are then overwritten by x_out): a read of the old layer after the
+  # in-place write made XLA copy the whole stacked cache (L x B x N x dim)
+  # twice at every block (seen in the H100 program: 2 x 6 GB a block at
+  # Wan2.1-1.3B 480p; test_lean_state finds such copies).
+  x_next = scatter_tokens(x + _layer_update(new, layer), token_index,
+                          x_out_sel)
   new["stale"] = cache["stale"].at[layer].add(1).at[
       layer, b, token_index].set(0, **_SORTED_UNIQUE)
   return x_next, new
