@@ -239,6 +239,29 @@ def _search_validate(row=None, target=None):
                     "row-step timed in this process)")
 
 
+def _search_proxy_dp(row=None, target=None):
+  """benchmarks/search_proxy_dp.py: DP searches run on the demo model."""
+  counted = ("the DP search's calls at the paper's settings (50 steps; 2 "
+             "or 4 samples) replayed through search.TreeCounter without a "
+             "model, priced with search_cost_h200.json's seconds per "
+             "row-step: counted and priced, not run")
+  if row is not None:
+    kind = row.get("row")
+    if kind == "paper_setting_count":
+      return PROJECTED, counted
+    if kind in ("dp_run", "schedule"):
+      return MEASURED, ("searches and fitness evaluations run on the demo "
+                        "model in this run; row-steps counted as computed")
+    if kind in ("quality", "paired"):
+      return MEASURED, ("PSNR/SSIM of clips generated in this run against "
+                        "the full model's from the same noise and caption; "
+                        "paired differences over the same captions")
+    return None
+  if target["name"].startswith("search_h200_hours"):
+    return PROJECTED, counted
+  return MEASURED, "read off the measured rows of this run"
+
+
 def _kernel_check(row=None, target=None):
   return MEASURED, ("each case run once (compiled unless interpret) "
                     "against a float64 NumPy reference")
@@ -321,7 +344,8 @@ RULES = {"kernel_check": _kernel_check, "astraea_wan": _astraea,
          "astraea_step_profile": _step_profile,
          "search_generalisation": _search_generalisation,
          "expert_switch": _expert_switch, "search_proxy": _search_proxy,
-         "search_validate": _search_validate}
+         "search_validate": _search_validate,
+         "search_proxy_dp": _search_proxy_dp}
 
 
 def label(doc: dict) -> dict:

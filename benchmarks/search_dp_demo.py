@@ -304,10 +304,7 @@ def main():
   quality = {}
   for split, captions, seeds in (("held_out", held_captions, held_seeds),
                                  ("train", train_captions, train_seeds)):
-    problem = evaluation.demo_problem(captions, (0,), steps=steps)
-    problem.samples = [dataclasses.replace(s, seed=seed, noise=demo.noise(
-        model.config, 1, seed)) for s, seed in zip(problem.samples, seeds)]
-    runs, _ = evaluation.evaluate(problem, policies, progress=False)
+    runs = quality_runs(model, policies, captions, seeds, steps)
     for p in policies:
       mine = [r for r in runs if r["label"] == p.label()]
       kind, budget = p.schedule_name.split("@")
@@ -331,18 +328,31 @@ def main():
   write(out, rows, settings_of(locals()), quality_budgets, ga_budgets)
 
 
-def paper_counts():
-  """6. Paper-setting counts (projected) against the GA's stored counts."""
+def quality_runs(model, policies, captions, seeds, steps):
+  """`evaluation.evaluate`'s runs (PSNR/SSIM vs the full model) of the
+  policies on one sample per caption: caption j with noise seed seeds[j]."""
+  from astraea_jax.demo_model import model as demo
+  problem = evaluation.demo_problem(captions, (0,), steps=steps)
+  problem.samples = [dataclasses.replace(s, seed=seed, noise=demo.noise(
+      model.config, 1, seed)) for s, seed in zip(problem.samples, seeds)]
+  runs, _ = evaluation.evaluate(problem, policies, progress=False)
+  return runs
+
+
+def paper_counts(samples: int = 4, plans=None):
+  """6. Paper-setting counts (projected) against the GA's stored counts:
+  the DP's calls at 50 steps on `samples` samples, per plan of `plans`
+  (default PLANS)."""
   rows = []
   stored = json.loads((common.RESULTS / "search_cost_h200.json").read_text())
   ga_rows = {(r.get("plan"), r.get("evaluator")): r for r in stored["rows"]}
   timing = next(r for r in stored["rows"] if r.get("timing"))
   per_gene = np.asarray(timing["sparse_by_budget"])
   paper = search.SearchConfig(target_budget=0.4, steps=50)
-  for name, dp_config in PLANS.items():
+  for name, dp_config in (plans or PLANS).items():
     recording = search.RecordingFitness(_Zero(paper.steps))
     separable.search(recording, paper, dp_config, progress=False)
-    counter = search.TreeCounter(steps=paper.steps, num_samples=4,
+    counter = search.TreeCounter(steps=paper.steps, num_samples=samples,
                                  config=search.EvalConfig(
                                      memo_nodes=1 << 30, batch_nodes=1,
                                      samples_per_pass=1))
@@ -351,9 +361,9 @@ def paper_counts():
     hours = float(counter.row_steps_by_gene @ per_gene) / 3600
     masked_hours = total * timing["masked"] / 3600
     rows.append({"row": "paper_setting_count", "plan": name,
-                 "row_steps": total,
+                 "samples": samples, "row_steps": total,
                  "row_steps_formula": separable.count_row_steps(
-                     50, 4, dp_config),
+                     50, samples, dp_config),
                  "row_steps_by_budget": counter.row_steps_by_gene.tolist(),
                  "h200_hours_sparse": hours,
                  "h200_hours_masked": masked_hours,
