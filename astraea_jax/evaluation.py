@@ -600,7 +600,7 @@ def plot(path, rows, *, title: str = "") -> bool:
   family_colour = {"astraea": palette[0], "toca": palette[1],
                    "pab": palette[2], "step_cache": palette[3],
                    "easycache": palette[4], "magcache": palette[5]}
-  others = iter(palette[4:] * 3)
+  others = iter(palette[6:] * 3)   # not the six families' colours
   colour = {m: family_colour.get(m) or next(others) for m in methods}
   for ax, metric in zip(axes[0], panels):
     for method in methods:
