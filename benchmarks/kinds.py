@@ -194,26 +194,41 @@ def _search_cost(row=None, target=None):
   return PROJECTED, rule
 
 
-def _search_generalisation(row=None, target=None):
-  """benchmarks/search_dp_demo.py: searches run on the demo model."""
-  counted = ("the DP search's calls at the paper's settings (50 steps, 4 "
-             "samples) replayed through search.TreeCounter without a model, "
-             "against the GA's counts and per-budget seconds per row-step "
-             "of search_cost_h200.json: counted and priced, not run")
-  if row is not None:
-    kind = row.get("row")
-    if kind == "paper_setting_count":
+_SEARCHED_ON_DEMO = ("searches and fitness evaluations run on the demo "
+                     "model in this run; row-steps counted as computed")
+_QUALITY_ON_DEMO = ("PSNR/SSIM of clips generated in this run against "
+                    "the full model's from the same noise and caption")
+
+
+def _demo_search_rule(counted, searched, compared, compared_rule,
+                      projected_targets):
+  """The rule of a DP-search benchmark on the demo model: its paper-setting
+  counts (and the targets named by projected_targets) projected, its
+  searches (rows searched) and quality rows (rows compared) measured."""
+  def rule(row=None, target=None):
+    if row is not None:
+      kind = row.get("row")
+      if kind == "paper_setting_count":
+        return PROJECTED, counted
+      if kind in searched:
+        return MEASURED, _SEARCHED_ON_DEMO
+      if kind in compared:
+        return MEASURED, compared_rule
+      return None
+    if target["name"].startswith(projected_targets):
       return PROJECTED, counted
-    if kind in ("dp_run", "ga_run", "additivity", "schedule"):
-      return MEASURED, ("searches and fitness evaluations run on the demo "
-                        "model in this run; row-steps counted as computed")
-    if kind == "quality":
-      return MEASURED, ("PSNR/SSIM of clips generated in this run against "
-                        "the full model's from the same noise and caption")
-    return None
-  if target["name"].startswith(("search_count_ratio", "search_h200_hours")):
-    return PROJECTED, counted
-  return MEASURED, "read off the measured rows of this run"
+    return MEASURED, "read off the measured rows of this run"
+  return rule
+
+
+# benchmarks/search_dp_demo.py: searches run on the demo model.
+_search_generalisation = _demo_search_rule(
+    ("the DP search's calls at the paper's settings (50 steps, 4 "
+     "samples) replayed through search.TreeCounter without a model, "
+     "against the GA's counts and per-budget seconds per row-step "
+     "of search_cost_h200.json: counted and priced, not run"),
+    ("dp_run", "ga_run", "additivity", "schedule"), ("quality",),
+    _QUALITY_ON_DEMO, ("search_count_ratio", "search_h200_hours"))
 
 
 def _search_proxy(row=None, target=None):
@@ -239,27 +254,15 @@ def _search_validate(row=None, target=None):
                     "row-step timed in this process)")
 
 
-def _search_proxy_dp(row=None, target=None):
-  """benchmarks/search_proxy_dp.py: DP searches run on the demo model."""
-  counted = ("the DP search's calls at the paper's settings (50 steps; 2 "
-             "or 4 samples) replayed through search.TreeCounter without a "
-             "model, priced with search_cost_h200.json's seconds per "
-             "row-step: counted and priced, not run")
-  if row is not None:
-    kind = row.get("row")
-    if kind == "paper_setting_count":
-      return PROJECTED, counted
-    if kind in ("dp_run", "schedule"):
-      return MEASURED, ("searches and fitness evaluations run on the demo "
-                        "model in this run; row-steps counted as computed")
-    if kind in ("quality", "paired"):
-      return MEASURED, ("PSNR/SSIM of clips generated in this run against "
-                        "the full model's from the same noise and caption; "
-                        "paired differences over the same captions")
-    return None
-  if target["name"].startswith("search_h200_hours"):
-    return PROJECTED, counted
-  return MEASURED, "read off the measured rows of this run"
+# benchmarks/search_proxy_dp.py: DP searches run on the demo model.
+_search_proxy_dp = _demo_search_rule(
+    ("the DP search's calls at the paper's settings (50 steps; 2 "
+     "or 4 samples) replayed through search.TreeCounter without a "
+     "model, priced with search_cost_h200.json's seconds per "
+     "row-step: counted and priced, not run"),
+    ("dp_run", "schedule"), ("quality", "paired"),
+    _QUALITY_ON_DEMO + "; paired differences over the same captions",
+    ("search_h200_hours",))
 
 
 def _kernel_check(row=None, target=None):
