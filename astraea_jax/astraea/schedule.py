@@ -221,4 +221,6 @@ def find_searched(folder, budget: float, steps: int, *, model: str):
   if abs(float(np.mean(budgets)) - budget) > MEAN_TOLERANCE:
     raise ValueError(f"{path}: mean budget {np.mean(budgets):.4f} is not "
                      f"{budget:g}, the budget its name says")
-  return budgets, f"searched schedule {path}"
+  kept = (": the search measured the default schedule better and kept it"
+          if doc.get("chosen") == "default" else "")
+  return budgets, f"searched schedule {path}{kept}"
