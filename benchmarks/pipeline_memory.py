@@ -182,17 +182,13 @@ def run_diffusers_whole(small: bool, steps: int, runs: int) -> dict:
   dtype = torch.bfloat16 if not small else torch.float32
   if small:
     config = WanConfig.tiny(num_layers=2)
-    text_config = transformers.UMT5Config(
-        vocab_size=256, d_model=config.text_dim, d_kv=8, d_ff=64,
-        num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
-    vae_kwargs = dict(base_dim=8, z_dim=16)
     height, width, frames, length = 64, 96, 17, 16
   else:
     config = WanConfig.wan21_t2v_1_3b(dtype="bfloat16",
                                       param_dtype="bfloat16")
-    text_config = pipeline_wan.umt5_xxl_config()
-    vae_kwargs = {}
     height, width, frames, length = 480, 832, 81, 512
+  text_config, vae_kwargs = pipeline_wan.diffusers_configs(small,
+                                                           config.text_dim)
   gib = (lambda: torch.cuda.max_memory_allocated() / GIB) if cuda else (
       lambda: None)
   t0 = time.perf_counter()

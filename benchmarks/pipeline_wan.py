@@ -283,13 +283,20 @@ def torch_timed(fn, repeats):
   return times[0], float(np.median(times[1:]))
 
 
-def umt5_xxl_config():
-  """transformers' config of Wan2.1's umT5-XXL text encoder."""
+def diffusers_configs(small: bool, text_dim: int):
+  """(transformers' config of the text encoder, `AutoencoderKLWan`
+  kwargs): Wan2.1's umT5-XXL and VAE (published configs), or tiny ones for
+  smoke runs (text width text_dim, the DiT's)."""
   import transformers  # pylint: disable=import-outside-toplevel
+  if small:
+    return transformers.UMT5Config(
+        vocab_size=256, d_model=text_dim, d_kv=8, d_ff=64, num_layers=2,
+        num_heads=4, feed_forward_proj="gated-gelu"), dict(base_dim=8,
+                                                            z_dim=16)
   return transformers.UMT5Config(
       vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
       num_heads=64, relative_attention_num_buckets=32,
-      relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
+      relative_attention_max_distance=128, feed_forward_proj="gated-gelu"), {}
 
 
 def diffusers_stages(small, config, video, shape, args):
@@ -304,14 +311,7 @@ def diffusers_stages(small, config, video, shape, args):
   bf16 = torch.bfloat16 if not small else torch.float32
   height, width, frames = video
   torch.manual_seed(0)
-  if small:
-    text_config = transformers.UMT5Config(
-        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-        num_heads=4, feed_forward_proj="gated-gelu")
-    vae_kwargs = dict(base_dim=8, z_dim=16)
-  else:  # umT5-XXL and the Wan2.1 VAE (published configs)
-    text_config = umt5_xxl_config()
-    vae_kwargs = {}
+  text_config, vae_kwargs = diffusers_configs(small, config.text_dim)
   rows = []
   # Build on the GPU directly (random init there takes seconds).
   with torch.device(device):

@@ -78,13 +78,6 @@ class CallLimit:
     self.inner.retain(population)
 
 
-def replay_counts(events, steps, eval_config):
-  counter = search.TreeCounter(steps=steps, num_samples=1,
-                               config=eval_config)
-  counter.replay(events)
-  return counter.row_steps_by_gene
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--calls", type=int, default=4,
@@ -136,9 +129,10 @@ def main():
                                 memo_nodes=fitness.memo_nodes)
   projection_sizes = search.EvalConfig(memo_nodes=1 << 30, batch_nodes=1,
                                        samples_per_pass=1)
-  by_gene_run = replay_counts(recording.events, steps, run_sizes)
-  by_gene_projection = replay_counts(recording.events, steps,
-                                     projection_sizes)
+  by_gene_run = search_cost.replay(recording.events, config, 1,
+                                   run_sizes).row_steps_by_gene
+  by_gene_projection = search_cost.replay(
+      recording.events, config, 1, projection_sizes).row_steps_by_gene
   computed = int(fitness.counts["row_steps"])
   projected_s = float(by_gene_run @ per_gene)
   paper = {s: separable.count_row_steps(50, s, dp_config)
